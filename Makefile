@@ -1,0 +1,32 @@
+# The two commands a fresh clone needs (Python 3.11 and pip; the rest comes from PyPI):
+#   make demo   venv → install → demo dataset → run configs/demo.yaml → summary
+#   make test   venv → install with test deps → pytest
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,demo]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/demo/_DONE: $(STAMP) scripts/make_demo_data.py
+	$(PY) scripts/make_demo_data.py --out data/demo --images 320 --shards 4
+	touch $@
+
+data: data/demo/_DONE
+
+demo: data/demo/_DONE
+	$(VENV)/bin/layerbeam run configs/demo.yaml --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data out .pytest_cache

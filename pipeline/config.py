@@ -1,0 +1,228 @@
+"""The layerbeam job config: a validated, frozen structure loaded from YAML.
+
+Every field has a default and a description; unknown keys are rejected. `--set a.b=c` on
+the command line overrides any field before validation (`apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "InputConfig",
+    "ModelConfig",
+    "OutputSpecConfig",
+    "LayersConfig",
+    "BatchingConfig",
+    "OutputConfig",
+    "JobConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+Reduce = Literal["none", "mean", "max", "flatten"]
+DType = Literal["float32", "float16"]
+
+
+class ConfigError(ValueError):
+    """A user error in the config or the command line: reported in one line, exit code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageFeature(_Strict):
+    """How one model input is read from a record."""
+
+    feature: str = Field("image/encoded", description="tf.train.Example bytes feature holding an encoded image (jpg/png/gif/bmp)")
+
+
+class InputConfig(_Strict):
+    pattern: str = Field(..., description="file pattern of the input shards: a glob over local paths, gs://, or any fsspec URL (memory://, s3:// …)")
+    format: Literal["tfrecord", "images"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name")
+    compression: Literal["", "GZIP", "ZLIB"] = Field("", description="TFRecord compression")
+    image_feature: str = Field("image/encoded", description="bytes feature holding the encoded image (single-input models)")
+    inputs: dict[str, str] = Field(default_factory=dict, description="multi-input models: model input name → bytes feature holding that input's encoded image")
+    key_feature: str | None = Field(None, description="bytes/string feature used as the row key; default: '<shard file name>:<record index>' (images: the file path)")
+    label_feature: str | None = Field(None, description="int64 or bytes feature copied to the 'label' column (images: the folder name)")
+    label_type: Literal["int64", "string"] = Field("int64", description="type of label_feature")
+    passthrough: dict[str, Literal["int64", "float32", "string"]] = Field(default_factory=dict, description="extra scalar features copied to output columns, with their type")
+    image_size: tuple[int, int] | None = Field(None, description="[height, width] images are resized to; default: the model's input size")
+    channels: int = Field(3, ge=1, le=4, description="channels images are decoded to")
+    resize_method: Literal["bilinear", "nearest", "bicubic", "area", "lanczos3"] = Field("bilinear", description="tf.image.resize method")
+    preprocess: str = Field("auto", description="'auto' (the keras.applications module's preprocess_input, else none), 'none' (float 0..255), 'scale' (0..1), 'tf' (-1..1), 'caffe', 'torch', or 'module:function'")
+    files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work")
+    max_shards: int | None = Field(None, ge=1, description="smoke runs: process only the first N shards (sorted by path)")
+    max_examples_per_shard: int | None = Field(None, ge=1, description="smoke runs: read at most N records of each shard")
+
+
+class ModelConfig(_Strict):
+    source: str = Field(..., description="a .keras or .h5 file, 'keras.applications.<Name>', or 'module:function' returning a keras.Model")
+    weights: str | None = Field(None, description="keras.applications only: null (random, seeded), 'imagenet', or a weights file path")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the application or factory, e.g. {include_top: false}")
+    input_shape: tuple[int, ...] | None = Field(None, description="input shape without the batch axis, for applications and Sequential models built without an Input")
+    seed: int = Field(0, description="random seed applied before building, so random weights are the same on every worker")
+    safe_mode: bool = Field(True, description="load .keras files in Keras safe mode (refuses Lambda layers with Python code); set false only for files you trust")
+
+
+class OutputSpecConfig(_Strict):
+    layer: str = Field(..., description="what to tap: an exact path, a glob (block_*_relu), 're:<regex>', 'type:<LayerClass>', or 'all'")
+    name: str | None = Field(None, alias="as", description="output column name (exact selections only); default: the layer path")
+    reduce: Reduce | None = Field(None, description="none | mean | max (over spatial axes) | flatten; default: layers.reduce")
+    dtype: DType | None = Field(None, description="float32 | float16; default: layers.dtype")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LayersConfig(_Strict):
+    select: tuple[OutputSpecConfig, ...] = Field(..., min_length=1, description="the outputs to write, each a layer selector or a mapping {layer, as, reduce, dtype}")
+    exclude: tuple[str, ...] = Field((), description="selectors removed from the selection (same syntax as layer)")
+    reduce: Reduce = Field("mean", description="default reduction for every selected output")
+    dtype: DType = Field("float32", description="default output dtype")
+    include_inputs: bool = Field(False, description="let 'all' and patterns match the model's input tensors too")
+    max_bytes_per_example: int = Field(4 * 1024 * 1024, ge=1, description="refuse a selection whose outputs exceed this many bytes per example (raise it knowingly)")
+
+    @field_validator("select", mode="before")
+    @classmethod
+    def _strings_are_layers(cls, v):
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"layer": s} if isinstance(s, str) else s for s in v]
+
+
+class BatchingConfig(_Strict):
+    batch_size: int = Field(32, ge=1, description="examples per model call")
+    jit_compile: bool = Field(False, description="compile the extractor with XLA")
+
+
+class OutputConfig(_Strict):
+    path: str = Field(..., description="output directory (local path, gs://, or fsspec URL)")
+    format: Literal["parquet"] = Field("parquet", description="output format")
+    partition_by: tuple[str, ...] = Field((), description="Hive partition columns, from 'label' and passthrough columns")
+    max_rows_per_file: int = Field(100_000, ge=1, description="upper bound on rows in one data file")
+    row_group_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="target uncompressed bytes per Parquet row group")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec")
+    compression_level: int | None = Field(1, description="codec level (zstd 1 is fastest with nearly the best ratio on activations)")
+    overwrite: bool = Field(False, description="replace an existing complete output")
+
+
+class JobConfig(_Strict):
+    input: InputConfig
+    model: ModelConfig
+    layers: LayersConfig
+    batching: BatchingConfig = BatchingConfig()
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _partitions_exist(self):
+        cols = {"label"} if self.input.label_feature or self.input.format == "images" else set()
+        cols |= set(self.input.passthrough)
+        for p in self.output.partition_by:
+            if p not in cols:
+                raise ValueError(
+                    f"output.partition_by names {p!r}, which is not an output column; "
+                    f"partition by one of {sorted(cols) or 'nothing yet: set input.label_feature or input.passthrough'}"
+                )
+        return self
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    typ = err["type"]
+    if typ == "extra_forbidden":
+        parent_path = [p for p in err["loc"][:-1]]
+        key = err["loc"][-1]
+        model: type[BaseModel] = JobConfig
+        for p in parent_path:
+            if isinstance(p, int) or model is None:
+                continue
+            field = model.model_fields.get(str(p))
+            ann = field.annotation if field else None
+            model = _model_of(ann)
+        known = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{source}: unknown key {loc!r}; {hint}known keys here: {', '.join(known)}"
+    if typ == "missing":
+        return f"{source}: required key {loc!r} is missing; add it (see configs/demo.yaml)"
+    value = err.get("input")
+    return f"{source}: {loc} = {value!r} is invalid: {err['msg']}"
+
+
+def _model_of(ann):
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in typing.get_args(ann):
+        m = _model_of(a)
+        if m is not None:
+            return m
+    return None
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 'null', '3', 'true', '[a, b]' all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a raw config dict (before validation)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} has no '='; write it as --set section.key=value, e.g. --set output.path=/tmp/out")
+        dotted, value = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section; write --set section.key=value")
+            node = nxt
+        node[keys[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> JobConfig:
+    """Load, override and validate a config.
+
+    Raises:
+        ConfigError: with a one-line message naming the key, the value and the fix.
+    """
+    source = str(path) if path else "config"
+    if raw is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping with input/model/layers/output sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_to_dict(cfg: JobConfig) -> dict:
+    return cfg.model_dump(mode="json", by_alias=True)

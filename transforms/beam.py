@@ -1,0 +1,262 @@
+"""Beam wrappers: match shards, extract-and-write each shard, commit once.
+
+The work per shard is plain Python (`ShardProcessor.process`), testable without Beam; the
+DoFns only load it once per worker process (`apache_beam.utils.shared.Shared`, as
+RunInference does), count metrics, and pass results on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from transforms.readers import Shard, match_shards, read_shard
+from transforms.writers import OutputLayout, make_writer, output_schema, to_record_batch
+
+__all__ = ["MatchShards", "ExtractShards", "ShardProcessor", "DEAD_LETTER_SCHEMA", "column_types"]
+
+_LOG = logging.getLogger("layerbeam")
+_NS = "layerbeam"
+
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("index", pa.int64()),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+def column_types(input_cfg) -> dict[str, pa.DataType]:
+    """The non-tensor output columns and their Arrow types."""
+    cols: dict[str, pa.DataType] = {"key": pa.string()}
+    if input_cfg.format == "images":
+        cols["label"] = pa.string()
+    elif input_cfg.label_feature:
+        cols["label"] = pa.int64() if input_cfg.label_type == "int64" else pa.string()
+    arrow = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string()}
+    for name, typ in input_cfg.passthrough.items():
+        cols[name] = arrow[typ]
+    return cols
+
+
+class ShardProcessor:
+    """Everything one worker process needs, built once: model, extractor, schema, writer.
+
+    Args:
+        config: the validated `JobConfig` as a JSON dict (what travels to workers).
+        run_id: the run fingerprint; names the staging folder.
+    """
+
+    def __init__(self, config: Mapping[str, Any], run_id: str):
+        from pipeline.config import JobConfig
+        from transforms.extractor import Extractor, ModelGraph, configure_devices, load_model, model_fingerprint, preprocess_fn
+
+        t0 = time.perf_counter()
+        self.cfg = cfg = JobConfig.model_validate(config)
+        self.devices = configure_devices()
+        model = load_model(cfg.model)
+        self.model_fingerprint = model_fingerprint(model)
+        graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+        self.input_shapes = graph.input_shapes
+        self.specs = graph.select(
+            [s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
+            exclude=cfg.layers.exclude,
+            reduce=cfg.layers.reduce,
+            dtype=cfg.layers.dtype,
+            include_inputs=cfg.layers.include_inputs,
+        )
+        self.extractor = Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
+        self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
+        self.schema = output_schema(self.specs, column_types(cfg.input))
+        self.writer = make_writer(cfg.output, self.schema)
+        self.layout = OutputLayout(cfg.output.path, run_id)
+        self.load_seconds = time.perf_counter() - t0
+        self.lock = threading.Lock()
+
+    def process(self, shard: Shard, on_batch=None) -> dict:
+        """Extract and write one shard; return its result (also stored as its marker).
+
+        A shard whose marker exists (a resumed run) is not processed again.
+        """
+        done = self.layout.read_marker(shard.id)
+        if done is not None and tuple(done.get("paths", ())) == shard.paths:
+            done["resumed"] = True
+            return done
+        self.layout.clear_shard(shard.id)
+        t0 = time.perf_counter()
+        stats = {"read": 0, "rows": 0}
+        seen: list[np.ndarray] = []
+
+        def batches() -> Iterable[pa.RecordBatch]:
+            for batch, so_far in read_shard(
+                shard, self.cfg.input, self.input_shapes, self.preprocess,
+                self.cfg.batching.batch_size, self.cfg.input.max_examples_per_shard,
+            ):
+                if batch is None:
+                    stats["read"] = so_far
+                    return
+                tb = time.perf_counter()
+                outputs = self.extractor(batch.inputs)
+                seen.append(batch.index)
+                stats["rows"] += len(batch)
+                if on_batch:
+                    on_batch(len(batch), time.perf_counter() - tb)
+                yield to_record_batch(self.schema, batch.columns, outputs)
+
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), f"part-{shard.id}")
+        dead = self._dead_letters(shard, stats["read"], np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        result = {
+            "shard": shard.id,
+            "paths": list(shard.paths),
+            "bytes_in": shard.size,
+            "read": stats["read"],
+            "rows": sum(f.rows for f in files),
+            "dead_letters": len(dead["index"]),
+            "dead_reasons": _count(dead["reason"]),
+            "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files],
+            "model_fingerprint": self.model_fingerprint,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if result["rows"] != stats["rows"]:
+            raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result['rows']}")
+        if dead["index"]:
+            self._write_dead(shard, dead)
+        self.layout.write_marker(shard.id, result)
+        return result
+
+    def _dead_letters(self, shard: Shard, read: int, seen: np.ndarray) -> dict[str, list]:
+        missing = np.setdiff1d(np.arange(read, dtype=np.int64), seen)
+        if self.cfg.input.format == "tfrecord":
+            import posixpath
+
+            base = posixpath.basename(shard.paths[0])
+            keys = [f"{base}:{i}" for i in missing]
+            shards = [shard.paths[0]] * len(missing)
+            reason = "record could not be parsed or its image decoded (missing/mistyped feature or bad image bytes)"
+        else:
+            keys = [shard.paths[i] for i in missing]
+            shards = keys
+            reason = "file is not a decodable image"
+        return {"key": keys, "shard": shards, "index": missing.tolist(), "stage": ["decode"] * len(missing), "reason": [reason] * len(missing)}
+
+    def _write_dead(self, shard: Shard, dead: Mapping[str, list]) -> None:
+        import pyarrow.parquet as pq
+
+        from transforms.writers import arrow_fs
+
+        fs, path = arrow_fs(self.layout.dead_file(shard.id))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(pa.table(dict(dead), schema=DEAD_LETTER_SCHEMA), path, filesystem=fs)
+
+
+def _count(values: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _input_shapes(cfg, model) -> list[tuple[int, ...]] | None:
+    """Input shapes to trace the model at: model.input_shape, or image_size × channels."""
+    if cfg.model.input_shape and not cfg.input.image_size:
+        return [tuple(cfg.model.input_shape)]
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, ValueError):
+        inputs = []
+    if cfg.input.image_size:
+        h, w = cfg.input.image_size
+        if inputs:
+            return [(h, w, int(t.shape[-1]) if t.shape[-1] is not None else cfg.input.channels) for t in inputs]
+        return [(h, w, cfg.input.channels)]
+    if cfg.model.input_shape:
+        return [tuple(cfg.model.input_shape)]
+    return None
+
+
+# --------------------------------------------------------------------------- DoFns
+
+
+class _ExtractShardDoFn(beam.DoFn):
+    """Shard → result dict, after writing the shard's rows to staging."""
+
+    def __init__(self, config: Mapping[str, Any], run_id: str):
+        self._config = dict(config)
+        self._run_id = run_id
+        self._shared = shared.Shared()
+        self._examples = Metrics.counter(_NS, "examples")
+        self._batches = Metrics.counter(_NS, "batches")
+        self._dead = Metrics.counter(_NS, "dead_letters")
+        self._shards = Metrics.counter(_NS, "shards")
+        self._resumed = Metrics.counter(_NS, "shards_resumed")
+        self._loads = Metrics.counter(_NS, "model_loads")
+        self._latency = Metrics.distribution(_NS, "batch_latency_ms")
+
+    def setup(self):
+        config, run_id, loads = self._config, self._run_id, self._loads
+
+        def load():
+            loads.inc()
+            _LOG.info("loading the model for run %s", run_id)
+            return _Holder(ShardProcessor(config, run_id))
+
+        self._processor = self._shared.acquire(load, tag=run_id).value
+
+    def process(self, shard: Shard):
+        examples, batches, latency = self._examples, self._batches, self._latency
+
+        def on_batch(n, seconds):
+            examples.inc(n)
+            batches.inc()
+            latency.update(int(seconds * 1000))
+
+        result = self._processor.process(shard, on_batch=on_batch)
+        self._shards.inc()
+        if result.get("resumed"):
+            self._resumed.inc()
+        self._dead.inc(result["dead_letters"])
+        _LOG.info("shard %s: %d rows, %d dead letters in %.1fs", shard.id, result["rows"], result["dead_letters"], result["seconds"])
+        yield result
+
+
+class _Holder:
+    """Shared.acquire needs a weak-referenceable object."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@beam.ptransform_fn
+def MatchShards(pbegin: beam.pvalue.PBegin, pattern: str, fmt: str, files_per_shard: int = 512, max_shards: int | None = None):
+    """PBegin → PCollection[Shard]: the pattern is expanded on a worker, not the launcher."""
+
+    def expand(p):
+        shards = match_shards(p, fmt, files_per_shard)
+        return shards[:max_shards] if max_shards else shards
+
+    return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)
+
+
+@beam.ptransform_fn
+def ExtractShards(shards: beam.PCollection, config: Mapping[str, Any], run_id: str):
+    """PCollection[Shard] → PCollection[dict]: each shard's rows written to staging; its
+    result (counts, files) comes out. Reshuffled first so shards spread over workers."""
+    return (
+        shards
+        | "Reshuffle" >> beam.Reshuffle()
+        | "ExtractAndWrite" >> beam.ParDo(_ExtractShardDoFn(config, run_id))
+    )
