@@ -16,6 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from transforms.errors import LayerbeamError
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2
@@ -69,18 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         print(f"layerbeam: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - the user errors of every layer, one line each
-        from pipeline.config import ConfigError
-        from transforms.extractor import ModelError, SelectionError
-        from transforms.writers import CommitError
-
-        if isinstance(e, (ConfigError, ModelError, SelectionError)):
-            print(f"layerbeam: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, CommitError) or isinstance(getattr(e, "__cause__", None), CommitError):
-            print(f"layerbeam: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except LayerbeamError as e:
+        print(f"layerbeam: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _console():

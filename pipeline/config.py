@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transforms.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -29,10 +30,6 @@ __all__ = [
 
 Reduce = Literal["none", "mean", "max", "flatten"]
 DType = Literal["float32", "float16"]
-
-
-class ConfigError(ValueError):
-    """A user error in the config or the command line: reported in one line, exit code 2."""
 
 
 class _Strict(BaseModel):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from transforms._keras_graph import SubclassedModelError, TracedTensor, trace_model
+from transforms.errors import ModelError, SelectionError
 
 __all__ = [
     "ModelError",
@@ -42,14 +43,6 @@ __all__ = [
 ]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2}
-
-
-class ModelError(ValueError):
-    """The model cannot be loaded or traced; the message says why and what to do."""
-
-
-class SelectionError(ValueError):
-    """A layer selector is wrong; the message names it and suggests paths."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +259,13 @@ def _reduced(tensor, reduce: str, dtype: str):
     return tensor
 
 
+def _input_name(t) -> str:
+    """The InputLayer's name (what users see in summaries), not the tensor's."""
+    hist = getattr(t, "_keras_history", None)
+    op = getattr(hist, "operation", None) if hist is not None else None
+    return str(getattr(op, "name", None) or t.name)
+
+
 class ModelGraph:
     """Every tensor of a model that can be tapped, addressed by path.
 
@@ -301,7 +301,7 @@ class ModelGraph:
             model_inputs = list(model.inputs)
         except (AttributeError, ValueError):
             model_inputs = []
-        names = [str(t.name) for t in model_inputs] or ["input"]
+        names = [_input_name(t) for t in model_inputs] or ["input"]
         if input_shapes is not None:
             shapes = [tuple(s) for s in input_shapes]
             if model_inputs and len(shapes) != len(model_inputs):

@@ -160,7 +160,8 @@ class ParquetShardWriter:
         self.max_rows_per_file = max_rows_per_file
         self.compression = None if compression == "none" else compression
         self.compression_level = compression_level if self.compression in ("zstd", "gzip") else None
-        self.byte_stream_split = [f"{c}.list.element" for c in tensor_cols]
+        # Not on float16: DuckDB (2.0) refuses BYTE_STREAM_SPLIT on FIXED_LEN_BYTE_ARRAY.
+        self.byte_stream_split = [f"{c}.list.element" for c in tensor_cols if schema.field(c).type.value_type == pa.float32()]
         self.dictionary = [f.name for f in schema if f.name not in tensor_cols]
 
     def write_shard(self, batches: Iterable[pa.RecordBatch], dest: str, basename: str) -> list[WrittenFile]:

@@ -1,0 +1,126 @@
+"""Shared fixtures: small real images in TFRecord shards, and a CLI runner.
+
+TensorFlow is imported once per test process; images are small; models are built once
+per module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` real photographic crops (scikit-image samples), uint8 (size, size, 3)."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        img = photos[k % len(photos)]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w)))
+        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        out.append(np.asarray(Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)))
+    return out
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def example(features: dict) -> bytes:
+    import tensorflow as tf
+
+    feat = {}
+    for k, v in features.items():
+        if isinstance(v, bytes):
+            feat[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+        elif isinstance(v, str):
+            feat[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+        elif isinstance(v, (int, np.integer)):
+            feat[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+        else:
+            feat[k] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v)]))
+    return tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString()
+
+
+def write_tfrecords(folder: Path, records_per_shard: list[list[bytes]]) -> list[Path]:
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, records in enumerate(records_per_shard):
+        p = folder / f"part-{i:05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(p)) as w:
+            for r in records:
+                w.write(r)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def png_dataset(tmp_path_factory):
+    """10 PNG photo crops of 64×64 in 3 shards (4, 3, 3), keys k000…, labels k % 3.
+
+    Returns (folder, {key: uint8 image}, {key: label})."""
+    folder = tmp_path_factory.mktemp("pngs")
+    imgs = photo_crops(10, 64)
+    keys = [f"k{i:03d}" for i in range(10)]
+    labels = {k: i % 3 for i, k in enumerate(keys)}
+    recs = [example({"image/encoded": encode_png(im), "image/key": k, "image/class/label": labels[k]}) for im, k in zip(imgs, keys)]
+    write_tfrecords(folder, [recs[:4], recs[4:7], recs[7:]])
+    return folder, dict(zip(keys, imgs)), labels
+
+
+def base_config(pattern: str, out: str, **overrides) -> dict:
+    cfg = {
+        "input": {
+            "pattern": pattern,
+            "key_feature": "image/key",
+            "label_feature": "image/class/label",
+        },
+        "model": {"source": "keras.applications.MobileNetV2", "input_shape": [64, 64, 3], "kwargs": {"alpha": 0.35}},
+        "layers": {"select": ["block_1_expand_relu"]},
+        "batching": {"batch_size": 4},
+        "output": {"path": out},
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `layerbeam` entry point in a subprocess (exit code, no traceback)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())", *args],
+        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_manifest(out: Path) -> dict:
+    return json.loads((Path(out) / "_manifest.json").read_text())

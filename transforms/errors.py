@@ -1,0 +1,25 @@
+"""User-facing error types, importable without TensorFlow or Keras.
+
+Every `LayerbeamError` is the user's to fix: the CLI prints its one-line message and exits
+with code 2. Anything else is a bug or an infrastructure failure and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError"]
+
+
+class LayerbeamError(ValueError):
+    """An error in the user's input; the message names the value, the cause and the fix."""
+
+
+class ConfigError(LayerbeamError):
+    """A user error in the config or the command line."""
+
+
+class ModelError(LayerbeamError):
+    """The model cannot be loaded or traced."""
+
+
+class SelectionError(LayerbeamError):
+    """A layer selector matches nothing or is ambiguous."""
