@@ -307,7 +307,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     build_pipeline(p, plan)
     result = p.run()
     if options.view_as(TestOptions).dry_run:
-        return _dry_run_summary(p.runner, result)
+        return _dry_run_summary(p.runner, result, options)
     result.wait_until_finish()
     seconds = time.perf_counter() - t0
     layout = OutputLayout(cfg.output.path, plan.run_id)
@@ -320,9 +320,18 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     return manifest
 
 
-def _dry_run_summary(runner, result) -> dict:
+def _dry_run_summary(runner, result, options) -> dict:
     """What a `--dry_run=True` built: the runner's job graph, not submitted."""
-    out: dict[str, Any] = {"_dry_run": True, "runner": type(runner).__name__}
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
+
+    workers = options.view_as(WorkerOptions)
+    out: dict[str, Any] = {
+        "_dry_run": True,
+        "runner": type(runner).__name__,
+        "machine_type": workers.machine_type,
+        "sdk_container_image": workers.sdk_container_image,
+        "dataflow_service_options": options.view_as(GoogleCloudOptions).dataflow_service_options,
+    }
     job = getattr(result, "job", None)  # DataflowRunner: apiclient.Job
     proto = getattr(job, "proto_pipeline", None)
     if proto is not None:

@@ -272,3 +272,85 @@ def test_portable_runner_external_worker_pool(reference, job_service, worker_poo
     print(f"{out.name}: {manifest['_metrics']}")
     assert manifest["_metrics"]["model_loads"] == 1, manifest["_metrics"]
     assert manifest["_metrics"]["shards"] == 3
+
+
+# --------------------------------------------------------------------------- Dataflow recipe
+
+
+def _pin(package: str) -> str:
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def test_dockerfile_uses_the_pinned_beam_and_tensorflow():
+    text = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    assert args["BEAM_VERSION"] == _pin("apache-beam"), "Dockerfile's BEAM_VERSION differs from constraints.txt"
+    assert args["TF_VERSION"] == _pin("tensorflow"), "Dockerfile's TF_VERSION differs from constraints.txt"
+    assert args["PY_VERSION"] == f"{sys.version_info.major}.{sys.version_info.minor}", "workers must run the launcher's Python"
+    assert "FROM apache/beam_python${PY_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk" in text
+    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in text
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+
+
+@pytest.mark.slow
+def test_sdist_builds_as_beams_stager_does_and_installs_into_a_clean_venv(tmp_path):
+    """Beam's own stager builds the sdist (`python -m build --sdist --no-isolation`); it
+    installs into a fresh venv and imports from there. The venv sees the shared venv's
+    site-packages through a .pth file (as --system-site-packages would, for a venv), so
+    the dependencies are not downloaded again; the package is installed with --no-deps."""
+    from apache_beam.runners.portability.stager import Stager
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "data", "out", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    (tmp_path / "dist").mkdir()
+    sdist = Path(Stager._build_setup_package(str(src / "pyproject.toml"), str(tmp_path / "dist")))
+    assert sdist.name == "layerbeam-0.1.0.tar.gz"
+
+    venv = tmp_path / "venv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    vpy = venv / "bin" / "python"
+    site = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    shared = subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "_shared_deps.pth").write_text(shared + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(sdist)], check=True, env=env, cwd=tmp_path, timeout=300)
+    got = subprocess.run(
+        [str(vpy), "-c", "import pipeline, pipeline.build, pipeline.cli, pipeline.config, transforms, transforms.errors; print(pipeline.__file__)"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert Path(got.stdout.strip()).is_relative_to(venv), f"imported from {got.stdout.strip()}, not the clean venv"
+    cli = subprocess.run([str(venv / "bin" / "layerbeam"), "layers", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert cli.returncode == 0 and "--input-shape" in cli.stdout, cli.stderr[-2000:]
+
+
+def test_dataflow_job_graph_builds_from_the_launch_script_without_submitting(png_dataset, tmp_path):
+    """scripts/run_dataflow.sh with --dry_run=True: Beam's DataflowRunner validates the
+    options, builds the sdist, and translates the graph into the job it would submit."""
+    import json
+
+    folder, _, _ = png_dataset
+    image = "us-central1-docker.pkg.dev/my-project/layerbeam/worker:0.1.0"
+    env = dict(_env(), PROJECT="my-project", REGION="us-central1", BUCKET="gs://my-bucket", IMAGE=image, PYTHON=PY)
+    proc = subprocess.run(
+        [
+            "bash", str(ROOT / "scripts" / "run_dataflow.sh"),
+            "--set", f"input.pattern={folder}/*.tfrecord", "--set", "input.key_feature=image/key",
+            "--set", f"output.path={tmp_path / 'out'}", "--set", "model.weights=null",
+            "--dry_run=True",
+        ],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert job["runner"] == "DataflowRunner"
+    assert job["containers"] == [image] and job["sdk_container_image"] == image
+    assert job["dataflow_service_options"] == ["worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"]
+    assert job["machine_type"] == "n1-standard-8"
+    assert "workflow.tar.gz" in job["staged"], "the package sdist (--setup_file) is not staged"
+    assert {"MatchShards/Expand", "ExtractShards/Reshuffle/ReshufflePerKey/GroupByKey", "ExtractShards/ExtractAndWrite", "Commit"} <= set(job["transforms"])
+    assert not (tmp_path / "out").exists(), "a dry run wrote output"
