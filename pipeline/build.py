@@ -170,16 +170,40 @@ def _human(n: float) -> str:
 
 def make_runner(beam_args: Sequence[str]):
     """(runner, PipelineOptions). DirectRunner (the default) runs on Beam's FnApiRunner
-    directly: Beam 2.77's DirectRunner would first try to download the Prism binary."""
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    directly: Beam 2.77's DirectRunner would first try to download the Prism binary.
+    FnApiRunner honours `--direct_running_mode` (in_memory | multi_threading |
+    multi_processing) and `--direct_num_workers` itself.
+
+    In `multi_processing` mode the workers are fresh `python -m ...sdk_worker_main`
+    processes that unpickle the DoFns, so they must be able to import `pipeline` and
+    `transforms`: true for an installed package; for a source checkout the checkout is
+    added to the PYTHONPATH the workers inherit.
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
     options = PipelineOptions(list(beam_args))
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner", "SwitchingDirectRunner", "direct"):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+        if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+            _export_source_root()
         return FnApiRunner(), options
     return runner, options
+
+
+def _export_source_root() -> None:
+    """Put this checkout on PYTHONPATH for worker subprocesses, unless installed."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if any(part in ("site-packages", "dist-packages") for part in Path(root).parts):
+        return
+    current = os.environ.get("PYTHONPATH", "")
+    paths = [p for p in current.split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
 def build_pipeline(pipeline, plan: Plan):
@@ -264,16 +288,27 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None) -> dict:
-    """Run a job to completion and return the committed manifest (DirectRunner etc.)."""
+    """Run a job to completion and return the committed manifest.
+
+    The manifest comes back with two keys that are not in the file: `_seconds` (wall
+    time of the pipeline) and `_metrics` (the job's committed `layerbeam` counters, e.g.
+    `model_loads`: one per worker process). With `--dry_run=True` (DataflowRunner) the
+    job graph is built and nothing is submitted: the result is `{"_dry_run": True}`.
+    """
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import TestOptions
 
     from transforms.writers import OutputLayout
 
     plan = plan or prepare(cfg)
     runner, options = make_runner(beam_args)
     t0 = time.perf_counter()
-    with beam.Pipeline(runner=runner, options=options) as p:
-        build_pipeline(p, plan)
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, plan)
+    result = p.run()
+    if options.view_as(TestOptions).dry_run:
+        return _dry_run_summary(p.runner, result, options)
+    result.wait_until_finish()
     seconds = time.perf_counter() - t0
     layout = OutputLayout(cfg.output.path, plan.run_id)
     if not layout.is_complete():
@@ -281,4 +316,48 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
+    manifest["_metrics"] = _counters(result)
     return manifest
+
+
+def _dry_run_summary(runner, result, options) -> dict:
+    """What a `--dry_run=True` built: the runner's job graph, not submitted."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
+
+    workers = options.view_as(WorkerOptions)
+    out: dict[str, Any] = {
+        "_dry_run": True,
+        "runner": type(runner).__name__,
+        "machine_type": workers.machine_type,
+        "sdk_container_image": workers.sdk_container_image,
+        "dataflow_service_options": options.view_as(GoogleCloudOptions).dataflow_service_options,
+    }
+    job = getattr(result, "job", None)  # DataflowRunner: apiclient.Job
+    proto = getattr(job, "proto_pipeline", None)
+    if proto is not None:
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        out["job_name"] = job.proto.name
+        out["transforms"] = sorted(t.unique_name for t in proto.components.transforms.values() if not t.subtransforms)
+        out["containers"], out["staged"] = [], []
+        for env in proto.components.environments.values():
+            if env.urn == "beam:env:docker:v1":
+                out["containers"].append(beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image)
+            for dep in env.dependencies:
+                out["staged"].append(beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name)
+    return out
+
+
+def _counters(result) -> dict[str, int]:
+    """The job's `layerbeam` counters, committed values where the runner has them."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace("layerbeam"))["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return {}
+    out: dict[str, int] = {}
+    for c in counters:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out

@@ -110,6 +110,9 @@ def _run(args, beam_args: list[str]) -> int:
     if args.plan_only:
         return 0
     manifest = run_job(cfg, beam_args, plan)
+    if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
+        print(json.dumps(manifest, indent=1))
+        return 0
     _print_summary(console, manifest, _human)
     return 0
 
@@ -141,6 +144,7 @@ def _print_summary(console, manifest: dict, human) -> None:
     console.print(
         f"[bold]done[/bold] · {c['rows_written']:,} rows, {c['dead_letters']:,} dead letters, from {c['records_read']:,} records "
         f"· {len(files)} files, {human(nbytes)} · {secs:.1f}s ({rate:.1f} examples/s)"
+        + (f" · model loaded {manifest['_metrics']['model_loads']}× (once per worker process)" if manifest.get("_metrics", {}).get("model_loads") else "")
     )
     console.print(f"output: {out}")
     console.print("read it:")

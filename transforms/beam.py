@@ -207,16 +207,18 @@ class _ExtractShardDoFn(beam.DoFn):
         self._latency = Metrics.distribution(_NS, "batch_latency_ms")
 
     def setup(self):
-        config, run_id, loads = self._config, self._run_id, self._loads
+        config, run_id = self._config, self._run_id
 
         def load():
-            loads.inc()
             _LOG.info("loading the model for run %s", run_id)
             return _Holder(ShardProcessor(config, run_id))
 
-        self._processor = self._shared.acquire(load, tag=run_id).value
+        self._holder = self._shared.acquire(load, tag=run_id)
+        self._processor = self._holder.value
 
     def process(self, shard: Shard):
+        if self._holder.claim_count():  # counted here: setup() runs outside any metrics context
+            self._loads.inc()
         examples, batches, latency = self._examples, self._batches, self._latency
 
         def on_batch(n, seconds):
@@ -234,10 +236,19 @@ class _ExtractShardDoFn(beam.DoFn):
 
 
 class _Holder:
-    """Shared.acquire needs a weak-referenceable object."""
+    """Shared.acquire needs a weak-referenceable object. It also remembers whether its
+    load was counted, so that `model_loads` is one per load, whichever DoFn copy or
+    thread processes first."""
 
     def __init__(self, value):
         self.value = value
+        self._counted = False
+        self._lock = threading.Lock()
+
+    def claim_count(self) -> bool:
+        with self._lock:
+            first, self._counted = not self._counted, True
+            return first
 
 
 @beam.ptransform_fn

@@ -1,0 +1,28 @@
+# Worker image for Dataflow (and any portable runner with DOCKER environments): TensorFlow
+# with CUDA from pip wheels, every dependency at the version constraints.txt pins, and
+# Beam's worker boot entrypoint copied from the Beam SDK image of exactly the pinned Beam
+# version (tests/test_runners.py checks that BEAM_VERSION and TF_VERSION equal the pins).
+#
+#   docker build -t $IMAGE . && docker push $IMAGE      # then scripts/run_dataflow.sh
+#
+# Python's minor version must equal the launcher's (3.11): Beam pickles across them.
+ARG BEAM_VERSION=2.77.0
+ARG PY_VERSION=3.11
+FROM apache/beam_python${PY_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
+
+FROM python:${PY_VERSION}-slim
+ARG TF_VERSION=2.21.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    # Dataflow's install-nvidia-driver mounts the host driver here
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib
+WORKDIR /opt/layerbeam
+COPY constraints.txt pyproject.toml README.md ./
+COPY pipeline ./pipeline
+COPY transforms ./transforms
+# Dependencies are baked in; the launcher still stages this package as an sdist
+# (--setup_file), so workers always run the launcher's code.
+RUN pip install -c constraints.txt "tensorflow[and-cuda]==${TF_VERSION}" ".[gcp]" \
+ && python -c "import apache_beam, tensorflow, pipeline.build, transforms.beam"
+COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
+ENTRYPOINT ["/opt/apache/beam/boot"]
