@@ -275,10 +275,32 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     with beam.Pipeline(runner=runner, options=options) as p:
         build_pipeline(p, plan)
     seconds = time.perf_counter() - t0
+    metrics = _metrics(p.result)
     layout = OutputLayout(cfg.output.path, plan.run_id)
     if not layout.is_complete():
         raise RuntimeError(f"the pipeline finished but {cfg.output.path!r} has no _SUCCESS; see the log above")
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
+    manifest["_metrics"] = metrics
+    first = metrics.get("batch_done_unix_ms", {}).get("min")
+    manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
+
+
+def _metrics(result) -> dict:
+    """layerbeam's Beam metrics (committed values) as plain numbers, where the runner has them."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    out: dict = {}
+    try:
+        q = result.metrics().query(MetricsFilter().with_namespace("layerbeam"))
+    except (AttributeError, NotImplementedError):
+        return out
+    for c in q.get("counters", []):
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or 0)
+    for d in q.get("distributions", []):
+        v = d.committed
+        if v is not None and v.count:
+            out[d.key.metric.name] = {"count": v.count, "sum": v.sum, "min": v.min, "max": v.max, "mean": v.mean}
+    return out

@@ -205,6 +205,8 @@ class _ExtractShardDoFn(beam.DoFn):
         self._resumed = Metrics.counter(_NS, "shards_resumed")
         self._loads = Metrics.counter(_NS, "model_loads")
         self._latency = Metrics.distribution(_NS, "batch_latency_ms")
+        # Wall-clock time each batch finished; its min is the time to first batch.
+        self._batch_done = Metrics.distribution(_NS, "batch_done_unix_ms")
 
     def setup(self):
         config, run_id, loads = self._config, self._run_id, self._loads
@@ -217,14 +219,19 @@ class _ExtractShardDoFn(beam.DoFn):
         self._processor = self._shared.acquire(load, tag=run_id).value
 
     def process(self, shard: Shard):
-        examples, batches, latency = self._examples, self._batches, self._latency
+        # The writer pulls batches on a pyarrow thread; Beam metrics are per thread, so
+        # the callback only records and the metrics are updated here, on the DoFn's thread.
+        done: list[tuple[int, float, float]] = []
 
         def on_batch(n, seconds):
-            examples.inc(n)
-            batches.inc()
-            latency.update(int(seconds * 1000))
+            done.append((n, seconds, time.time()))
 
         result = self._processor.process(shard, on_batch=on_batch)
+        for n, seconds, at in done:
+            self._examples.inc(n)
+            self._batches.inc()
+            self._latency.update(int(seconds * 1000))
+            self._batch_done.update(int(at * 1000))
         self._shards.inc()
         if result.get("resumed"):
             self._resumed.inc()
