@@ -63,23 +63,38 @@ class ShardProcessor:
 
     def __init__(self, config: Mapping[str, Any], run_id: str):
         from pipeline.config import JobConfig
-        from transforms.extractor import Extractor, ModelGraph, configure_devices, load_model, model_fingerprint, preprocess_fn
+        from transforms.devices import ExtractorPool, discover_gpus, plan_devices, set_precision
+        from transforms.extractor import Extractor, ModelGraph, load_model, model_fingerprint, preprocess_fn
 
         t0 = time.perf_counter()
         self.cfg = cfg = JobConfig.model_validate(config)
-        self.devices = configure_devices()
-        model = load_model(cfg.model)
-        self.model_fingerprint = model_fingerprint(model)
-        graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
-        self.input_shapes = graph.input_shapes
-        self.specs = graph.select(
-            [s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
+        set_precision(cfg.batching.precision)
+        self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
+        selection = dict(
+            select=[s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
             exclude=cfg.layers.exclude,
             reduce=cfg.layers.reduce,
             dtype=cfg.layers.dtype,
             include_inputs=cfg.layers.include_inputs,
         )
-        self.extractor = Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
+
+        def build(device: str):
+            # One model per device: its variables live there (loading is seeded, so every
+            # copy has the same weights; the fingerprint checks it).
+            import tensorflow as tf
+
+            with tf.device(device):
+                model = load_model(cfg.model)
+                fp = model_fingerprint(model)
+                if getattr(self, "model_fingerprint", fp) != fp:
+                    raise RuntimeError(f"the model copy for {device} has other weights than the first copy")
+                self.model_fingerprint = fp
+                graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+                self.input_shapes = graph.input_shapes
+                self.specs = graph.select(**selection)
+                return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
+
+        self.extractor = ExtractorPool(build, self.device_plan)
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
