@@ -93,3 +93,11 @@ def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
         assert not np.array_equal(a, b)  # it really computed in bfloat16
         # bfloat16 keeps ~3 significant digits; errors compound through the network
         np.testing.assert_allclose(b, a, rtol=0.1, atol=0.05 * float(np.abs(a).max()))
+
+
+def test_batches_are_sized_by_output_bytes_when_outputs_are_big():
+    from transforms.beam import effective_batch_size
+
+    assert effective_batch_size(32, 256 << 20, 5_000) == 32  # pooled outputs: the configured size
+    assert effective_batch_size(32, 256 << 20, 25 << 20) == 10  # 25 MB per example: 10 fit in 256 MB
+    assert effective_batch_size(32, 1 << 20, 25 << 20) == 1  # never zero

@@ -95,6 +95,7 @@ class ShardProcessor:
                 return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
 
         self.extractor = ExtractorPool(build, self.device_plan)
+        self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, sum(s.bytes_per_example for s in self.specs))
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
@@ -119,7 +120,7 @@ class ShardProcessor:
         def batches() -> Iterable[pa.RecordBatch]:
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
-                self.cfg.batching.batch_size, self.cfg.input.max_examples_per_shard,
+                self.batch_size, self.cfg.input.max_examples_per_shard,
             ):
                 if batch is None:
                     stats["read"] = so_far
@@ -176,6 +177,12 @@ class ShardProcessor:
         fs, path = arrow_fs(self.layout.dead_file(shard.id))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(pa.table(dict(dead), schema=DEAD_LETTER_SCHEMA), path, filesystem=fs)
+
+
+def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
+    """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
+    (unreduced outputs of a big model can be tens of MB per example)."""
+    return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
 
 
 def _count(values: Sequence[str]) -> dict[str, int]:
