@@ -253,7 +253,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
         {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": reasons},
-            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"]} for r in sorted(results, key=lambda r: r["shard"])],
+            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"], "timing": r.get("timing")} for r in sorted(results, key=lambda r: r["shard"])],
             "files": [{"path": f["final_path"], "rows": f["rows"], "bytes": f["bytes"], "shard": f["shard"]} for f in files],
             "partition_by": cfg["output"]["partition_by"],
             "format": cfg["output"]["format"],

@@ -130,12 +130,17 @@ def _measure_layerbeam(cfg: dict) -> dict:
     secs = time.perf_counter() - t0
     files = manifest["files"]
     first = manifest.get("_first_batch_unix")
+    timing: dict = {}
+    for i in manifest["inputs"]:
+        for k, v in (i.get("timing") or {}).items():
+            timing[k] = timing.get(k, 0.0) + v
     return {
         "images": manifest["counts"]["rows_written"],
         "seconds": secs,
         "first_batch_s": (first - t_start) if first else None,
         "bytes_written": sum(f["bytes"] for f in files),
         "bytes_per_example": manifest["bytes_per_example"],
+        "time_in_shards": {k: round(v, 2) for k, v in timing.items()},
     }
 
 
@@ -279,6 +284,10 @@ def _print(s: str, r: dict, n: int) -> None:
     if "rss_4n/rss_n" in r:
         line += f" · peak RSS 4N/N = {r['rss_4n/rss_n']:.2f}"
     print(line)
+    t = r["layerbeam"].get("time_in_shards") or {}
+    if t:
+        total = sum(t.values()) or 1.0
+        print("  layerbeam time in shards: " + ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in t.items()))
 
 
 if __name__ == "__main__":

@@ -116,22 +116,33 @@ class ShardProcessor:
         t0 = time.perf_counter()
         stats = {"read": 0, "rows": 0}
         seen: list[np.ndarray] = []
+        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
+        # the rest of the shard's time is the writer (encoding, compression, I/O).
+        timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
 
         def batches() -> Iterable[pa.RecordBatch]:
+            t = time.perf_counter()
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
                 self.batch_size, self.cfg.input.max_examples_per_shard,
             ):
+                tb = time.perf_counter()
+                timing["input_wait"] += tb - t
                 if batch is None:
                     stats["read"] = so_far
                     return
-                tb = time.perf_counter()
                 outputs = self.extractor(batch.inputs)
+                tm = time.perf_counter()
+                timing["model"] += tm - tb
                 seen.append(batch.index)
                 stats["rows"] += len(batch)
                 if on_batch:
-                    on_batch(len(batch), time.perf_counter() - tb)
-                yield to_record_batch(self.schema, batch.columns, outputs)
+                    on_batch(len(batch), tm - tb)
+                rb = to_record_batch(self.schema, batch.columns, outputs)
+                t = time.perf_counter()
+                timing["to_arrow"] += t - tm
+                yield rb
+                t = time.perf_counter()
 
         files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), f"part-{shard.id}")
         dead = self._dead_letters(shard, stats["read"], np.concatenate(seen) if seen else np.zeros(0, np.int64))
@@ -147,6 +158,8 @@ class ShardProcessor:
             "model_fingerprint": self.model_fingerprint,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        timing["write_and_other"] = result["seconds"] - sum(timing.values())
+        result["timing"] = {k: round(v, 3) for k, v in timing.items()}
         if result["rows"] != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result['rows']}")
         if dead["index"]:
