@@ -277,7 +277,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
         {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": reasons},
-            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"]} for r in sorted(results, key=lambda r: r["shard"])],
+            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"], "timing": r.get("timing")} for r in sorted(results, key=lambda r: r["shard"])],
             "files": [{"path": f["final_path"], "rows": f["rows"], "bytes": f["bytes"], "shard": f["shard"]} for f in files],
             "partition_by": cfg["output"]["partition_by"],
             "format": cfg["output"]["format"],
@@ -310,13 +310,16 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         return _dry_run_summary(p.runner, result, options)
     result.wait_until_finish()
     seconds = time.perf_counter() - t0
+    metrics = _metrics(result)
     layout = OutputLayout(cfg.output.path, plan.run_id)
     if not layout.is_complete():
         raise RuntimeError(f"the pipeline finished but {cfg.output.path!r} has no _SUCCESS; see the log above")
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
-    manifest["_metrics"] = _counters(result)
+    manifest["_metrics"] = metrics
+    first = metrics.get("batch_done_unix_ms", {}).get("min")
+    manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
 
 
@@ -348,16 +351,20 @@ def _dry_run_summary(runner, result, options) -> dict:
     return out
 
 
-def _counters(result) -> dict[str, int]:
-    """The job's `layerbeam` counters, committed values where the runner has them."""
+def _metrics(result) -> dict:
+    """layerbeam's Beam metrics (committed values) as plain numbers, where the runner has them."""
     from apache_beam.metrics.metric import MetricsFilter
 
+    out: dict = {}
     try:
-        counters = result.metrics().query(MetricsFilter().with_namespace("layerbeam"))["counters"]
-    except (NotImplementedError, AttributeError, KeyError):
-        return {}
-    out: dict[str, int] = {}
-    for c in counters:
+        q = result.metrics().query(MetricsFilter().with_namespace("layerbeam"))
+    except (AttributeError, NotImplementedError):
+        return out
+    for c in q.get("counters", []):
         value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    for d in q.get("distributions", []):
+        v = d.committed if d.committed is not None else d.attempted
+        if v is not None and v.count:
+            out[d.key.metric.name] = {"count": v.count, "sum": v.sum, "min": v.min, "max": v.max, "mean": v.mean}
     return out

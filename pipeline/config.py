@@ -97,7 +97,10 @@ class LayersConfig(_Strict):
 
 class BatchingConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="examples per model call")
-    jit_compile: bool = Field(False, description="compile the extractor with XLA")
+    max_batch_bytes: int = Field(256 << 20, ge=1 << 16, description="cap on output bytes per batch: with big (unreduced) outputs the batch shrinks below batch_size to stay under it")
+    jit_compile: bool = Field(False, description="compile the extractor with XLA (try it on GPUs)")
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = Field("float32", description="Keras dtype policy the model computes in; mixed_float16 for GPUs with tensor cores")
+    max_gpus: int | None = Field(None, ge=1, description="model copies per worker process: one per visible GPU, at most this many")
 
 
 class OutputConfig(_Strict):

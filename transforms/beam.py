@@ -63,23 +63,39 @@ class ShardProcessor:
 
     def __init__(self, config: Mapping[str, Any], run_id: str):
         from pipeline.config import JobConfig
-        from transforms.extractor import Extractor, ModelGraph, configure_devices, load_model, model_fingerprint, preprocess_fn
+        from transforms.devices import ExtractorPool, discover_gpus, plan_devices, set_precision
+        from transforms.extractor import Extractor, ModelGraph, load_model, model_fingerprint, preprocess_fn
 
         t0 = time.perf_counter()
         self.cfg = cfg = JobConfig.model_validate(config)
-        self.devices = configure_devices()
-        model = load_model(cfg.model)
-        self.model_fingerprint = model_fingerprint(model)
-        graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
-        self.input_shapes = graph.input_shapes
-        self.specs = graph.select(
-            [s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
+        set_precision(cfg.batching.precision)
+        self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
+        selection = dict(
+            select=[s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
             exclude=cfg.layers.exclude,
             reduce=cfg.layers.reduce,
             dtype=cfg.layers.dtype,
             include_inputs=cfg.layers.include_inputs,
         )
-        self.extractor = Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
+
+        def build(device: str):
+            # One model per device: its variables live there (loading is seeded, so every
+            # copy has the same weights; the fingerprint checks it).
+            import tensorflow as tf
+
+            with tf.device(device):
+                model = load_model(cfg.model)
+                fp = model_fingerprint(model)
+                if getattr(self, "model_fingerprint", fp) != fp:
+                    raise RuntimeError(f"the model copy for {device} has other weights than the first copy")
+                self.model_fingerprint = fp
+                graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+                self.input_shapes = graph.input_shapes
+                self.specs = graph.select(**selection)
+                return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
+
+        self.extractor = ExtractorPool(build, self.device_plan)
+        self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, sum(s.bytes_per_example for s in self.specs))
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
@@ -100,22 +116,33 @@ class ShardProcessor:
         t0 = time.perf_counter()
         stats = {"read": 0, "rows": 0}
         seen: list[np.ndarray] = []
+        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
+        # the rest of the shard's time is the writer (encoding, compression, I/O).
+        timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
 
         def batches() -> Iterable[pa.RecordBatch]:
+            t = time.perf_counter()
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
-                self.cfg.batching.batch_size, self.cfg.input.max_examples_per_shard,
+                self.batch_size, self.cfg.input.max_examples_per_shard,
             ):
+                tb = time.perf_counter()
+                timing["input_wait"] += tb - t
                 if batch is None:
                     stats["read"] = so_far
                     return
-                tb = time.perf_counter()
                 outputs = self.extractor(batch.inputs)
+                tm = time.perf_counter()
+                timing["model"] += tm - tb
                 seen.append(batch.index)
                 stats["rows"] += len(batch)
                 if on_batch:
-                    on_batch(len(batch), time.perf_counter() - tb)
-                yield to_record_batch(self.schema, batch.columns, outputs)
+                    on_batch(len(batch), tm - tb)
+                rb = to_record_batch(self.schema, batch.columns, outputs)
+                t = time.perf_counter()
+                timing["to_arrow"] += t - tm
+                yield rb
+                t = time.perf_counter()
 
         files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), f"part-{shard.id}")
         dead = self._dead_letters(shard, stats["read"], np.concatenate(seen) if seen else np.zeros(0, np.int64))
@@ -131,6 +158,8 @@ class ShardProcessor:
             "model_fingerprint": self.model_fingerprint,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        timing["write_and_other"] = result["seconds"] - sum(timing.values())
+        result["timing"] = {k: round(v, 3) for k, v in timing.items()}
         if result["rows"] != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result['rows']}")
         if dead["index"]:
@@ -161,6 +190,12 @@ class ShardProcessor:
         fs, path = arrow_fs(self.layout.dead_file(shard.id))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(pa.table(dict(dead), schema=DEAD_LETTER_SCHEMA), path, filesystem=fs)
+
+
+def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
+    """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
+    (unreduced outputs of a big model can be tens of MB per example)."""
+    return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
 
 
 def _count(values: Sequence[str]) -> dict[str, int]:
@@ -205,6 +240,8 @@ class _ExtractShardDoFn(beam.DoFn):
         self._resumed = Metrics.counter(_NS, "shards_resumed")
         self._loads = Metrics.counter(_NS, "model_loads")
         self._latency = Metrics.distribution(_NS, "batch_latency_ms")
+        # Wall-clock time each batch finished; its min is the time to first batch.
+        self._batch_done = Metrics.distribution(_NS, "batch_done_unix_ms")
 
     def setup(self):
         config, run_id = self._config, self._run_id
@@ -219,14 +256,19 @@ class _ExtractShardDoFn(beam.DoFn):
     def process(self, shard: Shard):
         if self._holder.claim_count():  # counted here: setup() runs outside any metrics context
             self._loads.inc()
-        examples, batches, latency = self._examples, self._batches, self._latency
+        # The writer pulls batches on a pyarrow thread; Beam metrics are per thread, so
+        # the callback only records and the metrics are updated here, on the DoFn's thread.
+        done: list[tuple[int, float, float]] = []
 
         def on_batch(n, seconds):
-            examples.inc(n)
-            batches.inc()
-            latency.update(int(seconds * 1000))
+            done.append((n, seconds, time.time()))
 
         result = self._processor.process(shard, on_batch=on_batch)
+        for n, seconds, at in done:
+            self._examples.inc(n)
+            self._batches.inc()
+            self._latency.update(int(seconds * 1000))
+            self._batch_done.update(int(at * 1000))
         self._shards.inc()
         if result.get("resumed"):
             self._resumed.inc()

@@ -1,0 +1,103 @@
+"""GPU-ready code paths that need no GPU: placement decisions from a device list, batches
+that shrink on out-of-memory, and mixed precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transforms.devices import DevicePlan, ExtractorPool, plan_devices
+
+
+def test_cpu_only_gets_one_copy_on_the_cpu():
+    assert plan_devices([]) == DevicePlan(("/CPU:0",), gpu=False)
+
+
+def test_one_model_copy_per_gpu():
+    names = ["/physical_device:GPU:0", "/physical_device:GPU:1", "/physical_device:GPU:2"]
+    assert plan_devices(names) == DevicePlan(("/GPU:0", "/GPU:1", "/GPU:2"), gpu=True)
+    assert plan_devices(names, max_gpus=2).devices == ("/GPU:0", "/GPU:1")
+
+
+class _FakeOOM(Exception):
+    pass
+
+
+def _doubling_extractor(limit: int, calls: list):
+    def run(inputs):
+        n = inputs["x"].shape[0]
+        calls.append(n)
+        if n > limit:
+            raise _FakeOOM(f"OOM when allocating tensor for a batch of {n}")
+        return {"y": inputs["x"] * 2}
+
+    return run
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_the_size_remembered():
+    calls: list[int] = []
+    pool = ExtractorPool(lambda d: _doubling_extractor(3, calls), DevicePlan(("/GPU:0",), True), is_oom=lambda e: isinstance(e, _FakeOOM))
+    x = np.arange(10, dtype=np.float32).reshape(10, 1)
+    out = pool({"x": x})
+    np.testing.assert_array_equal(out["y"], x * 2)  # every row, in order
+    assert pool.max_batch == 2  # 10 → 5 (OOM) → 2: the largest size that worked
+    calls.clear()
+    out = pool({"x": x})
+    np.testing.assert_array_equal(out["y"], x * 2)
+    assert calls == [2, 2, 2, 2, 2]  # no more failed attempts once the size is known
+
+
+def test_other_errors_are_not_swallowed():
+    def broken(inputs):
+        raise ValueError("not memory")
+
+    pool = ExtractorPool(lambda d: broken, DevicePlan(("/CPU:0",), False), is_oom=lambda e: isinstance(e, _FakeOOM))
+    with pytest.raises(ValueError, match="not memory"):
+        pool({"x": np.zeros((4, 1), np.float32)})
+
+
+def test_copies_are_used_round_robin():
+    seen = []
+
+    def build(device):
+        return lambda inputs: seen.append(device) or {"y": inputs["x"]}
+
+    pool = ExtractorPool(build, plan_devices(["/physical_device:GPU:0", "/physical_device:GPU:1"]))
+    for _ in range(4):
+        pool({"x": np.zeros((1, 1), np.float32)})
+    assert seen == ["/GPU:0", "/GPU:1", "/GPU:0", "/GPU:1"]
+
+
+def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
+    import keras
+    import pyarrow.dataset as ds
+
+    from pipeline.build import run_job
+    from pipeline.config import load_config
+    from tests.conftest import base_config
+
+    folder, imgs, _ = png_dataset
+    outs = {}
+    try:
+        for precision in ("float32", "mixed_bfloat16"):
+            raw = base_config(f"{folder}/*.tfrecord", str(tmp_path / precision), **{"batching.precision": precision})
+            raw["layers"]["select"] = ["block_3_expand_relu", "out_relu"]
+            run_job(load_config(raw=raw))
+            t = ds.dataset(str(tmp_path / precision), format="parquet", partitioning="hive").to_table().sort_by("key")
+            outs[precision] = {c: t.column(c).combine_chunks().to_numpy_ndarray() for c in ("block_3_expand_relu", "out_relu")}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for c in ("block_3_expand_relu", "out_relu"):
+        a, b = outs["float32"][c], outs["mixed_bfloat16"][c]
+        assert b.dtype == np.float32  # stored dtype is the output's, not the compute policy's
+        assert not np.array_equal(a, b)  # it really computed in bfloat16
+        # bfloat16 keeps ~3 significant digits; errors compound through the network
+        np.testing.assert_allclose(b, a, rtol=0.1, atol=0.05 * float(np.abs(a).max()))
+
+
+def test_batches_are_sized_by_output_bytes_when_outputs_are_big():
+    from transforms.beam import effective_batch_size
+
+    assert effective_batch_size(32, 256 << 20, 5_000) == 32  # pooled outputs: the configured size
+    assert effective_batch_size(32, 256 << 20, 25 << 20) == 10  # 25 MB per example: 10 fit in 256 MB
+    assert effective_batch_size(32, 1 << 20, 25 << 20) == 1  # never zero
