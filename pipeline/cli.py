@@ -105,8 +105,14 @@ def _run(args, beam_args: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.build import OverCapError
+
     console = _console()
-    plan = prepare(cfg)
+    try:
+        plan = prepare(cfg)
+    except OverCapError as e:
+        _print_plan(console, e.plan, _human)  # show what is too big before refusing
+        raise
     _print_plan(console, plan, _human)
     if args.plan_only:
         return 0
@@ -127,8 +133,10 @@ def _print_plan(console, plan, human) -> None:
     est = plan.estimated_examples
     proj = plan.projected_bytes
     console.print(
-        f"{len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
-        + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else "")
+        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
+        + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else " · dataset size unknown")
+        + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
+        markup=False,
     )
 
 
