@@ -92,6 +92,15 @@ def prepare(cfg: JobConfig) -> Plan:
         )
     except (ModelError, SelectionError) as e:
         raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+    from transforms.beam import column_types
+
+    row_columns = column_types(cfg.input)
+    for spec in specs:
+        if spec.name in row_columns:
+            raise ConfigError(
+                f"output name {spec.name!r} (from {spec.path!r}) is also the name of the {spec.name!r} column; "
+                f"rename the output with {{layer: {spec.path}, as: <another name>}}"
+            )
     try:
         from transforms.readers import _feature_map
 

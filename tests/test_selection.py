@@ -296,3 +296,13 @@ def test_seed_two_input_model_through_the_pipeline(tmp_path):
             r = r.mean(axis=(1, 2))
         np.testing.assert_allclose(got, r, rtol=1e-5, atol=1e-5, err_msg=n)
     assert math.prod(manifest["outputs"][4]["shape"]) == 13 * 13 * 64
+
+
+def test_output_name_clashing_with_a_row_column_is_refused(tmp_path, png_dataset):
+    folder, _, _ = png_dataset
+    raw = base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **{"layers.select": [{"layer": "out_relu", "as": "label"}]})
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    code, _, err = _cli(["run", str(cfg), "-q", "--plan-only"])
+    assert code == 2
+    assert "output name 'label' (from 'out_relu') is also the name of the 'label' column" in err

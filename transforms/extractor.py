@@ -315,7 +315,12 @@ class ModelGraph:
     Paths: `layer` for a layer called once; `layer#k` for the k-th call of a shared layer
     (in call order); `outer/inner/layer` inside nested models (Functional or Sequential,
     any depth; a shared sub-model's calls are `tower#0/...`, `tower#1/...`); `:i` appended
-    for the i-th output of a layer with several outputs. Order is execution order.
+    for the i-th output of a layer with several outputs.
+
+    Order (of `traced`, `paths()`, `describe()` and `select()`) is execution order: by
+    depth from the inputs, ties in `model.layers` order, then call order; a model whose
+    layers are each called once lists them as `model.summary()` does. A nested model's
+    tensors come where it is called, followed by its own output.
 
     Args:
         model: a Functional or Sequential keras.Model.
