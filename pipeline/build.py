@@ -16,7 +16,15 @@ from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, config_to_dict
 
-__all__ = ["Plan", "prepare", "build_pipeline", "run_job", "make_runner", "commit_run"]
+__all__ = ["Plan", "OverCapError", "prepare", "build_pipeline", "run_job", "make_runner", "commit_run"]
+
+
+class OverCapError(ConfigError):
+    """The selected outputs exceed `layers.max_bytes_per_example`; `.plan` says by how much."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +92,15 @@ def prepare(cfg: JobConfig) -> Plan:
         )
     except (ModelError, SelectionError) as e:
         raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+    from transforms.beam import column_types
+
+    row_columns = column_types(cfg.input)
+    for spec in specs:
+        if spec.name in row_columns:
+            raise ConfigError(
+                f"output name {spec.name!r} (from {spec.path!r}) is also the name of the {spec.name!r} column; "
+                f"rename the output with {{layer: {spec.path}, as: <another name>}}"
+            )
     try:
         from transforms.readers import _feature_map
 
@@ -107,10 +124,15 @@ def prepare(cfg: JobConfig) -> Plan:
         estimated_examples=_estimate_examples(cfg, shards),
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
-        raise ConfigError(
-            f"the selected outputs take {_human(plan.bytes_per_example)} per example, over the cap "
-            f"layers.max_bytes_per_example = {_human(cfg.layers.max_bytes_per_example)}; reduce them (layers.reduce: mean) "
-            f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}"
+        biggest = sorted(specs, key=lambda s: -s.bytes_per_example)[:3]
+        raise OverCapError(
+            f"the {len(specs)} selected outputs take {_human(plan.bytes_per_example)} ({plan.bytes_per_example:,} B) per example, "
+            f"over the cap layers.max_bytes_per_example = {_human(cfg.layers.max_bytes_per_example)}"
+            + (f" (~{_human(plan.projected_bytes)} for ~{plan.estimated_examples:,} examples)" if plan.projected_bytes else "")
+            + f"; largest: {', '.join(f'{s.name} {_human(s.bytes_per_example)}' for s in biggest)}; "
+            f"reduce them (layers.reduce: mean, dtype: float16), select fewer, "
+            f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
+            plan,
         )
     layout = OutputLayout(cfg.output.path, run_id)
     if layout.is_complete() and not cfg.output.overwrite:

@@ -49,12 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="list every tappable layer output of a model", description="List every tappable tensor: path, type, shape, bytes per example, parameters.")
     layers.add_argument("model", help="keras.applications.<Name>, a .keras/.h5 file, or module:function")
     layers.add_argument("--input-shape", help="input shape without batch, e.g. 224,224,3 (default: the model's)")
-    layers.add_argument("--match", action="append", default=[], metavar="SELECTOR", help="show only what a selector matches (glob, re:…, type:…, all)")
+    layers.add_argument("--match", action="append", default=[], metavar="SELECTOR", help="show only what a selector matches, as layers.select would (exact path, glob, re:…, type:…, all; repeatable)")
+    layers.add_argument("--include-inputs", action="store_true", help="let patterns match model inputs, as layers.include_inputs: true does")
     layers.add_argument("--reduce", default="none", choices=["none", "mean", "max", "flatten"], help="reduction used for the bytes column")
     layers.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype used for the bytes column")
     layers.add_argument("--weights", default=None, help="keras.applications weights (default: none, random)")
     layers.add_argument("--unsafe-model", action="store_true", help="allow Lambda layers in .keras/.h5 files")
-    layers.add_argument("--json", action="store_true", help="print JSON lines for scripts")
+    layers.add_argument("--json", action="store_true", help="print one JSON document for scripts: {model, inputs, reduce, dtype, tensors: [...]}")
     return p
 
 
@@ -104,8 +105,14 @@ def _run(args, beam_args: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.build import OverCapError
+
     console = _console()
-    plan = prepare(cfg)
+    try:
+        plan = prepare(cfg)
+    except OverCapError as e:
+        _print_plan(console, e.plan, _human)  # show what is too big before refusing
+        raise
     _print_plan(console, plan, _human)
     if args.plan_only:
         return 0
@@ -129,8 +136,10 @@ def _print_plan(console, plan, human) -> None:
     est = plan.estimated_examples
     proj = plan.projected_bytes
     console.print(
-        f"{len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
-        + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else "")
+        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
+        + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else " · dataset size unknown")
+        + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
+        markup=False,
     )
 
 
@@ -157,8 +166,9 @@ def _print_summary(console, manifest: dict, human) -> None:
 
 
 def _layers(args) -> int:
+    """`layerbeam layers MODEL`: every tappable path, or what `--match` selectors pick."""
     from pipeline.config import ModelConfig
-    from transforms.extractor import ModelGraph, load_model, _matches
+    from transforms.extractor import ModelGraph, load_model
 
     shape = None
     if args.input_shape:
@@ -166,35 +176,50 @@ def _layers(args) -> int:
             shape = tuple(int(x) for x in args.input_shape.replace("x", ",").split(","))
         except ValueError:
             raise _UsageError(f"--input-shape {args.input_shape!r} is not a shape; write it like 224,224,3") from None
-    mcfg = ModelConfig(source=args.model, weights=args.weights, input_shape=shape, safe_mode=not args.unsafe_model)
-    model = load_model(mcfg)
-    graph = ModelGraph(model, input_shapes=[shape] if shape and not args.model.startswith("keras.applications.") else None)
-    rows = graph.describe(reduce=args.reduce, dtype=args.dtype)
-    if args.match:
-        from transforms.extractor import SelectionError
-
-        keep = set()
-        for sel in args.match:
-            hits = {t.path for t in graph.traced if _matches(sel, t, True if sel != "all" else False)}
-            if not hits:
-                raise SelectionError(graph._no_match_message("selector", sel).replace("{model}", args.model))
-            keep |= hits
-        rows = [r for r in rows if r["path"] in keep]
+    is_app = args.model.startswith("keras.applications.")
+    mcfg = ModelConfig(source=args.model, weights=args.weights, input_shape=shape if is_app else None, safe_mode=not args.unsafe_model)
+    try:
+        model = load_model(mcfg)
+        graph = ModelGraph(model, input_shapes=[shape] if shape and not is_app else None)
+        rows = graph.describe(reduce=args.reduce, dtype=args.dtype)
+        if args.match:
+            keep = {t.path for sel in args.match for t in graph.match(sel, args.include_inputs, what="--match selector")}
+            rows = [r for r in rows if r["path"] in keep]
+    except LayerbeamError as e:
+        raise type(e)(str(e).replace("{model}", args.model)) from None
     if args.json:
-        for r in rows:
-            print(json.dumps(r))
+        doc = {
+            "model": args.model,
+            "inputs": {k: list(v) for k, v in graph.input_shapes.items()},
+            "reduce": args.reduce,
+            "dtype": args.dtype,
+            "match": args.match,
+            "tensors": rows,
+        }
+        print(json.dumps(doc, indent=1))
         return 0
-    from pipeline.build import _human
     from rich.table import Table
+
+    from pipeline.build import _human
 
     t = Table(title=f"{args.model} · inputs {graph.input_shapes}", title_justify="left")
     for col in ("path", "type", "output shape", "dtype", f"bytes/example ({args.reduce}, {args.dtype})", "params"):
-        t.add_column(col, justify="right" if col.startswith(("bytes", "params")) else "left")
+        t.add_column(col, justify="right" if col.startswith(("bytes", "params")) else "left", overflow="fold")
     for r in rows:
-        t.add_row("  " * r["depth"] + r["path"], r["type"], "×".join(map(str, r["shape"])), r["dtype"], _human(r["bytes_per_example"]), f"{r['params']:,}")
+        kind = r["type"] + (" (model)" if r["is_model"] else " (opaque)" if r["opaque"] else "")
+        nbytes = "?" if r["bytes_per_example"] is None else _human(r["bytes_per_example"])
+        shape_text = "×".join("?" if d is None else str(d) for d in r["shape"]) or "scalar"
+        t.add_row("  " * r["depth"] + r["path"], kind, shape_text, r["dtype"], nbytes, f"{r['params']:,}")
     console = _console()
     console.print(t)
-    console.print(f"{len(rows)} tensors; select them in a config under layers.select (exact path, glob, re:…, type:…, all)")
+    total = sum(r["bytes_per_example"] or 0 for r in rows if not r["is_model"] and not r["is_input"])
+    what = f"matched by {', '.join(args.match)}" if args.match else "in the model"
+    console.print(
+        f"{len(rows)} tensors {what}; layers (not inputs or nested-model outputs) take {_human(total)} per example "
+        f"stored as {args.reduce}/{args.dtype}. Select them in a config under layers.select "
+        "(exact path, glob, re:…, type:…, all); see README, 'Choosing outputs'",
+        markup=False,
+    )
     return 0
 
 

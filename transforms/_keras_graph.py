@@ -22,7 +22,13 @@ from typing import Any
 import keras
 from keras import tree
 
-__all__ = ["KERAS_TESTED", "TracedTensor", "trace_model", "check_keras_version"]
+__all__ = [
+    "KERAS_TESTED",
+    "SubclassedModelError",
+    "TracedTensor",
+    "check_keras_version",
+    "trace_model",
+]
 
 # The Keras versions this module was tested on (inclusive lower, exclusive upper bound).
 KERAS_TESTED = ("3.10", "3.16")
@@ -59,8 +65,11 @@ class TracedTensor:
         n_outputs: how many outputs the call has.
         layer: the Keras layer or operation that produced it.
         tensor: the symbolic tensor, connected to the inputs given to `trace_model`.
-        is_model: whether `layer` is itself a (nested) model.
+        is_model: whether `layer` is itself a traced (nested) model; its inner tensors
+            have their own paths, so `all` skips this one (it repeats an inner output).
         is_input: whether this is a model input.
+        opaque: whether `layer` is a nested subclassed model, tapped as a whole because
+            its `call()` has no graph to follow.
     """
 
     parts: tuple[tuple[str, int, int], ...]
@@ -70,6 +79,7 @@ class TracedTensor:
     tensor: Any
     is_model: bool = False
     is_input: bool = False
+    opaque: bool = False
 
     @property
     def path(self) -> str:
@@ -100,21 +110,26 @@ class _Recorder:
         self.totals[key] = rank[1]
         return rank[0]
 
-    def record(self, prefix, layer, outputs, idx, is_model=False):
+    def record(self, prefix, layer, outputs, idx, is_model=False, opaque=False):
         flat = tree.flatten(outputs)
         me = prefix + ((id(layer), layer.name, idx),)
         for i, t in enumerate(flat):
-            self.raw.append((me, None if len(flat) == 1 else i, len(flat), layer, t, is_model))
+            self.raw.append((me, None if len(flat) == 1 else i, len(flat), layer, t, is_model, opaque))
 
 
 def _is_functional(obj) -> bool:
-    return isinstance(obj, keras.Model) and hasattr(obj, "_nodes_by_depth") and hasattr(
-        obj, "_run_through_graph"
-    )
+    """A Functional model whose `call` is the graph (not overridden by a subclass)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(obj, Functional) and type(obj).call is Functional.call
 
 
 def _is_sequential(obj) -> bool:
-    return isinstance(obj, keras.Sequential)
+    return isinstance(obj, keras.Sequential) and type(obj).call is keras.Sequential.call
+
+
+def _is_traceable(obj) -> bool:
+    return _is_functional(obj) or _is_sequential(obj)
 
 
 def _call_model(model, prefix, rec: _Recorder, inputs):
@@ -136,17 +151,37 @@ def _run_functional(model, prefix, rec: _Recorder, inputs):
     flat = tree.flatten(inputs)
     tensor_dict = {id(x): y for x, y in zip(model.inputs, flat)}
     nodes_by_depth = model._nodes_by_depth
-    ordered = [n for d in sorted(nodes_by_depth, reverse=True) for n in nodes_by_depth[d]]
+    op_index = {id(op): i for i, op in enumerate(model.operations)}
     calls: dict[int, list] = {}
-    for node in ordered:
-        if node.operation is not None and not node.is_input:
-            calls.setdefault(id(node.operation), []).append(node)
+    for d in nodes_by_depth:
+        for node in nodes_by_depth[d]:
+            if node.operation is not None and not node.is_input:
+                calls.setdefault(id(node.operation), []).append(node)
     rank = {}
     for nodes in calls.values():
+        # `_inbound_nodes` is in call order (and a saved model keeps that order); nodes
+        # of equal depth are not.
         inbound = getattr(nodes[0].operation, "_inbound_nodes", [])
         pos = {id(n): i for i, n in enumerate(inbound)}
-        for r, n in enumerate(sorted(nodes, key=lambda n: pos.get(id(n), 0))):
+        if any(id(n) not in pos for n in nodes):
+            raise ValueError(
+                f"model {model.name!r}: a call of {nodes[0].operation.name!r} is not among its "
+                "inbound nodes, so its calls cannot be numbered in call order; this Keras version "
+                "is not supported by layerbeam's tracer"
+            )
+        for r, n in enumerate(sorted(nodes, key=lambda n: pos[id(n)])):
             rank[id(n)] = (r, len(nodes))
+    # Execution order: by depth from the inputs (every node's inputs are deeper than the
+    # node), ties in `model.operations` order (the order of `model.layers` and
+    # `model.summary()`), then in call order. `_nodes_by_depth[d]` has no documented order.
+    ordered = [
+        n
+        for d in sorted(nodes_by_depth, reverse=True)
+        for n in sorted(
+            nodes_by_depth[d],
+            key=lambda n: (op_index.get(id(n.operation), len(op_index)), rank.get(id(n), (0, 0))[0]),
+        )
+    ]
     for node in ordered:
         if not node.operation or node.is_input:
             continue
@@ -161,18 +196,22 @@ def _run_functional(model, prefix, rec: _Recorder, inputs):
 
 
 class SubclassedModelError(ValueError):
+    """The model to trace is a subclassed `keras.Model` (its `call()` is Python code)."""
+
     def __init__(self, model):
         cls = type(model)
         super().__init__(
             f"model {model.name!r} is a subclassed keras.Model ({cls.__module__}.{cls.__qualname__}): "
-            "its call() is Python code with no static graph, so its inner layers cannot be tapped "
-            "reliably; build it with the functional API (keras.Model(inputs, outputs)) or a "
-            "Sequential, or wrap the parts you need in functional sub-models"
+            "its call() is Python code with no graph to follow, so layerbeam cannot know which "
+            "layer computed which tensor and refuses rather than guess; build it with the "
+            "functional API (keras.Model(inputs, outputs)) or as a Sequential, or call it inside "
+            "a functional model (x = keras.Input(shape); keras.Model(x, model(x))) to tap its "
+            "output as a whole"
         )
 
 
 def _call_op(op, prefix, rec: _Recorder, args, kwargs, rank):
-    if isinstance(op, keras.Model) and (_is_functional(op) or _is_sequential(op)):
+    if isinstance(op, keras.Model) and _is_traceable(op):
         # A nested model: everything inside it under its path, then its own output.
         idx = rec.next_index(prefix, op, rank)
         me = prefix + ((id(op), op.name, idx),)
@@ -180,10 +219,10 @@ def _call_op(op, prefix, rec: _Recorder, args, kwargs, rank):
         out = _call_model(op, me, rec, model_in)
         rec.record(prefix, op, out, idx, is_model=True)
         return out
-    if isinstance(op, keras.Model):
-        raise SubclassedModelError(op)
     out = op(*args, **kwargs)
-    rec.record(prefix, op, out, rec.next_index(prefix, op, rank))
+    # A nested subclassed model is tapped as a whole, like a custom layer: its output is
+    # right, its insides have no graph to follow.
+    rec.record(prefix, op, out, rec.next_index(prefix, op, rank), opaque=isinstance(op, keras.Model))
     return out
 
 
@@ -197,8 +236,14 @@ def trace_model(model, inputs: Sequence[Any] | Any) -> list[TracedTensor]:
         inputs: `keras.Input` tensors, one per model input, in `model.inputs` order.
 
     Returns:
-        The model inputs followed by each layer call's outputs in execution order. A nested
-        model's own output comes after its inner layers.
+        The model inputs followed by each layer call's outputs in execution order: by depth
+        from the inputs, ties in `model.layers` order (so a model whose layers are each
+        called once lists them as `model.summary()` does). A nested model's inner tensors
+        come where it is called, followed by its own output.
+
+    Raises:
+        SubclassedModelError: `model` is a subclassed model (nested ones are opaque leaves).
+        ValueError: two tensors would get one path, or the graph cannot be followed.
     """
     check_keras_version()
     rec = _Recorder()
@@ -206,7 +251,7 @@ def trace_model(model, inputs: Sequence[Any] | Any) -> list[TracedTensor]:
     for t in flat_inputs:
         marker = _InputMarker(t.name)
         rec.record((), marker, t, rec.next_index((), marker, None))
-    if _is_functional(model) or _is_sequential(model):
+    if _is_traceable(model):
         model_in = flat_inputs[0] if len(flat_inputs) == 1 else list(flat_inputs)
         _call_model(model, (), rec, model_in)
     else:
@@ -216,7 +261,7 @@ def trace_model(model, inputs: Sequence[Any] | Any) -> list[TracedTensor]:
     # `#k` call suffixes only where an object is called more than once in its parent.
     totals = rec.totals
     out: list[TracedTensor] = []
-    for me, oi, n, layer, t, is_model in rec.raw:
+    for me, oi, n, layer, t, is_model, opaque in rec.raw:
         parts = []
         for depth, (oid, name, idx) in enumerate(me):
             parent = tuple(me[:depth])
@@ -230,8 +275,17 @@ def trace_model(model, inputs: Sequence[Any] | Any) -> list[TracedTensor]:
                 tensor=t,
                 is_model=is_model,
                 is_input=isinstance(layer, _InputMarker),
+                opaque=opaque,
             )
         )
+    seen: dict[str, TracedTensor] = {}
+    for t in out:
+        other = seen.setdefault(t.path, t)
+        if other is not t:
+            raise ValueError(
+                f"two tensors of model {model.name!r} get the path {t.path!r} "
+                f"({type(other.layer).__name__} and {type(t.layer).__name__}); give the layers unique names"
+            )
     return out
 
 

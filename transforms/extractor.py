@@ -211,6 +211,15 @@ def preprocess_fn(name: str, model_source: str):
 # --------------------------------------------------------------------------- graph & selection
 
 
+SELECTOR_SYNTAX = (
+    "an exact path (outer/inner/layer, layer#1 for a call, layer:0 for an output), a glob "
+    "(block_*_relu; * also crosses /), 're:<regex>', 'type:<LayerClass>', or 'all'"
+)
+
+_SEGMENT = re.compile(r"^(?P<name>.+?)(?:#(?P<call>\d+))?$")
+_OUTPUT = re.compile(r"^(?P<path>.+):(?P<index>\d+)$")
+
+
 def _selector_kind(sel: str) -> str:
     if sel == "all":
         return "all"
@@ -223,25 +232,51 @@ def _selector_kind(sel: str) -> str:
     return "exact"
 
 
+def _exact_matches(sel: str, t: TracedTensor) -> bool:
+    """Segment by segment: a segment without `#k` matches every call of that layer or
+    sub-model, one with `#k` only the k-th call; a trailing `:i` picks one output."""
+    if sel == t.path:
+        return True
+    out = _OUTPUT.match(sel)
+    if out and t.output_index is not None:
+        if int(out["index"]) != t.output_index:
+            return False
+        sel = out["path"]
+    segs = sel.split("/")
+    if len(segs) != len(t.parts):
+        return False
+    for seg, (name, idx, _calls) in zip(segs, t.parts):
+        if seg == name:
+            continue
+        m = _SEGMENT.match(seg)
+        if not (m and m["call"] is not None and m["name"] == name and int(m["call"]) == idx):
+            return False
+    return True
+
+
+def _type_names(layer) -> set[str]:
+    return {c.__name__ for c in type(layer).__mro__}
+
+
 def _matches(sel: str, t: TracedTensor, include_inputs: bool) -> bool:
+    """Whether selector `sel` picks tensor `t`.
+
+    Model inputs are matched only by their exact name, unless `include_inputs`. `all`
+    skips the outputs of traced nested models (each repeats an inner layer's output).
+    """
     kind = _selector_kind(sel)
     if t.is_input and kind != "exact" and not include_inputs:
         return False
     if kind == "all":
         return not t.is_model
     if kind == "exact":
-        if sel in (t.path, t.layer_path):
-            return True
-        # `layer#1` matches every output of that call; `layer:0` every call's first output
-        call_path = t.path.rsplit(":", 1)[0] if t.output_index is not None else t.path
-        return sel == call_path or (t.output_index is not None and sel == f"{t.layer_path}:{t.output_index}")
+        return _exact_matches(sel, t)
     if kind == "glob":
         return fnmatch.fnmatchcase(t.path, sel) or fnmatch.fnmatchcase(t.layer_path, sel)
     if kind == "regex":
-        return re.fullmatch(sel[3:], t.path) is not None
+        return re.fullmatch(sel[3:], t.path) is not None or re.fullmatch(sel[3:], t.layer_path) is not None
     if kind == "type":
-        names = {c.__name__ for c in type(t.layer).__mro__}
-        return sel[5:] in names
+        return sel[5:] in _type_names(t.layer)
     raise AssertionError(kind)
 
 
@@ -259,6 +294,14 @@ def _reduced(tensor, reduce: str, dtype: str):
     return tensor
 
 
+def _params(layer) -> int:
+    """Parameter count of a layer (0 for operations without weights)."""
+    weights = getattr(layer, "weights", None)
+    if not weights:
+        return 0
+    return int(sum(math.prod(w.shape) for w in weights))
+
+
 def _input_name(t) -> str:
     """The InputLayer's name (what users see in summaries), not the tensor's."""
     hist = getattr(t, "_keras_history", None)
@@ -272,7 +315,12 @@ class ModelGraph:
     Paths: `layer` for a layer called once; `layer#k` for the k-th call of a shared layer
     (in call order); `outer/inner/layer` inside nested models (Functional or Sequential,
     any depth; a shared sub-model's calls are `tower#0/...`, `tower#1/...`); `:i` appended
-    for the i-th output of a layer with several outputs. Order is execution order.
+    for the i-th output of a layer with several outputs.
+
+    Order (of `traced`, `paths()`, `describe()` and `select()`) is execution order: by
+    depth from the inputs, ties in `model.layers` order, then call order; a model whose
+    layers are each called once lists them as `model.summary()` does. A nested model's
+    tensors come where it is called, followed by its own output.
 
     Args:
         model: a Functional or Sequential keras.Model.
@@ -329,25 +377,52 @@ class ModelGraph:
         return [t.path for t in self.traced]
 
     def describe(self, reduce: str = "none", dtype: str = "float32") -> list[dict]:
-        """One row per tappable tensor: path, type, shape, dtype, stored bytes, params."""
+        """One row per tappable tensor, in execution order.
+
+        Each row: `path`, `type` (layer class), `shape` and `dtype` as computed, then
+        `stored_shape` and `bytes_per_example` as written with `reduce`/`dtype`, `params`
+        (the layer's parameter count; a shared layer's weights show at each call),
+        `depth` (nesting level), `is_model`, `is_input`, `opaque`.
+        """
         rows = []
         for t in self.traced:
-            stored = _reduced(t.tensor, reduce, dtype) if not t.is_input else t.tensor
-            shape = tuple(int(d) for d in stored.shape[1:])
+            stored = _reduced(t.tensor, reduce, dtype)
+            shape = [None if d is None else int(d) for d in stored.shape[1:]]
             rows.append(
                 {
                     "path": t.path,
                     "type": type(t.layer).__name__,
-                    "shape": list(int(d) if d is not None else -1 for d in t.tensor.shape[1:]),
+                    "shape": [None if d is None else int(d) for d in t.tensor.shape[1:]],
                     "dtype": str(t.tensor.dtype),
-                    "stored_shape": list(shape),
-                    "bytes_per_example": int(math.prod(shape)) * _DTYPE_BYTES[dtype],
-                    "params": int(t.layer.count_params()) if hasattr(t.layer, "count_params") and getattr(t.layer, "built", True) else 0,
+                    "stored_shape": shape,
+                    "bytes_per_example": None if None in shape else int(math.prod(shape)) * _DTYPE_BYTES[dtype],
+                    "params": _params(t.layer),
                     "depth": len(t.parts) - 1,
                     "is_model": t.is_model,
+                    "is_input": t.is_input,
+                    "opaque": t.opaque,
                 }
             )
         return rows
+
+    def match(self, selector: str, include_inputs: bool = False, what: str = "layer selector") -> list[TracedTensor]:
+        """The tensors one selector picks, in execution order.
+
+        Raises:
+            SelectionError: the selector matches nothing (naming it, with close paths or
+                layer types), or a `re:` selector is not a valid regular expression.
+        """
+        if not isinstance(selector, str) or not selector:
+            raise SelectionError(f"{what} {selector!r} is not a selector; use {SELECTOR_SYNTAX}")
+        if selector.startswith("re:"):
+            try:
+                re.compile(selector[3:])
+            except re.error as e:
+                raise SelectionError(f"{what} {selector!r} is not a valid regular expression ({e}); fix the pattern after 're:'") from None
+        hits = [t for t in self.traced if _matches(selector, t, include_inputs)]
+        if not hits:
+            raise SelectionError(self._no_match_message(what, selector, include_inputs))
+        return hits
 
     def select(
         self,
@@ -359,61 +434,94 @@ class ModelGraph:
     ) -> list[OutputSpec]:
         """Resolve selectors to output specs.
 
-        Each selector is a string or a mapping `{layer, as, reduce, dtype}`. A later
-        selector that yields the same output name overrides an earlier one (so
-        `[all, {layer: conv1, reduce: none}]` keeps every layer mean-pooled except conv1).
-        Outputs come in execution order.
+        Rules (also in the README, "Choosing outputs"):
+
+        * Each selector is a string or a mapping `{layer, as, reduce, dtype}`; every selector
+          and every exclusion must match at least one tensor.
+        * A tensor is written once per output name; the name is `as` when given, else its
+          path. A tensor renamed with `as` anywhere is not also written under its path, so
+          `[all, {layer: out_relu, as: embedding}]` renames one output of `all`. Several
+          `as` names for one tensor give several outputs (e.g. pooled and unpooled).
+        * When several selectors give the same name, the last one's `reduce`/`dtype` win:
+          `[all, {layer: conv1, reduce: none}]` keeps every output pooled except conv1.
+        * Exclusions remove tensors (by path) from the result, renamed ones included.
+        * The result is in execution order (see `ModelGraph`), whatever the selector order;
+          outputs of one tensor under several names keep the order their selectors came in.
 
         Raises:
             SelectionError: a selector (or exclusion) matches nothing, `as` is used with a
-                selector matching several tensors, or two different tensors get one name.
+                selector matching several tensors, two different tensors get one name, or
+                the exclusions remove everything.
         """
-        chosen: dict[str, tuple[int, OutputSpec]] = {}
         index = {id(t): i for i, t in enumerate(self.traced)}
-        for item in select:
+        chosen: dict[str, tuple[tuple[int, int], OutputSpec, bool]] = {}
+        for n, item in enumerate(select):
             spec = {"layer": item} if isinstance(item, str) else dict(item)
-            sel = spec["layer"]
-            hits = [t for t in self.traced if _matches(sel, t, include_inputs)]
-            if not hits:
-                raise SelectionError(self._no_match_message("layer selector", sel))
+            sel = spec.get("layer")
+            hits = self.match(sel, include_inputs)
             alias = spec.get("as") or spec.get("name")
             if alias and len(hits) > 1:
+                shown = ", ".join(t.path for t in hits[:4]) + (", …" if len(hits) > 4 else "")
                 raise SelectionError(
-                    f"layer selector {sel!r} matches {len(hits)} tensors ({', '.join(t.path for t in hits[:4])}…), "
-                    "so 'as' cannot name them all; select one exact path to rename it"
+                    f"layer selector {sel!r} matches {len(hits)} tensors ({shown}), "
+                    f"so 'as: {alias}' cannot name them all; select one exact path to rename it"
                 )
             r = spec.get("reduce") or reduce
             d = spec.get("dtype") or dtype
             for t in hits:
                 name = alias or t.path
-                stored = _reduced(t.tensor, r, d)
-                out = OutputSpec(
-                    name=name,
-                    path=t.path,
-                    layer_type=type(t.layer).__name__,
-                    reduce=r,
-                    dtype=d,
-                    shape=tuple(int(x) for x in stored.shape[1:]),
-                    params=int(t.layer.count_params()) if hasattr(t.layer, "count_params") else 0,
-                )
                 prev = chosen.get(name)
                 if prev and prev[1].path != t.path:
                     raise SelectionError(
                         f"output name {name!r} is given to both {prev[1].path!r} and {t.path!r}; use a different 'as'"
                     )
-                chosen[name] = (index[id(t)], out)
+                chosen[name] = ((index[id(t)], prev[0][1] if prev else n), self._spec(name, t, r, d), bool(alias))
+        renamed = {spec.path for _, spec, named in chosen.values() if named}
+        chosen = {k: v for k, v in chosen.items() if v[2] or v[1].path not in renamed}
         for sel in exclude:
-            hits = {t.path for t in self.traced if _matches(sel, t, True)}
-            if not hits:
-                raise SelectionError(self._no_match_message("exclude selector", sel))
+            hits = {t.path for t in self.match(sel, include_inputs=True, what="exclude selector")}
             chosen = {k: v for k, v in chosen.items() if v[1].path not in hits}
         if not chosen:
             raise SelectionError("the exclusions removed every selected output; select more or exclude less")
-        return [spec for _, spec in sorted(chosen.values(), key=lambda v: v[0])]
+        return [spec for _, spec, _ in sorted(chosen.values(), key=lambda v: v[0])]
 
-    def _no_match_message(self, what: str, sel: str) -> str:
-        close = difflib.get_close_matches(sel, self.paths(), n=3, cutoff=0.5)
-        hint = f"close paths: {', '.join(close)}; " if close else ""
+    @staticmethod
+    def _spec(name: str, t: TracedTensor, reduce: str, dtype: str) -> OutputSpec:
+        if reduce not in ("none", "mean", "max", "flatten"):
+            raise SelectionError(f"reduce {reduce!r} for {t.path!r} is unknown; use none, mean, max or flatten")
+        if dtype not in _DTYPE_BYTES:
+            raise SelectionError(f"dtype {dtype!r} for {t.path!r} is unknown; use {' or '.join(_DTYPE_BYTES)}")
+        stored = _reduced(t.tensor, reduce, dtype)
+        if any(x is None for x in stored.shape[1:]):
+            raise SelectionError(
+                f"output {t.path!r} has shape {tuple(stored.shape[1:])} with unknown sizes, which a fixed "
+                "Parquet tensor column cannot hold; give the model a fixed input size (input.image_size) or reduce it"
+            )
+        return OutputSpec(
+            name=name,
+            path=t.path,
+            layer_type=type(t.layer).__name__,
+            reduce=reduce,
+            dtype=dtype,
+            shape=tuple(int(x) for x in stored.shape[1:]),
+            params=_params(t.layer),
+        )
+
+    def _no_match_message(self, what: str, sel: str, include_inputs: bool = False) -> str:
+        kind = _selector_kind(sel)
+        hint = ""
+        if kind == "type":
+            types = sorted({n for t in self.traced if not t.is_input for n in [type(t.layer).__name__]})
+            close = difflib.get_close_matches(sel[5:], types, n=3, cutoff=0.5)
+            hint = f"close layer types: {', '.join(close)}; " if close else f"layer types here: {', '.join(types[:12])}; "
+        elif kind in ("exact", "glob", "regex"):
+            close = difflib.get_close_matches(sel, self.paths(), n=3, cutoff=0.5)
+            hint = f"close paths: {', '.join(close)}; " if close else ""
+            if kind != "exact" and not include_inputs and any(_matches(sel, t, True) for t in self.traced):
+                hint = "it matches only model inputs, which patterns skip unless layers.include_inputs is true; "
+        opaque = [t.path for t in self.traced if t.opaque and sel.startswith(t.layer_path + "/")]
+        if opaque:
+            hint = f"{opaque[0]!r} is a subclassed model, tapped only as a whole (its insides have no graph); " + hint
         return (
             f"{what} {sel!r} matches no tensor of model {self.model.name!r}; {hint}"
             f"run `layerbeam layers {{model}}` to list every path"
