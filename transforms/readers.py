@@ -244,10 +244,13 @@ def read_shard(
                     got.append(index)
                     yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
                 done = np.concatenate(got) if got else np.zeros(0, np.int64)
-                missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
                 shard_error = None
                 if framed and not (max_examples and total >= max_examples):
-                    shard_error = _check_whole_file(shard, cfg, bridge.paths[0], total, int(consumed[is_sentinel][0]))
+                    shard_error, readable = _check_whole_file(shard, cfg, bridge.paths[0], int(consumed[is_sentinel][0]))
+                    # The read error itself took an index (the last before the sentinel);
+                    # it is the shard-level dead letter, not a record.
+                    total = min(total, readable)
+                missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
                 failures = _explain_failures(shard, cfg, input_shapes, preprocess, parse, bridge.paths, missing) if len(missing) else ()
                 yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
@@ -532,30 +535,34 @@ def _explain_failures(shard: Shard, cfg, input_shapes, preprocess, parse, local_
     return out
 
 
-def _check_whole_file(shard: Shard, cfg, local_path: str, records: int, consumed: int) -> Failure | None:
-    """A shard-level failure if the TFRecord file stopped part-way, else None.
+def _check_whole_file(shard: Shard, cfg, local_path: str, consumed: int) -> tuple[Failure | None, int]:
+    """(shard-level failure or None, records readable before any damage).
 
     Uncompressed files: the records' framing must add up to the file's size (free: the
-    sum was carried through tf.data). Compressed files: the file is read once more,
-    counting records in C++, to see whether it raises DataLossError.
+    sum was carried through tf.data). Compressed files, and files that do not add up, are
+    read once more in C++, counting records, to see whether and where DataLossError comes.
     """
+    import re
+
     import tensorflow as tf
 
-    where = None
     if not cfg.compression:
         size = tf.io.gfile.stat(local_path).length
         if consumed == size:
-            return None
-        where = f"its {records} records end at byte {consumed} of {size}"
+            return None, 1 << 62
+    raw = tf.data.TFRecordDataset([local_path], compression_type=cfg.compression or None)
     try:
-        tf.data.TFRecordDataset([local_path], compression_type=cfg.compression or None).reduce(np.int64(0), lambda n, _: n + 1)
-    except tf.errors.DataLossError as e:
-        where = f"{_first_line(e).split('[Op:')[0].split('}}')[-1].strip()}" + (f"; {where}" if where else "")
+        raw.reduce(np.int64(0), lambda n, _: n + 1)
+        return None, 1 << 62
     except tf.errors.OpError as e:
-        where = _first_line(e) + (f"; {where}" if where else "")
-    if where is None:
-        return None
-    return Failure(
-        None, shard.paths[0], "read", "corrupt_shard",
-        f"{where}: kept the {records} records before the damage, the rest of the file cannot be read; re-create or re-download the file",
+        m = re.search(r"(corrupted|truncated) record at \d+", str(e))
+        what = m.group(0) if m else _first_line(e)
+    readable = int(raw.ignore_errors().reduce(np.int64(0), lambda n, _: n + 1))
+    where = f"{what} (byte offset)" + (f", file size {tf.io.gfile.stat(local_path).length}" if not cfg.compression else "")
+    return (
+        Failure(
+            None, shard.paths[0], "read", "corrupt_shard",
+            f"{where}: kept the {readable} records before the damage, the rest of the file cannot be read; re-create or re-download the file",
+        ),
+        readable,
     )
