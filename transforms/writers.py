@@ -380,9 +380,9 @@ class OutputLayout:
         try:
             with self.fs.open(self.lock_path, "r") as f:
                 holder = json.load(f)
-        except FileNotFoundError:
+        except OSError:  # no lock (or no staging folder: the writability check says why)
             return None
-        except (OSError, ValueError):
+        except ValueError:  # a half-written lock: someone is taking it right now
             return {"pid": None, "host": "?", "run_id": "?", "since": "?"}
         if holder.get("host") == _host() and not _pid_alive(holder.get("pid")):
             return None
