@@ -39,6 +39,7 @@ class Plan:
     shards: int
     input_bytes: int
     estimated_examples: int | None
+    inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
 
     @property
     def bytes_per_example(self) -> int:
@@ -64,8 +65,10 @@ def prepare(cfg: JobConfig) -> Plan:
 
     Raises:
         ConfigError: the model cannot be loaded, a selector matches nothing, the input
-            matches no file, the output is complete already (without overwrite) or not
-            writable, or the outputs exceed `layers.max_bytes_per_example`.
+            matches no file, the output is complete already or holds foreign files
+            (without overwrite), another run is writing it, a half-built run of a
+            different config is staged for it (without overwrite), it is not writable,
+            or the outputs exceed `layers.max_bytes_per_example`.
     """
     from transforms.beam import _input_shapes
     from transforms.extractor import ModelError, ModelGraph, SelectionError, load_model, model_fingerprint
@@ -109,9 +112,7 @@ def prepare(cfg: JobConfig) -> Plan:
         raise ConfigError(str(e)) from None
     fp = model_fingerprint(model)
     config = config_to_dict(cfg)
-    run_key = {k: v for k, v in config.items()}
-    run_key["output"] = {k: v for k, v in config["output"].items() if k != "overwrite"}
-    run_id = hashlib.sha256((json.dumps(run_key, sort_keys=True) + fp).encode()).hexdigest()[:16]
+    run_id = _run_id(config, fp, shards)
     total = sum(s.size for s in shards)
     plan = Plan(
         config=config,
@@ -122,6 +123,7 @@ def prepare(cfg: JobConfig) -> Plan:
         shards=len(shards),
         input_bytes=total,
         estimated_examples=_estimate_examples(cfg, shards),
+        inputs=tuple((s.id, s.paths, s.size) for s in shards),
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -s.bytes_per_example)[:3]
@@ -134,11 +136,68 @@ def prepare(cfg: JobConfig) -> Plan:
             f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
             plan,
         )
-    layout = OutputLayout(cfg.output.path, run_id)
-    if layout.is_complete() and not cfg.output.overwrite:
-        raise ConfigError(f"output {cfg.output.path!r} already holds a complete output; pass --overwrite to replace it or choose another output.path")
-    _check_writable(layout)
+    _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id))
     return plan
+
+
+def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
+    """The run fingerprint: config (less `output.overwrite`), model weights, input shards.
+
+    Deterministic: the same command over the same input gives the same id, which is how a
+    re-run after a crash finds its staged shards (and how a changed config does not).
+    """
+    key = dict(config)
+    key["output"] = {k: v for k, v in config["output"].items() if k != "overwrite"}
+    inputs = [[list(s.paths), s.size] for s in shards]
+    return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_output(cfg: JobConfig, run_id: str, layout) -> None:
+    """Refuse, before any work, an output this run must not write (see `prepare`)."""
+    path = cfg.output.path
+    overwrite = cfg.output.overwrite
+    if layout.is_complete() and not overwrite:
+        raise ConfigError(f"output {path!r} already holds a complete output; pass --overwrite to replace it or choose another output.path")
+    if layout.has_foreign_files() and not overwrite:
+        raise ConfigError(f"output {path!r} holds files but no _SUCCESS, so it is not a complete layerbeam output; choose another output.path, or pass --overwrite to replace it")
+    holder = layout.lock_holder()
+    if holder is not None:
+        raise ConfigError(
+            f"output {path!r} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, run {holder.get('run_id')}, "
+            f"since {holder.get('since')}); wait for it to finish, or if it is gone delete {layout.lock_path}"
+        )
+    others = layout.other_runs()
+    if others and not overwrite:
+        info = layout.read_run_info(others[0])
+        why = _differences(info, cfg, run_id) if info else "its config is unknown"
+        raise ConfigError(
+            f"output {path!r} has a half-built run {others[0]} from a different config ({why}); re-run that config to finish it, "
+            f"or pass --overwrite to discard it and build this one"
+        )
+    _check_writable(layout)
+
+
+def _differences(info: Mapping, cfg: JobConfig, run_id: str) -> str:
+    """Which config fields, model or input shards differ between a staged run and this one."""
+    mine = _flatten(config_to_dict(cfg))
+    theirs = _flatten(info.get("config", {}))
+    keys = sorted(k for k in set(mine) | set(theirs) if k != "output.overwrite" and mine.get(k) != theirs.get(k))
+    parts = []
+    if keys:
+        parts.append("differs in " + ", ".join(keys[:6]) + (" …" if len(keys) > 6 else ""))
+    if not keys:
+        parts.append("same config, but different model weights or input files")
+    return "; ".join(parts)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _check_writable(layout) -> None:
@@ -267,9 +326,15 @@ def _manifest_base(plan: Plan) -> dict:
 def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id: str) -> dict:
     """Check that every shard is there and the counts add up, then commit the output.
 
+    Records whose key an earlier shard (in shard order) already wrote are left out here and
+    become `duplicate_key` dead letters: each shard stored its rows' 64-bit key hashes, so
+    this check needs about 16 bytes of memory per row written. Repeats within a shard were
+    already removed by the shard's worker.
+
     Raises:
-        CommitError: a shard is missing or doubled, counts do not reconcile, or workers
-            built different models. Nothing is committed then.
+        CommitError: a shard is missing or doubled, counts do not reconcile
+            (`read = written + dead`), or workers built different models. Nothing is
+            committed then.
     """
     from transforms.writers import CommitError, OutputLayout
 
@@ -283,39 +348,99 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
     fps = {r["model_fingerprint"] for r in results}
     if fps != {manifest_base["model"]["fingerprint"]}:
         raise CommitError(f"workers built models with different weights {sorted(fps)}; set model.seed or use a weights file")
+    layout = OutputLayout(cfg["output"]["path"], run_id)
+    results = layout.assemble(results, _repeated_keys(layout, results))
     read = sum(r["read"] for r in results)
     rows = sum(r["rows"] for r in results)
     dead = sum(r["dead_letters"] for r in results)
     for r in results:
         if r["read"] != r["rows"] + r["dead_letters"]:
             raise CommitError(f"shard {r['shard']}: read {r['read']} records but wrote {r['rows']} rows + {r['dead_letters']} dead letters; nothing committed")
+    if read != rows + dead:
+        raise CommitError(f"read {read} records but wrote {rows} rows + {dead} dead letters; nothing committed")
     reasons: dict[str, int] = {}
     for r in results:
         for k, v in r["dead_reasons"].items():
             reasons[k] = reasons.get(k, 0) + v
+    shard_errors = [dict(e, shard=r["shard"], records_kept=r["read"]) for r in results for e in r.get("shard_errors", ())]
     files = [dict(f, shard=r["shard"]) for r in results for f in r["files"]]
     manifest = dict(manifest_base)
     manifest.update(
         {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": reasons},
-            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"], "timing": r.get("timing")} for r in sorted(results, key=lambda r: r["shard"])],
+            "counts": {
+                "records_read": read,
+                "rows_written": rows,
+                "dead_letters": dead,
+                "dead_letter_reasons": dict(sorted(reasons.items())),
+            },
+            "shard_errors": shard_errors,
+            "inputs": [{"shard": r["shard"], "paths": r["paths"], "bytes": r["bytes_in"], "records": r["read"], "rows": r["rows"], "dead_letters": r["dead_letters"], "timing": r.get("timing")} for r in results],
             "files": [{"path": f["final_path"], "rows": f["rows"], "bytes": f["bytes"], "shard": f["shard"]} for f in files],
+            "dead_letter_files": [f"{layout.DEAD_DIR}/{r['shard']}.parquet" for r in results if r["dead_letters"] or r.get("shard_errors")],
             "partition_by": cfg["output"]["partition_by"],
             "format": cfg["output"]["format"],
         }
     )
-    OutputLayout(cfg["output"]["path"], run_id).commit(results, manifest, overwrite=cfg["output"]["overwrite"])
+    layout.publish(manifest, overwrite=cfg["output"]["overwrite"])
     return manifest["counts"]
+
+
+def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[int, dict]]:
+    """shard id → {key hash: dead-letter row} for rows whose key an earlier shard wrote.
+
+    The earliest (shard id, record index) keeps the key; every later one is dropped.
+    """
+    import numpy as np
+
+    order = sorted(results, key=lambda r: r["shard"])
+    hashes, ranks, index = [], [], []
+    for rank, r in enumerate(order):
+        h, i = layout.read_keys(r["shard"])
+        hashes.append(h)
+        index.append(i)
+        ranks.append(np.full(len(h), rank, np.int64))
+    if not hashes:
+        return {}
+    h, rank, idx = np.concatenate(hashes), np.concatenate(ranks), np.concatenate(index)
+    if len(h) == len(np.unique(h)):
+        return {}
+    sort = np.lexsort((idx, rank, h))
+    h, rank, idx = h[sort], rank[sort], idx[sort]
+    later = np.concatenate([[False], h[1:] == h[:-1]])
+    first_of = {}
+    drop: dict[str, dict[int, dict]] = {}
+    for j in range(len(h)):
+        key = int(h[j])
+        if not later[j]:
+            first_of[key] = (order[rank[j]]["shard"], int(idx[j]))
+            continue
+        r = order[rank[j]]
+        first_shard, first_index = first_of[key]
+        drop.setdefault(r["shard"], {})[key] = {
+            "key": None,  # filled in from the row by the commit
+            "shard": r["paths"][0] if len(r["paths"]) == 1 else r["paths"][int(idx[j])],
+            "index": int(idx[j]),
+            "stage": "dedupe",
+            "reason": "duplicate_key",
+            "detail": f"the key was already written by record {first_index} of shard {first_shard}",
+        }
+    return drop
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None) -> dict:
     """Run a job to completion and return the committed manifest.
 
-    The manifest comes back with two keys that are not in the file: `_seconds` (wall
-    time of the pipeline) and `_metrics` (the job's committed `layerbeam` counters, e.g.
-    `model_loads`: one per worker process). With `--dry_run=True` (DataflowRunner) the
-    job graph is built and nothing is submitted: the result is `{"_dry_run": True}`.
+    Resuming is the default: the run's staging folder is named by its fingerprint, so the
+    same command run again after a crash finds the shards it finished (their markers) and
+    does only the rest. With `output.overwrite`, half-built runs of other configs staged
+    for the output are discarded first. The output's lock is held from here to the end.
+
+    The manifest comes back with keys that are not in the file: `_seconds` (wall time of
+    the pipeline), `_metrics` (the job's committed `layerbeam` metrics, e.g. `model_loads`:
+    one per worker process) and `_first_batch_unix`. With `--dry_run=True` (DataflowRunner)
+    the job graph is built and nothing is submitted or locked: the result is a summary
+    with `"_dry_run": True`.
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import TestOptions
@@ -324,16 +449,33 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
 
     plan = plan or prepare(cfg)
     runner, options = make_runner(beam_args)
-    t0 = time.perf_counter()
-    p = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(p, plan)
-    result = p.run()
     if options.view_as(TestOptions).dry_run:
-        return _dry_run_summary(p.runner, result, options)
-    result.wait_until_finish()
-    seconds = time.perf_counter() - t0
-    metrics = _metrics(result)
+        p = beam.Pipeline(runner=runner, options=options)
+        build_pipeline(p, plan)
+        return _dry_run_summary(p.runner, p.run(), options)
     layout = OutputLayout(cfg.output.path, plan.run_id)
+    layout.acquire_lock()
+    try:
+        if cfg.output.overwrite:
+            stale = layout.other_runs()
+            if layout.is_complete() and layout.committed_run_id() == plan.run_id:
+                stale.append(plan.run_id)  # left by the committed run itself: nothing to resume
+            layout.discard_runs(stale)
+        layout.write_run_info({
+            "run_id": plan.run_id,
+            "config": plan.config,
+            "model_fingerprint": plan.model_fingerprint,
+            "shards": [{"shard": i, "paths": list(p), "bytes": b} for i, p, b in plan.inputs],
+        })
+        t0 = time.perf_counter()
+        p = beam.Pipeline(runner=runner, options=options)
+        build_pipeline(p, plan)
+        result = p.run()
+        result.wait_until_finish()
+        seconds = time.perf_counter() - t0
+        metrics = _metrics(result)
+    finally:
+        layout.release_lock()
     if not layout.is_complete():
         raise RuntimeError(f"the pipeline finished but {cfg.output.path!r} has no _SUCCESS; see the log above")
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:

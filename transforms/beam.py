@@ -21,10 +21,10 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from transforms.readers import Shard, match_shards, read_shard
+from transforms.readers import Failure, Shard, ShardEnd, match_shards, read_shard
 from transforms.writers import OutputLayout, make_writer, output_schema, to_record_batch
 
-__all__ = ["MatchShards", "ExtractShards", "ShardProcessor", "DEAD_LETTER_SCHEMA", "column_types"]
+__all__ = ["MatchShards", "ExtractShards", "ShardProcessor", "DEAD_LETTER_SCHEMA", "column_types", "key_hashes"]
 
 _LOG = logging.getLogger("layerbeam")
 _NS = "layerbeam"
@@ -33,9 +33,10 @@ DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
         pa.field("shard", pa.string()),
-        pa.field("index", pa.int64()),
-        pa.field("stage", pa.string()),
-        pa.field("reason", pa.string()),
+        pa.field("index", pa.int64()),  # null for a shard-level dead letter
+        pa.field("stage", pa.string()),  # read | decode | dedupe
+        pa.field("reason", pa.string()),  # a code from transforms.readers.REASONS
+        pa.field("detail", pa.string()),  # one line naming the value
     ]
 )
 
@@ -106,7 +107,11 @@ class ShardProcessor:
     def process(self, shard: Shard, on_batch=None) -> dict:
         """Extract and write one shard; return its result (also stored as its marker).
 
-        A shard whose marker exists (a resumed run) is not processed again.
+        A shard whose marker exists (a resumed run) is not processed again. Otherwise its
+        staged files are removed first and rewritten under the same names, so a retried
+        bundle replaces what an earlier attempt left instead of adding to it. A record
+        whose key repeats an earlier record of the shard becomes a `duplicate_key` dead
+        letter; repeats across shards are found at commit (`pipeline.build.commit_run`).
         """
         done = self.layout.read_marker(shard.id)
         if done is not None and tuple(done.get("paths", ())) == shard.paths:
@@ -114,11 +119,15 @@ class ShardProcessor:
             return done
         self.layout.clear_shard(shard.id)
         t0 = time.perf_counter()
-        stats = {"read": 0, "rows": 0}
-        seen: list[np.ndarray] = []
+        stats = {"rows": 0}
         # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
         # the rest of the shard's time is the writer (encoding, compression, I/O).
         timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
+        end: list[ShardEnd] = []
+        first_seen: dict[int, int] = {}  # key hash → index of the record that wrote it
+        kept_hash: list[np.ndarray] = []
+        kept_index: list[np.ndarray] = []
+        dupes: list[Failure] = []
 
         def batches() -> Iterable[pa.RecordBatch]:
             t = time.perf_counter()
@@ -129,12 +138,18 @@ class ShardProcessor:
                 tb = time.perf_counter()
                 timing["input_wait"] += tb - t
                 if batch is None:
-                    stats["read"] = so_far
+                    end.append(so_far)
                     return
+                batch = _drop_repeated_keys(batch, first_seen, dupes)
+                if batch is None:
+                    t = time.perf_counter()
+                    continue
+                kept_hash.append(batch.columns.pop("__key_hash__"))
+                kept_index.append(batch.index)
+                tb = time.perf_counter()
                 outputs = self.extractor(batch.inputs)
                 tm = time.perf_counter()
                 timing["model"] += tm - tb
-                seen.append(batch.index)
                 stats["rows"] += len(batch)
                 if on_batch:
                     on_batch(len(batch), tm - tb)
@@ -145,15 +160,24 @@ class ShardProcessor:
                 t = time.perf_counter()
 
         files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), f"part-{shard.id}")
-        dead = self._dead_letters(shard, stats["read"], np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        (shard_end,) = end
+        failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
+        dead = self._dead_letters(shard, failures, shard_end.shard_error)
+        self.layout.write_keys(
+            shard.id,
+            np.concatenate(kept_hash) if kept_hash else np.zeros(0, np.uint64),
+            np.concatenate(kept_index) if kept_index else np.zeros(0, np.int64),
+        )
+        err = shard_end.shard_error
         result = {
             "shard": shard.id,
             "paths": list(shard.paths),
             "bytes_in": shard.size,
-            "read": stats["read"],
+            "read": shard_end.records,
             "rows": sum(f.rows for f in files),
-            "dead_letters": len(dead["index"]),
-            "dead_reasons": _count(dead["reason"]),
+            "dead_letters": len(failures),
+            "dead_reasons": _count([f.reason for f in failures]),
+            "shard_errors": [{"reason": err.reason, "detail": err.detail, "path": err.key}] if err else [],
             "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files],
             "model_fingerprint": self.model_fingerprint,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -162,25 +186,22 @@ class ShardProcessor:
         result["timing"] = {k: round(v, 3) for k, v in timing.items()}
         if result["rows"] != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result['rows']}")
-        if dead["index"]:
+        if dead["reason"]:
             self._write_dead(shard, dead)
         self.layout.write_marker(shard.id, result)
         return result
 
-    def _dead_letters(self, shard: Shard, read: int, seen: np.ndarray) -> dict[str, list]:
-        missing = np.setdiff1d(np.arange(read, dtype=np.int64), seen)
-        if self.cfg.input.format == "tfrecord":
-            import posixpath
-
-            base = posixpath.basename(shard.paths[0])
-            keys = [f"{base}:{i}" for i in missing]
-            shards = [shard.paths[0]] * len(missing)
-            reason = "record could not be parsed or its image decoded (missing/mistyped feature or bad image bytes)"
-        else:
-            keys = [shard.paths[i] for i in missing]
-            shards = keys
-            reason = "file is not a decodable image"
-        return {"key": keys, "shard": shards, "index": missing.tolist(), "stage": ["decode"] * len(missing), "reason": [reason] * len(missing)}
+    def _dead_letters(self, shard: Shard, failures: Sequence[Failure], shard_error: Failure | None) -> dict[str, list]:
+        rows = [*failures, *([shard_error] if shard_error else [])]
+        where = [shard.paths[f.index] if self.cfg.input.format == "images" and f.index is not None else shard.paths[0] for f in rows]
+        return {
+            "key": [f.key for f in rows],
+            "shard": where,
+            "index": [f.index for f in rows],
+            "stage": [f.stage for f in rows],
+            "reason": [f.reason for f in rows],
+            "detail": [f.detail for f in rows],
+        }
 
     def _write_dead(self, shard: Shard, dead: Mapping[str, list]) -> None:
         import pyarrow.parquet as pq
@@ -196,6 +217,40 @@ def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_exampl
     """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
     (unreduced outputs of a big model can be tens of MB per example)."""
     return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
+
+
+def key_hashes(keys: np.ndarray) -> np.ndarray:
+    """64-bit BLAKE2b of each key (bytes or str), as uint64: stable across processes, used to
+    find repeated keys within a shard and across shards."""
+    import hashlib
+
+    raw = b"".join(hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=8).digest() for k in keys)
+    return np.frombuffer(raw, dtype="<u8").copy()
+
+
+def _drop_repeated_keys(batch, first_seen: dict[int, int], dupes: list[Failure]):
+    """The batch without records whose key an earlier record of the shard had (those become
+    `duplicate_key` failures); None if nothing is left. Adds `__key_hash__` to the columns."""
+    import tensorflow as tf
+
+    keys = batch.columns["key"]
+    hashes = key_hashes(keys)
+    keep = np.ones(len(hashes), bool)
+    for j, (h, i) in enumerate(zip(hashes.tolist(), batch.index.tolist())):
+        first = first_seen.setdefault(h, i)
+        if first != i:
+            keep[j] = False
+            k = keys[j].decode("utf-8", "replace") if isinstance(keys[j], bytes) else str(keys[j])
+            dupes.append(Failure(i, k, "dedupe", "duplicate_key", f"key {k!r} was already written by record {first} of this shard"))
+    if keep.all():
+        batch.columns["__key_hash__"] = hashes
+        return batch
+    if not keep.any():
+        return None
+    columns = {k: v[keep] for k, v in batch.columns.items()}
+    columns["__key_hash__"] = hashes[keep]
+    inputs = {n: tf.boolean_mask(v, keep) for n, v in batch.inputs.items()}
+    return type(batch)(batch.index[keep], columns, inputs)
 
 
 def _count(values: Sequence[str]) -> dict[str, int]:
@@ -273,6 +328,10 @@ class _ExtractShardDoFn(beam.DoFn):
         if result.get("resumed"):
             self._resumed.inc()
         self._dead.inc(result["dead_letters"])
+        for reason, n in result["dead_reasons"].items():
+            Metrics.counter(_NS, f"dead_letters.{reason}").inc(n)
+        for err in result.get("shard_errors", ()):
+            Metrics.counter(_NS, f"shard_errors.{err['reason']}").inc()
         _LOG.info("shard %s: %d rows, %d dead letters in %.1fs", shard.id, result["rows"], result["dead_letters"], result["seconds"])
         yield result
 

@@ -127,10 +127,31 @@ def load_model(cfg) -> Any:
             raise ModelError(f"model.source {src!r} returned {type(model).__name__}, not a keras.Model; return the model from the factory")
         return model
     if src.endswith((".keras", ".h5", ".hdf5")):
-        local = _local_copy(src)
         try:
-            if src.endswith(".keras"):
-                return keras.saving.load_model(local, compile=False, safe_mode=cfg.safe_mode)
+            local = _local_copy(src)
+        except FileNotFoundError:
+            local = src
+        import os
+
+        if "://" not in local and not os.path.isfile(local):
+            raise ModelError(f"model.source {src!r} does not exist; give the path of a saved model file") from None
+        if "://" not in local:
+            import zipfile
+
+            is_keras = src.endswith(".keras")
+            ok = zipfile.is_zipfile(local) if is_keras else _is_hdf5(local)
+            if not ok:
+                kind = "a .keras file (a zip archive)" if is_keras else "an HDF5 file"
+                raise ModelError(f"model.source {src!r} is not {kind}, so not a saved Keras model; give a file written by model.save({'m.keras' if is_keras else 'm.h5'!r})")
+        unsafe = _h5_python_lambdas(local) if cfg.safe_mode and not src.endswith(".keras") else []
+        if unsafe:
+            # Keras 3.15's legacy h5 loader refuses these in safe mode too; checking the
+            # config first keeps that rule whatever Keras version loads the file.
+            raise ModelError(
+                f"model.source {src!r} contains Lambda layer(s) {unsafe[:3]} with Python code, which safe mode refuses; "
+                "if you trust this file set model.safe_mode=false (or pass --unsafe-model)"
+            )
+        try:
             return keras.saving.load_model(local, compile=False, safe_mode=cfg.safe_mode)
         except FileNotFoundError:
             raise ModelError(f"model.source {src!r} does not exist; give the path of a saved model file") from None
@@ -146,6 +167,50 @@ def load_model(cfg) -> Any:
         f"model.source {src!r} is not a model source; use a .keras/.h5 file, "
         "'keras.applications.<Name>' or 'module:function'"
     )
+
+
+def _is_hdf5(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def _h5_python_lambdas(path: str) -> list[str]:
+    """Names of Lambda layers in a legacy .h5 model config whose function is Python code
+    (Keras 3 `__lambda__` bytecode or a Keras 2 `function_type: lambda`); [] if none or the
+    file is not an h5 model (the loader reports that)."""
+    import json
+
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except (OSError, ImportError):
+        return []
+    if raw is None:
+        return []
+    try:
+        config = json.loads(raw.decode() if hasattr(raw, "decode") else raw)
+    except ValueError:
+        return []
+    found: list[str] = []
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict):
+                c = node["config"]
+                fn = c.get("function")
+                code = (isinstance(fn, dict) and fn.get("class_name") == "__lambda__") or c.get("function_type") == "lambda"
+                if code:
+                    found.append(str(c.get("name", "?")))
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(config)
+    return found
 
 
 def _local_copy(src: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Shard", "Batch", "match_shards", "read_shard", "tf_readable"]
+__all__ = ["Shard", "Batch", "Failure", "ShardEnd", "REASONS", "match_shards", "read_shard", "tf_readable"]
 
 # Schemes TensorFlow's own file systems read; anything else goes through an fsspec bridge.
 _TF_SCHEMES = ("gs://", "ram://")
@@ -54,6 +54,59 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+# Dead-letter reasons: code → what it means. The code is what is counted (manifest, Beam
+# counters); each dead letter also carries a one-line detail naming the value.
+REASONS = {
+    "unparseable_record": "the TFRecord record is not a serialized tf.train.Example",
+    "missing_feature": "a feature the config reads is not in the record",
+    "wrong_feature_type": "a feature has another type than the config says, or not exactly one value",
+    "empty_image": "the image bytes or the image file are empty (0 bytes)",
+    "truncated_image": "the image data ends before the image does",
+    "undecodable_image": "the image has a known format's signature but its data cannot be decoded",
+    "not_an_image": "the bytes are not an image (no known image signature)",
+    "unsupported_image_format": "an image format tf.io.decode_image cannot read (TIFF, …); convert it to PNG or JPEG",
+    "unreadable_file": "the file cannot be opened or read",
+    "decode_failed": "decoding or preprocessing failed for another reason (see the detail)",
+    "duplicate_key": "the record's key was already written by an earlier record of this run",
+    "corrupt_shard": "a TFRecord file is corrupt or truncated part-way; the records before the damage are kept",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why one record (or, with `index` None, the rest of a shard) is not in the output.
+
+    Attributes:
+        index: record index within the shard; None for a shard-level failure.
+        key: the record's key when it could be read, else `<shard file>:<index>` (images:
+            the file path; shard-level: the shard's path).
+        stage: 'read', 'decode' or 'dedupe'.
+        reason: a code from `REASONS`.
+        detail: one line naming the value.
+    """
+
+    index: int | None
+    key: str
+    stage: str
+    reason: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEnd:
+    """The last item `read_shard` yields: how many records the shard had and which failed.
+
+    Attributes:
+        records: records read (for a corrupt file: those before the damage).
+        failures: one `Failure` per record missing from the batches, in index order.
+        shard_error: a shard-level `Failure` when the file stopped part-way, else None.
+    """
+
+    records: int
+    failures: tuple[Failure, ...] = ()
+    shard_error: Failure | None = None
 
 
 def _fs(url: str):
@@ -119,11 +172,14 @@ def read_shard(
     preprocess,
     batch_size: int,
     max_examples: int | None = None,
-) -> Iterator[tuple[Batch | None, int]]:
-    """Yield `(batch, records_so_far)`; the final item is `(None, total_records)`.
+) -> Iterator[tuple[Batch | None, Any]]:
+    """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
 
-    Records that fail to parse or decode are missing from the batches; their indices are
-    those in `range(total_records)` not seen in any batch.
+    Decoding runs per record inside tf.data, so one bad record never takes its batch with
+    it. Records that fail are missing from the batches; at the end they are read again,
+    one by one and only they, to say why each failed (`ShardEnd.failures`). A TFRecord
+    file that is corrupt or truncated part-way keeps the records before the damage and
+    reports it once (`ShardEnd.shard_error`).
 
     Args:
         shard: the shard.
@@ -150,16 +206,33 @@ def read_shard(
                 raw = raw.take(max_examples)
             originals = tf.constant(list(shard.paths))
             parse = _image_file_parser(cfg, input_shapes, preprocess, originals)
-        # A sentinel after the last record carries the record count through the same
-        # pipeline, so records that fail at the very end are still counted.
+        # A sentinel after the last record carries the record count (its index) and the
+        # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
+        # so records that fail at the very end are still counted, and a file that stops
+        # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
+        # noticed: its records do not add up to its size.
         sentinel = tf.data.Dataset.from_tensors((tf.constant(b"" if cfg.format == "tfrecord" else ""), tf.constant(True)))
-        ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel).enumerate()
+        framed = cfg.format == "tfrecord"
+
+        def running_bytes(total, item):
+            record, is_sentinel = item
+            if framed:
+                size = tf.where(is_sentinel, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + 16)
+            else:
+                size = tf.constant(0, tf.int64)
+            total = total + size
+            return total, (record, is_sentinel, total)
+
+        ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
+        ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors().batch(batch_size).prefetch(2)
         seen = 0
+        got: list[np.ndarray] = []
         for el in ds:
             index = el.pop("__index__").numpy()
             is_sentinel = el.pop("__sentinel__").numpy()
+            consumed = el.pop("__bytes__").numpy()
             inputs = {n: el.pop(f"__input__{n}") for n in input_shapes}
             if is_sentinel.any():
                 total = int(index[is_sentinel][0])
@@ -168,10 +241,21 @@ def read_shard(
                 inputs = {n: tf.boolean_mask(v, keep) for n, v in inputs.items()}
                 el = {k: tf.boolean_mask(v, keep) for k, v in el.items()}
                 if len(index):
+                    got.append(index)
                     yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
-                yield None, total
+                done = np.concatenate(got) if got else np.zeros(0, np.int64)
+                shard_error = None
+                if framed and not (max_examples and total >= max_examples):
+                    shard_error, readable = _check_whole_file(shard, cfg, bridge.paths[0], int(consumed[is_sentinel][0]))
+                    # The read error itself took an index (the last before the sentinel);
+                    # it is the shard-level dead letter, not a record.
+                    total = min(total, readable)
+                missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
+                failures = _explain_failures(shard, cfg, input_shapes, preprocess, parse, bridge.paths, missing) if len(missing) else ()
+                yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
             seen += len(index)
+            got.append(index)
             yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen
         raise RuntimeError(f"shard {shard.id} ended without its sentinel record; this is a bug")
     finally:
@@ -222,7 +306,7 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
     dummy = {n: tf.zeros(s, tf.float32) for n, s in input_shapes.items()}
 
     def parse(index, item):
-        record, is_sentinel = item
+        record, is_sentinel, nbytes = item
 
         def real():
             ex = tf.io.parse_single_example(record, spec)
@@ -246,6 +330,7 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
         out = tf.cond(is_sentinel, fake, real)
         out["__index__"] = index
         out["__sentinel__"] = is_sentinel
+        out["__bytes__"] = nbytes
         return out
 
     return parse
@@ -263,7 +348,7 @@ def _image_file_parser(cfg, input_shapes, preprocess, originals):
     dummy = tf.zeros(shape, tf.float32)
 
     def parse(index, item):
-        path, is_sentinel = item
+        path, is_sentinel, nbytes = item
 
         def real():
             original = originals[index]
@@ -280,6 +365,204 @@ def _image_file_parser(cfg, input_shapes, preprocess, originals):
         out = tf.cond(is_sentinel, fake, real)
         out["__index__"] = index
         out["__sentinel__"] = is_sentinel
+        out["__bytes__"] = nbytes
         return out
 
     return parse
+
+
+# --------------------------------------------------------------------------- the bad path
+# Everything below runs only for records that already failed in tf.data: Python per record
+# is fine here, and it says *why* each one failed.
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    for sig, fmt in _SIGNATURES:
+        if data.startswith(sig):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _looks_truncated(data: bytes, fmt: str) -> bool:
+    """Whether the data stops before the format's end marker or declared size."""
+    if fmt == "PNG":
+        return b"IEND" not in data[-16:]
+    if fmt == "JPEG":
+        return b"\xff\xd9" not in data[-64:]
+    if fmt == "GIF":
+        return not data.rstrip(b"\x00").endswith(b";")
+    if fmt == "BMP":
+        return len(data) < 6 or int.from_bytes(data[2:6], "little") > len(data)
+    if fmt == "WEBP":
+        return len(data) < 8 or int.from_bytes(data[4:8], "little") + 8 > len(data)
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return line[:300]
+
+
+def classify_image(data: bytes, channels: int = 3) -> tuple[str, str] | None:
+    """(reason, detail) for image bytes tf.io.decode_image refuses; None if they decode.
+
+    Args:
+        data: the encoded image.
+        channels: channels it is decoded to.
+    """
+    import tensorflow as tf
+
+    if not data:
+        return "empty_image", "the image is 0 bytes"
+    fmt = _sniff(data)
+    if fmt is None:
+        try:
+            from PIL import Image
+            import io
+
+            with Image.open(io.BytesIO(data)) as im:
+                other = im.format
+        except Exception:  # PIL raises many types for non-images
+            other = None
+        if other:
+            return "unsupported_image_format", f"{other} image: tf.io.decode_image reads JPEG, PNG, GIF, BMP and WebP; convert it"
+        return "not_an_image", f"{len(data)} bytes with no image signature, starting {data[:12]!r}"
+    try:
+        tf.io.decode_image(data, channels=channels, dtype=tf.uint8, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as e:
+        if _looks_truncated(data, fmt):
+            return "truncated_image", f"{fmt} data of {len(data)} bytes ends before the image does ({_first_line(e)})"
+        return "undecodable_image", f"{fmt} data of {len(data)} bytes cannot be decoded: {_first_line(e)}"
+    return None
+
+
+_KINDS = {"int64": "int64_list", "float32": "float_list", "string": "bytes_list"}
+
+
+def _needed_features(cfg, features: Mapping[str, str]) -> list[tuple[str, str]]:
+    need = [(f, "bytes_list") for f in dict.fromkeys(features.values())]
+    if cfg.key_feature:
+        need.append((cfg.key_feature, "bytes_list"))
+    if cfg.label_feature:
+        need.append((cfg.label_feature, _KINDS[cfg.label_type]))
+    need += [(name, _KINDS[typ]) for name, typ in cfg.passthrough.items()]
+    return need
+
+
+def _explain_record(record: bytes, index: int, base: str, cfg, input_shapes, parse) -> Failure:
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    key = f"{base}:{index}"
+    ex = tf.train.Example()
+    try:
+        ex.ParseFromString(record)
+    except DecodeError as e:
+        return Failure(index, key, "decode", "unparseable_record", f"{len(record)} bytes that are not a tf.train.Example ({_first_line(e)})")
+    feats = ex.features.feature
+    if cfg.key_feature and cfg.key_feature in feats and feats[cfg.key_feature].WhichOneof("kind") == "bytes_list":
+        values = feats[cfg.key_feature].bytes_list.value
+        if len(values) == 1:
+            key = values[0].decode("utf-8", "replace")
+    for name, kind in _needed_features(cfg, _feature_map(cfg, input_shapes)):
+        if name not in feats:
+            have = ", ".join(sorted(feats)[:8]) or "none"
+            return Failure(index, key, "decode", "missing_feature", f"feature {name!r} is missing; the record has: {have}")
+        got = feats[name].WhichOneof("kind")
+        if got != kind:
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} is a {got}, the config reads a {kind}")
+        n = len(getattr(feats[name], kind).value)
+        if n != 1:
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} holds {n} values, the config reads exactly one")
+    for input_name, name in _feature_map(cfg, input_shapes).items():
+        bad = classify_image(feats[name].bytes_list.value[0], input_shapes[input_name][-1])
+        if bad:
+            return Failure(index, key, "decode", bad[0], f"feature {name!r}: {bad[1]}")
+    return _explain_by_retry(index, key, parse, tf.constant(record))
+
+
+def _explain_by_retry(index: int, key: str, parse, item) -> Failure:
+    """Run the record's own tf.data map function eagerly and report its error."""
+    import tensorflow as tf
+
+    try:
+        parse(tf.constant(index, tf.int64), (item, tf.constant(False), tf.constant(0, tf.int64)))
+    except Exception as e:  # whatever the map function raised is the answer
+        return Failure(index, key, "decode", "decode_failed", _first_line(e))
+    return Failure(index, key, "decode", "decode_failed", "failed inside tf.data but decoded when retried alone")
+
+
+def _explain_failures(shard: Shard, cfg, input_shapes, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
+    """One `Failure` per missing index, read again record by record (bad path only)."""
+    import tensorflow as tf
+
+    out: list[Failure] = []
+    if cfg.format == "images":
+        channels = next(iter(input_shapes.values()))[-1]
+        for i in missing.tolist():
+            key = shard.paths[i]
+            try:
+                with open(local_paths[i], "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                out.append(Failure(i, key, "read", "unreadable_file", f"{e.strerror or _first_line(e)}"))
+                continue
+            bad = classify_image(data, channels)
+            if bad and bad[0] == "empty_image":
+                bad = ("empty_image", "the file is empty (0 bytes)")
+            out.append(Failure(i, key, "decode", *bad) if bad else _explain_by_retry(i, key, parse, tf.constant(local_paths[i])))
+        return out
+    base = posixpath.basename(shard.paths[0])
+    wanted = tf.constant(missing, tf.int64)
+    ds = tf.data.TFRecordDataset(local_paths, compression_type=cfg.compression or None).enumerate()
+    ds = ds.filter(lambda i, r: tf.reduce_any(tf.equal(i, wanted))).ignore_errors()
+    found = {}
+    for i, rec in ds:
+        found[int(i)] = _explain_record(rec.numpy(), int(i), base, cfg, input_shapes, parse)
+    for i in missing.tolist():
+        out.append(found.get(i) or Failure(i, f"{base}:{i}", "read", "unreadable_file", "the record could not be read again to explain its failure"))
+    return out
+
+
+def _check_whole_file(shard: Shard, cfg, local_path: str, consumed: int) -> tuple[Failure | None, int]:
+    """(shard-level failure or None, records readable before any damage).
+
+    Uncompressed files: the records' framing must add up to the file's size (free: the
+    sum was carried through tf.data). Compressed files, and files that do not add up, are
+    read once more in C++, counting records, to see whether and where DataLossError comes.
+    """
+    import re
+
+    import tensorflow as tf
+
+    if not cfg.compression:
+        size = tf.io.gfile.stat(local_path).length
+        if consumed == size:
+            return None, 1 << 62
+    raw = tf.data.TFRecordDataset([local_path], compression_type=cfg.compression or None)
+    try:
+        raw.reduce(np.int64(0), lambda n, _: n + 1)
+        return None, 1 << 62
+    except tf.errors.OpError as e:
+        m = re.search(r"(corrupted|truncated) record at \d+", str(e))
+        what = m.group(0) if m else _first_line(e)
+    readable = int(raw.ignore_errors().reduce(np.int64(0), lambda n, _: n + 1))
+    where = f"{what} (byte offset)" + (f", file size {tf.io.gfile.stat(local_path).length}" if not cfg.compression else "")
+    return (
+        Failure(
+            None, shard.paths[0], "read", "corrupt_shard",
+            f"{where}: kept the {readable} records before the damage, the rest of the file cannot be read; re-create or re-download the file",
+        ),
+        readable,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -227,32 +228,45 @@ def make_writer(output_cfg, schema: pa.Schema) -> ShardWriter:
 
 
 class OutputLayout:
-    """Where a run's files live, and the commit that makes them visible at once.
+    """Where a run's files live, the lock, and the commit that makes them visible at once.
 
     ```
     <out>/                              the committed output (readers look here)
-    <out>.layerbeam-staging/<run>/      staging for one run (run = config+model fingerprint)
-        shards/<shard>/...              one input shard's data files
-        shards/<shard>.done.json        the shard's marker: counts and files
-        dead/<shard>.parquet            the shard's dead letters
+    <out>.layerbeam-staging/
+        _lock                           held by the run writing <out>: pid, host, run
+        <run>/                          one run (run = config + model + input shards fingerprint)
+            _run.json                   what the run is: config, model fingerprint, shards
+            shards/<shard>/...          one input shard's data files (deterministic names)
+            shards/<shard>.done.json    the shard's marker: counts and files
+            dead/<shard>.parquet        the shard's dead letters
+            keys/<shard>.npz            the shard's key hashes and record indices
+            final/                      the output as assembled by the commit
     ```
 
-    Commit: every shard's files are moved into `<run>/final/` with their final names, the
-    manifest and `_SUCCESS` are written there, and on a local file system the folder is
-    renamed to `<out>` in one step (an old output is swapped out, then deleted). On object
-    stores, where no folder rename exists, files are moved in and `_manifest.json` and
+    Commit, in two steps. `assemble` moves (or, for shards that lose rows to keys repeated
+    across shards, copies and filters) every shard's files into `<run>/final/`; it can be
+    repeated after a crash: a file already moved is found at its destination.
+    `publish` writes the manifest and `_SUCCESS` there and, on a local file system,
+    renames the folder to `<out>` in one step (an old output is first renamed aside, then
+    deleted; between the two renames a reader finds no output, never a mix). On object
+    stores, where no folder rename exists, files are copied in and `_manifest.json` and
     `_SUCCESS` come last: readers must wait for `_SUCCESS`.
     """
 
     MANIFEST = "_manifest.json"
     SUCCESS = "_SUCCESS"
     DEAD_DIR = "_dead_letters"
+    LOCK = "_lock"
+    RUN_INFO = "_run.json"
 
     def __init__(self, out: str, run_id: str):
         self.out = out.rstrip("/")
+        self.run_id = run_id
         self.staging_root = f"{self.out}.layerbeam-staging"
         self.run_dir = f"{self.staging_root}/{run_id}"
         self.fs, _ = fsspec_fs(self.out)
+
+    # ------------------------------------------------------------------ per shard
 
     def shard_dir(self, shard_id: str) -> str:
         return f"{self.run_dir}/shards/{shard_id}"
@@ -263,10 +277,13 @@ class OutputLayout:
     def dead_file(self, shard_id: str) -> str:
         return f"{self.run_dir}/dead/{shard_id}.parquet"
 
+    def keys_file(self, shard_id: str) -> str:
+        return f"{self.run_dir}/keys/{shard_id}.npz"
+
     def clear_shard(self, shard_id: str) -> None:
         """Remove a shard's partial files before (re)writing it: a retried bundle or a
         resumed run rewrites the shard from scratch, never appends to it."""
-        for p in (self.shard_dir(shard_id), self.dead_file(shard_id), self.marker(shard_id)):
+        for p in (self.marker(shard_id), self.shard_dir(shard_id), self.dead_file(shard_id), self.keys_file(shard_id)):
             if self.fs.exists(p):
                 self.fs.rm(p, recursive=True)
 
@@ -278,46 +295,236 @@ class OutputLayout:
             return json.load(f)
 
     def write_marker(self, shard_id: str, result: Mapping) -> None:
-        tmp = f"{self.marker(shard_id)}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open(tmp, "w") as f:
-            json.dump(result, f)
-        self.fs.mv(tmp, self.marker(shard_id))
+        self._write_atomic(self.marker(shard_id), json.dumps(result).encode())
+
+    def write_keys(self, shard_id: str, hashes: np.ndarray, index: np.ndarray) -> None:
+        """Store the key hashes (uint64) of the rows a shard wrote, with their record indices."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, hash=hashes.astype(np.uint64), index=index.astype(np.int64))
+        self._write_atomic(self.keys_file(shard_id), buf.getvalue())
+
+    def read_keys(self, shard_id: str) -> tuple[np.ndarray, np.ndarray]:
+        import io
+
+        with self.fs.open(self.keys_file(shard_id), "rb") as f:
+            z = np.load(io.BytesIO(f.read()))
+            return z["hash"], z["index"]
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, path)
+
+    # ------------------------------------------------------------------ the run
 
     def is_complete(self) -> bool:
         return self.fs.exists(f"{self.out}/{self.SUCCESS}")
 
-    def commit(self, results: Sequence[Mapping], manifest: Mapping, overwrite: bool) -> None:
-        """Move every shard's files into place and write the manifest and `_SUCCESS`."""
+    def committed_run_id(self) -> str | None:
+        """The run id in the committed output's manifest, if there is one."""
+        try:
+            with self.fs.open(f"{self.out}/{self.MANIFEST}", "r") as f:
+                return json.load(f).get("run_id")
+        except (OSError, ValueError):
+            return None
+
+    def has_foreign_files(self) -> bool:
+        """`<out>` holds files but no `_SUCCESS`: not a complete layerbeam output."""
+        return self.fs.exists(self.out) and not self.is_complete() and bool(self.fs.ls(self.out))
+
+    def other_runs(self) -> list[str]:
+        """Run ids of other (half-built) runs staged for the same output."""
+        if not self.fs.exists(self.staging_root):
+            return []
+        out = []
+        for p in self.fs.ls(self.staging_root, detail=True):
+            name = posixpath.basename(p["name"].rstrip("/"))
+            if p["type"] == "directory" and name != self.run_id and not name.startswith(("old-", "_", ".")):
+                out.append(name)
+        return sorted(out)
+
+    def read_run_info(self, run_id: str | None = None) -> dict | None:
+        p = f"{self.staging_root}/{run_id or self.run_id}/{self.RUN_INFO}"
+        try:
+            with self.fs.open(p, "r") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def write_run_info(self, info: Mapping) -> None:
+        self._write_atomic(f"{self.run_dir}/{self.RUN_INFO}", json.dumps(info, sort_keys=True).encode())
+
+    def discard_runs(self, run_ids: Sequence[str]) -> None:
+        for r in run_ids:
+            p = f"{self.staging_root}/{r}"
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=True)
+
+    # ------------------------------------------------------------------ the lock
+
+    @property
+    def lock_path(self) -> str:
+        return f"{self.staging_root}/{self.LOCK}"
+
+    def lock_holder(self) -> dict | None:
+        """Who holds the output's lock, if anyone still alive does.
+
+        Staleness: a lock taken on this host by a process that no longer exists is stale
+        (a killed run); a lock from another host is never judged stale here: its message
+        says which file to delete once that run is known to be gone.
+        """
+        try:
+            with self.fs.open(self.lock_path, "r") as f:
+                holder = json.load(f)
+        except OSError:  # no lock (or no staging folder: the writability check says why)
+            return None
+        except ValueError:  # a half-written lock: someone is taking it right now
+            return {"pid": None, "host": "?", "run_id": "?", "since": "?"}
+        if holder.get("host") == _host() and not _pid_alive(holder.get("pid")):
+            return None
+        return holder
+
+    def acquire_lock(self) -> None:
+        """Take the output's lock, or raise `ConfigError` naming the run that holds it.
+
+        On a local file system the lock file is created with O_CREAT|O_EXCL, so two runs
+        starting together cannot both get it. On object stores the check and the write are
+        two steps (no exclusive create): do not start two runs for one output at once.
+        """
+        from transforms.errors import ConfigError
+
+        me = {"pid": os.getpid(), "host": _host(), "run_id": self.run_id, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        data = json.dumps(me).encode()
+        for _ in range(2):
+            holder = self.lock_holder()
+            if holder is not None:
+                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return
+                raise ConfigError(
+                    f"output {self.out!r} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"run {holder.get('run_id')}, since {holder.get('since')}); wait for it to finish, or if it is gone delete {self.lock_path}"
+                )
+            if self.fs.exists(self.lock_path):  # stale: its process is gone
+                self.fs.rm(self.lock_path)
+            self.fs.makedirs(self.staging_root, exist_ok=True)
+            if _is_local(self.fs):
+                try:
+                    fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    continue  # another run got there first; look at it again
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return
+            with self.fs.open(self.lock_path, "wb") as f:
+                f.write(data)
+            return
+        raise ConfigError(f"could not take the lock {self.lock_path}; another run is starting for {self.out!r}; try again")
+
+    def release_lock(self) -> None:
+        """Drop the lock (if this process holds it) and the staging root if nothing is left."""
+        try:
+            with self.fs.open(self.lock_path, "r") as f:
+                holder = json.load(f)
+            if holder.get("pid") == os.getpid() and holder.get("host") == _host():
+                self.fs.rm(self.lock_path)
+        except (OSError, ValueError):
+            pass
+        try:
+            if self.fs.exists(self.staging_root) and not [p for p in self.fs.ls(self.staging_root) if not posixpath.basename(p.rstrip("/")).startswith(".probe")]:
+                self.fs.rm(self.staging_root, recursive=True)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ commit
+
+    def assemble(self, results: Sequence[Mapping], drop: Mapping[str, Mapping[int, Mapping]] | None = None) -> list[dict]:
+        """Bring every shard's files into `<run>/final/`; return the results with the files'
+        final row counts and sizes.
+
+        Args:
+            results: the shards' results (markers).
+            drop: shard id → {key hash: dead-letter row}: rows to leave out of that shard
+                (keys an earlier shard wrote) and the dead letters they become. Such a
+                shard's files are copied with the rows filtered out; its staged files stay,
+                so a repeated commit gives the same result.
+        """
+        import pyarrow.parquet as pq
+
+        drop = drop or {}
         final = f"{self.run_dir}/final"
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
+        self.fs.makedirs(final, exist_ok=True)
+        out = []
         for r in sorted(results, key=lambda r: r["shard"]):
+            r = dict(r)
+            gone = {h: dict(d) for h, d in drop.get(r["shard"], {}).items()}
+            files = []
             for f in r["files"]:
                 src = f"{self.shard_dir(r['shard'])}/{f['path']}"
                 dst = f"{final}/{f['final_path']}"
                 self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-                self.fs.mv(src, dst)
-            if r.get("dead_letters"):
-                dst = f"{final}/{self.DEAD_DIR}/{r['shard']}.parquet"
-                self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-                self.fs.mv(self.dead_file(r["shard"]), dst)
-        self.fs.makedirs(final, exist_ok=True)
+                if gone:
+                    table = _read_parquet(self.fs, src)
+                    from transforms.beam import key_hashes
+
+                    keys = table.column("key").to_pylist()
+                    hashes = key_hashes(keys)
+                    keep = ~np.isin(hashes, np.fromiter(gone, np.uint64, len(gone)))
+                    for k, h in zip(keys, hashes.tolist()):
+                        if h in gone:
+                            gone[h]["key"] = k
+                    _write_parquet_like(self.fs, src, dst, table.filter(pa.array(keep)))
+                elif self.fs.exists(src):
+                    self.fs.mv(src, dst)
+                elif not self.fs.exists(dst):
+                    raise CommitError(f"shard {r['shard']}: staged file {src} is missing and was not moved to {dst}; delete {self.run_dir} and run again")
+                md = pq.read_metadata(self.fs.open(dst, "rb"))
+                files.append(dict(f, rows=md.num_rows, bytes=self.fs.size(dst)))
+            r["files"] = files
+            r["rows"] = sum(f["rows"] for f in files)
+            dead_src = self.dead_file(r["shard"])
+            dead_dst = f"{final}/{self.DEAD_DIR}/{r['shard']}.parquet"
+            if gone:
+                from transforms.beam import DEAD_LETTER_SCHEMA
+
+                extra = pa.Table.from_pylist(sorted(gone.values(), key=lambda d: d["index"]), schema=DEAD_LETTER_SCHEMA)
+                staged = _read_parquet(self.fs, dead_src) if self.fs.exists(dead_src) else DEAD_LETTER_SCHEMA.empty_table()
+                self.fs.makedirs(posixpath.dirname(dead_dst), exist_ok=True)
+                _write_parquet_like(self.fs, None, dead_dst, pa.concat_tables([staged.cast(DEAD_LETTER_SCHEMA), extra]))
+                r["dead_letters"] = r["dead_letters"] + len(gone)
+                reasons = dict(r["dead_reasons"])
+                reasons["duplicate_key"] = reasons.get("duplicate_key", 0) + len(gone)
+                r["dead_reasons"] = reasons
+            elif self.fs.exists(dead_src):
+                self.fs.makedirs(posixpath.dirname(dead_dst), exist_ok=True)
+                self.fs.mv(dead_src, dead_dst)
+            out.append(r)
+        return out
+
+    def publish(self, manifest: Mapping, overwrite: bool) -> None:
+        """Write the manifest and `_SUCCESS` into the assembled output and put it in place."""
+        final = f"{self.run_dir}/final"
         with self.fs.open(f"{final}/{self.MANIFEST}", "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=False)
         with self.fs.open(f"{final}/{self.SUCCESS}", "w") as f:
             f.write("")
         self._publish(final, overwrite)
-        self.fs.rm(self.staging_root, recursive=True)
+        self.fs.rm(self.run_dir, recursive=True)
+
+    def commit(self, results: Sequence[Mapping], manifest: Mapping, overwrite: bool) -> None:
+        """`assemble` then `publish` (no rows dropped)."""
+        self.assemble(results)
+        self.publish(manifest, overwrite)
 
     def _publish(self, final: str, overwrite: bool) -> None:
         exists = self.fs.exists(self.out)
         if exists and not overwrite and self.fs.ls(self.out):
             raise CommitError(f"output {self.out!r} appeared during the run; nothing was replaced. Re-run with --overwrite to replace it")
-        local = getattr(self.fs, "protocol", None) in ("file", ("file", "local")) or "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        if local:
-            import os
-
-            old = f"{self.staging_root}/old-{int(time.time())}"
+        if _is_local(self.fs):
+            old = f"{self.staging_root}/old-{uuid.uuid4().hex[:8]}"
             if exists:
                 os.rename(self.out, old)
             os.rename(final, self.out)
@@ -332,3 +539,50 @@ class OutputLayout:
             self.fs.mv(p, f"{self.out}/{rel}")
         for name in (self.MANIFEST, self.SUCCESS):
             self.fs.mv(f"{final}/{name}", f"{self.out}/{name}")
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True  # unreadable: assume alive, the message says what to delete
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_parquet(fs, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _write_parquet_like(fs, template: str | None, path: str, table: pa.Table) -> None:
+    """Write `table` to `path` atomically, with the codec and row groups of `template`."""
+    import pyarrow.parquet as pq
+
+    kwargs = {}
+    if template is not None:
+        md = pq.read_metadata(fs.open(template, "rb"))
+        if md.num_row_groups:
+            col = md.row_group(0).column(0)
+            kwargs["compression"] = col.compression.lower() if col.compression != "UNCOMPRESSED" else "none"
+            kwargs["row_group_size"] = max(1, md.row_group(0).num_rows)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, **kwargs)
+    fs.mv(tmp, path)
