@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--input-shape", help="input shape without batch, e.g. 224,224,3 (default: the model's)")
     layers.add_argument("--match", action="append", default=[], metavar="SELECTOR", help="show only what a selector matches (glob, re:…, type:…, all)")
     layers.add_argument("--reduce", default="none", choices=["none", "mean", "max", "flatten"], help="reduction used for the bytes column")
-    layers.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype used for the bytes column")
+    layers.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype used for the bytes column")
     layers.add_argument("--weights", default=None, help="keras.applications weights (default: none, random)")
     layers.add_argument("--unsafe-model", action="store_true", help="allow Lambda layers in .keras/.h5 files")
     layers.add_argument("--json", action="store_true", help="print JSON lines for scripts")
