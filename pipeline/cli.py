@@ -181,8 +181,8 @@ def _show(args) -> int:
     stored = {c["name"]: c for c in out.columns}
     for o in m["outputs"]:
         c = stored[o["name"]]
-        how = c.get("tfrecord", {}).get("kind") or c.get("parquet", {}).get("type")
-        t.add_row(o["name"], o["path"] if o["path"] != o["name"] else "", o["reduce"], "×".join(map(str, o["shape"])) or "scalar", o["dtype"], f"{c['dtype']} {how}", _human(o["bytes_per_example"]))
+        how = f"{c['dtype']} {c['tfrecord']['kind']}" if "tfrecord" in c else c["parquet"]["type"].replace("fixed_shape_tensor", "tensor")
+        t.add_row(o["name"], o["path"] if o["path"] != o["name"] else "", o["reduce"], "×".join(map(str, o["shape"])) or "scalar", o["dtype"], how, _human(o["bytes_per_example"]))
     console.print(t)
     c = m["counts"]
     parts: dict[str, list[int]] = {}
@@ -213,14 +213,14 @@ def _show(args) -> int:
     tensors = [c["name"] for c in out.columns if c["role"] == "output"]
     rows = Table(title=f"first {len(table)} rows", title_justify="left")
     for col in ("key", "columns", "output", "min", "mean", "max", "std", "zeros"):
-        rows.add_column(col, justify="right" if col in ("min", "mean", "max", "std", "zeros") else "left")
+        rows.add_column(col, justify="right" if col in ("min", "mean", "max", "std", "zeros") else "left", no_wrap=col in ("key", "output"), overflow="fold")
     arrays = {n: table.column(n).combine_chunks().to_numpy_ndarray().astype(np.float64) for n in tensors}
     for i in range(len(table)):
         key = str(table.column("key")[i].as_py()) if "key" in scalars else str(i)
-        others = " ".join(f"{n}={table.column(n)[i].as_py()}" for n in scalars if n != "key")
+        others = "\n".join(f"{n}={table.column(n)[i].as_py()}" for n in scalars if n != "key")
         for j, n in enumerate(tensors):
             v = arrays[n][i]
-            rows.add_row(key if j == 0 else "", others if j == 0 else "", n, f"{v.min():.4g}", f"{v.mean():.4g}", f"{v.max():.4g}", f"{v.std():.4g}", f"{(v == 0).mean():.0%}",
+            rows.add_row(key if j == 0 else "", others if j == 0 else "", n, f"{v.min():.3g}", f"{v.mean():.3g}", f"{v.max():.3g}", f"{v.std():.3g}", f"{(v == 0).mean():.0%}",
                          end_section=j == len(tensors) - 1)
     console.print(rows)
     return 0
