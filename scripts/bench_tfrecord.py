@@ -7,6 +7,7 @@ Prints MB/s of tensor data (float32 values only, not framing) for:
   * layerbeam `ExampleEncoder.encode` (wire format spliced from the batch buffer)
   * layerbeam `TFRecordShardWriter.write_shard` to a local file (encode + framing + CRCs + write)
   * the same with GZIP
+  * for scale, Python writing the same bytes to a plain file (the disk/page-cache floor)
 Each figure is the best of `--repeat` runs.
 """
 
@@ -92,11 +93,19 @@ def main() -> None:
         saved, arrays[:] = list(arrays), sl
         t_proto = _best(protobuf_api, args.repeat)
         arrays[:] = saved
+        records = [r for b in batches for r in enc.encode(b)]
+
+        def plain_write():  # the I/O floor: the same bytes, no framing, no CRC
+            with open(f"{d}/plain.bin", "wb") as f:
+                for r in records:
+                    f.write(r)
+
         rows = [
             ("protobuf API (tf.train.FloatList)", sl_mb / t_proto),
             ("ExampleEncoder.encode", mb / _best(encode, args.repeat)),
             ("TFRecordShardWriter, no compression", mb / _best(write("none"), args.repeat)),
             ("TFRecordShardWriter, GZIP", mb / _best(write("gzip"), args.repeat)),
+            ("(I/O floor: open().write of the same bytes)", mb / _best(plain_write, args.repeat)),
         ]
     print(f"{args.rows} examples × {'×'.join(map(str, shape))} float32 = {mb:.0f} MB of tensor data")
     for name, rate in rows:
