@@ -5,6 +5,7 @@ with plain tf.data from the manifest's spec alone, equal to the same run's Parqu
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,21 @@ def test_compat_mode_is_parquet_only(tmp_path):
 
     with pytest.raises(ConfigError, match="parquet_compat.*tfrecord"):
         load_config(raw=base_config("x/*.tfrecord", str(tmp_path), **{"output.format": "tfrecord", "output.parquet_compat": True}))
+
+
+def test_writer_uploads_to_a_non_local_destination():
+    """Non-local destinations (any fsspec URL): written locally, then uploaded."""
+    import fsspec
+    import tensorflow as tf
+
+    schema, _, _, batch = _batch(6)
+    files = TFRecordShardWriter(schema, partition_by=["label"]).write_shard(iter([batch]), "memory://t4-upload/shard", "part")
+    fs = fsspec.filesystem("memory")
+    keys = []
+    for f in files:
+        data = fs.cat(f"/t4-upload/shard/{f.path}")
+        assert len(data) == f.bytes
+        local = Path(tempfile.mkdtemp()) / "f.tfrecord"
+        local.write_bytes(data)
+        keys += [tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0].decode() for r in tf.data.TFRecordDataset(str(local)).as_numpy_iterator()]
+    assert sorted(keys) == sorted(f"kéy/{i}" for i in range(6))
