@@ -318,9 +318,19 @@ def _manifest_base(plan: Plan) -> dict:
             "input_shapes": {k: list(v) for k, v in plan.input_shapes.items()},
         },
         "outputs": [s.to_json() for s in plan.outputs],
+        "storage": _storage_spec(plan),
         "bytes_per_example": plan.bytes_per_example,
         "versions": _versions(),
     }
+
+
+def _storage_spec(plan: Plan) -> dict:
+    """How each column is stored (the feature spec readers build their parsing from)."""
+    from transforms.beam import column_types
+    from transforms.writers import make_writer, output_schema
+
+    cfg = JobConfig.model_validate(plan.config)
+    return make_writer(cfg.output, output_schema(plan.outputs, column_types(cfg.input))).storage_spec()
 
 
 def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id: str) -> dict:

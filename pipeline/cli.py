@@ -2,6 +2,7 @@
 
     layerbeam run CONFIG [--set a.b=c ...] [--overwrite] [--unsafe-model] [BEAM FLAGS ...]
     layerbeam layers MODEL [--input-shape 224,224,3] [--match SELECTOR] [--reduce mean] [--json]
+    layerbeam show OUTPUT [--rows 5]
 
 User errors print one line (`layerbeam: error: …`) and exit with code 2; Beam's own flags
 (`--runner`, `--direct_num_workers`, `--project` …) pass through untouched.
@@ -13,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import posixpath
 import sys
 from collections.abc import Sequence
 
@@ -33,7 +35,7 @@ class _UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="layerbeam", description="Write Keras layer outputs for every example of a sharded dataset to Parquet.")
+    p = _Parser(prog="layerbeam", description="Write Keras layer outputs for every example of a sharded dataset to Parquet or TFRecord.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a job from a YAML config", description="Run a job. Unknown flags go to Beam (e.g. --runner=DataflowRunner).")
@@ -52,10 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--match", action="append", default=[], metavar="SELECTOR", help="show only what a selector matches, as layers.select would (exact path, glob, re:…, type:…, all; repeatable)")
     layers.add_argument("--include-inputs", action="store_true", help="let patterns match model inputs, as layers.include_inputs: true does")
     layers.add_argument("--reduce", default="none", choices=["none", "mean", "max", "flatten"], help="reduction used for the bytes column")
-    layers.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype used for the bytes column")
+    layers.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype used for the bytes column")
     layers.add_argument("--weights", default=None, help="keras.applications weights (default: none, random)")
     layers.add_argument("--unsafe-model", action="store_true", help="allow Lambda layers in .keras/.h5 files")
     layers.add_argument("--json", action="store_true", help="print one JSON document for scripts: {model, inputs, reduce, dtype, tensors: [...]}")
+
+    show = sub.add_parser("show", help="summarize a finished output: model, outputs, partitions, files, first rows", description="Print an output's manifest summary and its first rows' keys and value statistics (Parquet or TFRecord).")
+    show.add_argument("output", help="an output directory written by `layerbeam run` (local or fsspec URL)")
+    show.add_argument("--rows", type=int, default=5, help="how many rows to show (default 5; 0 for none)")
     return p
 
 
@@ -68,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, rest)
         if rest:
             raise _UsageError(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "show":
+            return _show(args)
         return _layers(args)
     except _UsageError as e:
         print(f"layerbeam: error: {e}", file=sys.stderr)
@@ -156,13 +164,79 @@ def _print_summary(console, manifest: dict, human) -> None:
         + (f" · model loaded {manifest['_metrics']['model_loads']}× (once per worker process)" if manifest.get("_metrics", {}).get("model_loads") else "")
     )
     console.print(f"output: {out}")
-    console.print("read it:")
+    console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it):")
     console.print(
-        "  import pyarrow.dataset as ds\n"
-        f"  table = ds.dataset({out!r}, format='parquet', partitioning='hive').to_table()\n"
-        f"  print(table.num_rows, table.column_names)",
+        "  from transforms.readback import to_arrow, to_pandas, to_tf_dataset\n"
+        f"  table = to_arrow({out!r})   # or to_pandas(...), to_tf_dataset(...)",
         markup=False,
     )
+
+
+def _show(args) -> int:
+    from rich.table import Table
+
+    from pipeline.build import _human
+    from transforms.readback import head, open_output
+
+    out = open_output(args.output)
+    m = out.manifest
+    st = out.storage
+    console = _console()
+    files = m["files"]
+    nbytes = sum(f["bytes"] for f in files)
+    fmt = st["format"] + (" (compat: plain list<float32>)" if st.get("compat") else "") + (f", {st['compression']}" if st.get("compression") else "")
+    model = m["model"]
+    console.print(f"[bold]{out.path}[/bold] · {fmt} · created {m.get('created', '?')} · run {m.get('run_id', '?')}", highlight=False)
+    console.print(f"model: {model['source']} (weights: {model.get('weights')}) · fingerprint {model['fingerprint'][:12]} · inputs {model.get('input_shapes')}", markup=False)
+    t = Table(title="outputs", title_justify="left")
+    for col in ("output", "source", "reduce", "shape", "dtype", "stored as", "bytes/example"):
+        t.add_column(col, justify="right" if col == "bytes/example" else "left")
+    stored = {c["name"]: c for c in out.columns}
+    for o in m["outputs"]:
+        c = stored[o["name"]]
+        how = f"{c['dtype']} {c['tfrecord']['kind']}" if "tfrecord" in c else c["parquet"]["type"].replace("fixed_shape_tensor", "tensor")
+        t.add_row(o["name"], o["path"] if o["path"] != o["name"] else "", o["reduce"], "×".join(map(str, o["shape"])) or "scalar", o["dtype"], how, _human(o["bytes_per_example"]))
+    console.print(t)
+    c = m["counts"]
+    parts: dict[str, list[int]] = {}
+    for f in files:
+        d = posixpath.dirname(f["path"]) or "."
+        parts.setdefault(d, [0, 0, 0])
+        parts[d][0] += f["rows"]
+        parts[d][1] += 1
+        parts[d][2] += f["bytes"]
+    console.print(
+        f"rows: {c['rows_written']:,} · dead letters: {c['dead_letters']:,} · files: {len(files)} · bytes: {_human(nbytes)}"
+        + (f" · partitioned by {', '.join(st['partition_by'])}" if st["partition_by"] else ""),
+        highlight=False,
+    )
+    if st["partition_by"]:
+        pt = Table(title="partitions", title_justify="left")
+        for col in ("partition", "rows", "files", "bytes"):
+            pt.add_column(col, justify="left" if col == "partition" else "right")
+        for d, (r, n, b) in sorted(parts.items()):
+            pt.add_row(d, f"{r:,}", str(n), _human(b))
+        console.print(pt)
+    if args.rows <= 0:
+        return 0
+    import numpy as np
+
+    table = head(out, args.rows)
+    scalars = [c["name"] for c in out.columns if c["role"] != "output"]
+    tensors = [c["name"] for c in out.columns if c["role"] == "output"]
+    rows = Table(title=f"first {len(table)} rows", title_justify="left")
+    for col in ("key", "columns", "output", "min", "mean", "max", "std", "zeros"):
+        rows.add_column(col, justify="right" if col in ("min", "mean", "max", "std", "zeros") else "left", no_wrap=col in ("key", "output"), overflow="fold")
+    arrays = {n: table.column(n).combine_chunks().to_numpy_ndarray().astype(np.float64) for n in tensors}
+    for i in range(len(table)):
+        key = str(table.column("key")[i].as_py()) if "key" in scalars else str(i)
+        others = "\n".join(f"{n}={table.column(n)[i].as_py()}" for n in scalars if n != "key")
+        for j, n in enumerate(tensors):
+            v = arrays[n][i]
+            rows.add_row(key if j == 0 else "", others if j == 0 else "", n, f"{v.min():.3g}", f"{v.mean():.3g}", f"{v.max():.3g}", f"{v.std():.3g}", f"{(v == 0).mean():.0%}",
+                         end_section=j == len(tensors) - 1)
+    console.print(rows)
+    return 0
 
 
 def _layers(args) -> int:

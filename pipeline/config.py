@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 Reduce = Literal["none", "mean", "max", "flatten"]
-DType = Literal["float32", "float16"]
+DType = Literal["float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
@@ -74,7 +74,7 @@ class OutputSpecConfig(_Strict):
     layer: str = Field(..., description="what to tap: an exact path, a glob (block_*_relu), 're:<regex>', 'type:<LayerClass>', or 'all'")
     name: str | None = Field(None, alias="as", description="output column name (exact selections only); default: the layer path")
     reduce: Reduce | None = Field(None, description="none | mean | max (over spatial axes) | flatten; default: layers.reduce")
-    dtype: DType | None = Field(None, description="float32 | float16; default: layers.dtype")
+    dtype: DType | None = Field(None, description="float32 | float16 | bfloat16 (stored as float32 rounded to bfloat16 precision); default: layers.dtype")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -83,7 +83,7 @@ class LayersConfig(_Strict):
     select: tuple[OutputSpecConfig, ...] = Field(..., min_length=1, description="the outputs to write, each a layer selector or a mapping {layer, as, reduce, dtype}")
     exclude: tuple[str, ...] = Field((), description="selectors removed from the selection (same syntax as layer)")
     reduce: Reduce = Field("mean", description="default reduction for every selected output")
-    dtype: DType = Field("float32", description="default output dtype")
+    dtype: DType = Field("float32", description="default output dtype: float32 | float16 | bfloat16 (float32 values rounded to nearest-even bfloat16, stored as float32: every reader sees float32 and zstd+BYTE_STREAM_SPLIT shrinks it)")
     include_inputs: bool = Field(False, description="let 'all' and patterns match the model's input tensors too")
     max_bytes_per_example: int = Field(4 * 1024 * 1024, ge=1, description="refuse a selection whose outputs exceed this many bytes per example (raise it knowingly)")
 
@@ -105,12 +105,15 @@ class BatchingConfig(_Strict):
 
 class OutputConfig(_Strict):
     path: str = Field(..., description="output directory (local path, gs://, or fsspec URL)")
-    format: Literal["parquet"] = Field("parquet", description="output format")
+    format: Literal["parquet", "tfrecord"] = Field("parquet", description="parquet (one row per example, tensor columns) | tfrecord (one tf.train.Example per example)")
     partition_by: tuple[str, ...] = Field((), description="Hive partition columns, from 'label' and passthrough columns")
     max_rows_per_file: int = Field(100_000, ge=1, description="upper bound on rows in one data file")
     row_group_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="target uncompressed bytes per Parquet row group")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec")
     compression_level: int | None = Field(1, description="codec level (zstd 1 is fastest with nearly the best ratio on activations)")
+    parquet_compat: bool = Field(False, description="Parquet: store outputs as plain list<float32> (no fixed-size lists, no tensor extension type, float16 widened) for Spark, ClickHouse and other readers; shapes stay in _manifest.json")
+    tfrecord_compression: Literal["none", "gzip"] = Field("none", description="TFRecord: none, or gzip (smaller files, ~10x slower to write)")
+    max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")
     overwrite: bool = Field(False, description="replace an existing complete output")
 
 
@@ -120,6 +123,12 @@ class JobConfig(_Strict):
     layers: LayersConfig
     batching: BatchingConfig = BatchingConfig()
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _compat_is_parquet(self):
+        if self.output.parquet_compat and self.output.format != "parquet":
+            raise ValueError(f"output.parquet_compat is set but output.format is {self.output.format!r}; the compatibility mode is for Parquet only, drop it or set output.format=parquet")
+        return self
 
     @model_validator(mode="after")
     def _partitions_exist(self):

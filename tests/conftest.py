@@ -124,3 +124,32 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> sub
 
 def read_manifest(out: Path) -> dict:
     return json.loads((Path(out) / "_manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def three_formats(png_dataset, tmp_path_factory):
+    """One job (MobileNetV2 α=0.35 at 64 px, block_1_expand_relu as mean float32, unreduced
+    float16 and mean bfloat16) written three ways: Parquet, Parquet compat, TFRecord+GZIP.
+
+    Returns {"parquet" | "compat" | "tfrecord": (out path, manifest)}."""
+    from pipeline.build import run_job
+    from pipeline.config import load_config
+
+    folder, _, _ = png_dataset
+    root = tmp_path_factory.mktemp("formats")
+    select = [
+        {"layer": "block_1_expand_relu", "as": "pooled"},
+        {"layer": "block_1_expand_relu", "as": "map16", "reduce": "none", "dtype": "float16"},
+        {"layer": "block_1_expand_relu", "as": "pooled_bf16", "dtype": "bfloat16"},
+    ]
+    variants = {
+        "parquet": {},
+        "compat": {"output.parquet_compat": True},
+        "tfrecord": {"output.format": "tfrecord", "output.tfrecord_compression": "gzip"},
+    }
+    out = {}
+    for name, extra in variants.items():
+        raw = base_config(f"{folder}/*.tfrecord", str(root / name), **{"layers.select": select, "output.partition_by": ["label"], **extra})
+        manifest = run_job(load_config(raw=raw))
+        out[name] = (root / name, manifest)
+    return out

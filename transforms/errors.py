@@ -6,7 +6,7 @@ with code 2. Anything else is a bug or an infrastructure failure and keeps its t
 
 from __future__ import annotations
 
-__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError"]
+__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError", "OutputError"]
 
 
 class LayerbeamError(ValueError):
@@ -23,3 +23,7 @@ class ModelError(LayerbeamError):
 
 class SelectionError(LayerbeamError):
     """A layer selector matches nothing or is ambiguous."""
+
+
+class OutputError(LayerbeamError):
+    """A path given to read back is not a complete layerbeam output."""

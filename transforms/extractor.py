@@ -42,7 +42,7 @@ __all__ = [
     "configure_devices",
 ]
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 4}  # bfloat16 is stored as float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,8 @@ class OutputSpec:
         path: the traced path of the source tensor (`outer/inner/layer#call:output`).
         layer_type: the Keras class of the layer that computes it.
         reduce: none | mean | max | flatten (mean/max are over the spatial axes).
-        dtype: float32 | float16, the stored dtype.
+        dtype: float32 | float16 | bfloat16 (float32 values rounded to bfloat16, stored
+            as float32), the stored dtype.
         shape: the stored shape per example, after reduction.
         params: the layer's parameter count.
     """
@@ -354,6 +355,10 @@ def _reduced(tensor, reduce: str, dtype: str):
         tensor = keras.ops.mean(tensor, axis=axes) if reduce == "mean" else keras.ops.max(tensor, axis=axes)
     elif reduce == "flatten" and rank > 2:
         tensor = keras.ops.reshape(tensor, (-1, int(math.prod(tensor.shape[1:]))))
+    if dtype == "bfloat16":
+        # Round to nearest even bfloat16, then back: float32 with the low 16 mantissa bits
+        # zero. Rounding halves the worst-case error of truncation at the same size.
+        return keras.ops.cast(keras.ops.cast(keras.ops.cast(tensor, "float32"), "bfloat16"), "float32")
     if tensor.dtype != dtype:
         tensor = keras.ops.cast(tensor, dtype)
     return tensor

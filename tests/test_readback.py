@@ -1,0 +1,208 @@
+"""Reading outputs back: the layerbeam API returns the same data for Parquet, Parquet
+compat and TFRecord; pandas, polars and DuckDB read the Parquet outputs with shapes
+recoverable from the manifest; float16 survives every format bit-exactly; `layerbeam show`
+summarizes an output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from transforms.readback import head, open_output, to_arrow, to_pandas, to_tf_dataset
+
+FORMATS = ["parquet", "compat", "tfrecord"]
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by("key")
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.dtype == np.float16 else np.uint32)
+
+
+@pytest.fixture(scope="module")
+def reference(three_formats):
+    """The Parquet output read with plain pyarrow: {key: {column: value}}."""
+    import pyarrow.dataset as ds
+
+    out, _ = three_formats["parquet"]
+    t = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    rows = {}
+    arrays = {n: t.column(n).combine_chunks().to_numpy_ndarray() for n in ("pooled", "map16", "pooled_bf16")}
+    for i, key in enumerate(t.column("key").to_pylist()):
+        rows[key] = {"label": t.column("label")[i].as_py(), **{n: a[i] for n, a in arrays.items()}}
+    return rows
+
+
+def test_arrow_readback_is_identical_for_every_format(three_formats, reference):
+    tables = {f: _sorted(to_arrow(str(three_formats[f][0]))) for f in FORMATS}
+    first = tables["parquet"]
+    assert first.column_names == ["key", "label", "pooled", "map16", "pooled_bf16"]
+    assert first.schema.field("label").type == pa.int64()  # typed from the manifest, not inferred as int32
+    assert first.schema.field("map16").type == pa.fixed_shape_tensor(pa.float16(), [32, 32, 48])  # 64 px, α=0.35
+    for f in FORMATS[1:]:
+        assert tables[f].schema == first.schema, f
+        assert tables[f].equals(first), f  # Arrow equality: float16 compared by value; bits below
+    for f in FORMATS:
+        t = tables[f]
+        maps = t.column("map16").combine_chunks().to_numpy_ndarray()
+        for i, key in enumerate(t.column("key").to_pylist()):
+            np.testing.assert_array_equal(_bits(maps[i]), _bits(reference[key]["map16"]))
+    # one column only, and the first rows
+    assert to_arrow(str(three_formats["tfrecord"][0]), ["key", "pooled"]).column_names == ["key", "pooled"]
+    assert len(head(str(three_formats["tfrecord"][0]), 3)) == 3 and len(head(str(three_formats["parquet"][0]), 3)) == 3
+
+
+def test_tf_dataset_readback_is_identical_for_every_format(three_formats, reference):
+    for f in FORMATS:
+        ds = to_tf_dataset(str(three_formats[f][0]))
+        assert ds.element_spec["map16"].shape == (32, 32, 48) and ds.element_spec["map16"].dtype.name == "float16", f
+        assert ds.element_spec["pooled_bf16"].dtype.name == "float32"
+        seen = set()
+        for row in ds.as_numpy_iterator():
+            key = row["key"].decode()
+            seen.add(key)
+            assert row["label"] == reference[key]["label"]
+            for n in ("pooled", "map16", "pooled_bf16"):
+                np.testing.assert_array_equal(_bits(row[n]), _bits(reference[key][n]), err_msg=f"{f} {n} {key}")
+        assert seen == set(reference), f
+
+
+def test_pandas_readback_has_shaped_cells(three_formats, reference):
+    for f in FORMATS:
+        df = to_pandas(str(three_formats[f][0]))
+        assert list(df.columns) == ["key", "label", "pooled", "map16", "pooled_bf16"]
+        assert str(df["label"].dtype) == "int64"
+        for key, m in zip(df["key"], df["map16"]):
+            assert m.shape == (32, 32, 48) and m.dtype == np.float16
+            np.testing.assert_array_equal(_bits(m), _bits(reference[key]["map16"]))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "compat"])
+def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(three_formats, reference, fmt):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    out, manifest = three_formats[fmt]
+    shapes = {c["name"]: c["shape"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
+    logical = {c["name"]: c["logical_dtype"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
+    stored = {c["name"]: c["dtype"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
+    assert stored["map16"] == ("float32" if fmt == "compat" else "float16")
+
+    def check(key, name, values):
+        v = np.asarray(values, dtype=stored[name]).reshape(shapes[name])
+        if logical[name] == "float16":
+            v = v.astype(np.float16)  # compat widened float16 exactly; narrowing back is exact
+        np.testing.assert_array_equal(_bits(v), _bits(reference[key][name]), err_msg=f"{fmt} {name} {key}")
+
+    # pandas, through its pyarrow engine: a plain read of the folder
+    df = pd.read_parquet(str(out))
+    assert sorted(df["key"]) == sorted(reference)
+    for key, label, values in zip(df["key"], df["label"], df["map16"]):
+        assert int(label) == reference[key]["label"]
+        check(key, "map16", np.asarray(values).reshape(-1))
+
+    # polars: the tensor extension over an Array (fixed-size list), or a plain List (compat)
+    pdf = pl.read_parquet(f"{out}/**/*.parquet", hive_partitioning=True)
+    dtype = pdf.schema["pooled"]
+    assert ("Array(Float32" in str(dtype)) if fmt == "parquet" else dtype == pl.List(pl.Float32), dtype
+    for key, m, p in zip(pdf["key"].to_list(), pdf["map16"].to_list(), pdf["pooled_bf16"].to_list()):
+        check(key, "map16", np.asarray(m).reshape(-1))
+        check(key, "pooled_bf16", p)
+
+    # DuckDB: plain lists; compat files hold only float32 (no FLOAT16, no fixed-size lists)
+    con = duckdb.connect()
+    rows = con.execute(f"select key, label, map16, pooled from read_parquet('{out}/**/*.parquet', hive_partitioning=true)").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(reference)
+    for key, label, m, p in rows:
+        assert int(label) == reference[key]["label"]
+        check(key, "map16", m)
+        check(key, "pooled", p)
+    if fmt == "compat":
+        import pyarrow.parquet as pq
+
+        f = next(out.rglob("*.parquet"))
+        schema = pq.read_schema(f)
+        assert all(schema.field(n).type == pa.list_(pa.float32()) for n in shapes)
+        assert json.loads(schema.metadata[b"layerbeam.outputs"])[1]["shape"] == shapes["map16"]
+
+
+def _float16_batch(n: int = 6):
+    from transforms.writers import output_schema, to_record_batch
+
+    class Spec:
+        name, shape, dtype = "h", (4, 3), "float16"
+
+        def to_json(self):
+            return {"name": "h", "shape": [4, 3], "dtype": "float16"}
+
+    bits = np.array([0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E01, 0xFD55, 0x0001, 0x83FF, 0x7BFF, 0x3C00, 0xBC01, 0x0400], np.uint16)
+    values = np.stack([np.roll(bits, i).view(np.float16).reshape(4, 3) for i in range(n)])
+    schema = output_schema([Spec()], {"key": pa.string()})
+    return schema, values, to_record_batch(schema, {"key": np.array([f"r{i}" for i in range(n)], dtype=object)}, {"h": values})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
+    """±0, ±inf, NaN payloads, subnormals and the largest float16 through each writer,
+    read back by the project API and by an independent reader."""
+    from transforms.writers import OutputLayout, make_writer
+    from pipeline.config import OutputConfig
+
+    schema, values, batch = _float16_batch()
+    cfg = OutputConfig(path=str(tmp_path / "out"), format="tfrecord" if fmt == "tfrecord" else "parquet", parquet_compat=fmt == "compat")
+    writer = make_writer(cfg, schema)
+    layout = OutputLayout(cfg.path, "run")
+    files = writer.write_shard(iter([batch]), layout.shard_dir("s0"), "part-s0")
+    result = {"shard": "s0", "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files]}
+    manifest = {"files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files], "storage": writer.storage_spec(), "outputs": []}
+    layout.commit([result], manifest, overwrite=False)
+
+    got = to_arrow(cfg.path).column("h").combine_chunks().to_numpy_ndarray()
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got.view(np.uint16), values.view(np.uint16))
+    if fmt == "tfrecord":
+        import tensorflow as tf
+
+        recs = tf.data.TFRecordDataset([str(tmp_path / "out" / f.path) for f in files])
+        parsed = [tf.io.parse_tensor(tf.io.parse_single_example(r, {"h": tf.io.FixedLenFeature([], tf.string)})["h"], tf.float16).numpy() for r in recs]
+        independent = np.stack(parsed)
+    else:
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(str(tmp_path / "out" / files[0].path)).column("h").combine_chunks()
+        flat = (col.storage if fmt == "parquet" else col).flatten().to_numpy(zero_copy_only=False)
+        assert flat.dtype == (np.float16 if fmt == "parquet" else np.float32)
+        independent = flat.astype(np.float16).reshape(values.shape)
+    np.testing.assert_array_equal(independent.view(np.uint16), values.view(np.uint16))
+
+
+def test_show_prints_the_summary_and_first_rows(three_formats, capsys):
+    from pipeline.cli import main
+
+    out, manifest = three_formats["tfrecord"]
+    assert main(["show", str(out), "--rows", "2"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("tfrecord", "GZIP", "keras.applications.MobileNetV2", manifest["model"]["fingerprint"][:12],
+                     "map16", "32×32×48", "float16 tensor_proto", "pooled_bf16", "bfloat16", "rows: 10", f"files: {len(manifest['files'])}",
+                     "label=0", "first 2 rows", "min", "std"):
+        assert expected in text, expected
+    first_keys = head(str(out), 2).column("key").to_pylist()
+    assert all(k in text for k in first_keys)
+
+
+def test_show_and_open_refuse_an_incomplete_output(tmp_path, capsys):
+    from pipeline.cli import main
+    from transforms.errors import OutputError
+
+    (tmp_path / "half").mkdir()
+    with pytest.raises(OutputError, match="no _SUCCESS"):
+        open_output(str(tmp_path / "half"))
+    assert main(["show", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no _SUCCESS" in err
