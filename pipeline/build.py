@@ -211,34 +211,50 @@ def _check_writable(layout) -> None:
         raise ConfigError(f"output.path {layout.out!r} is not writable ({e.strerror or e}); choose a folder you can write to") from None
 
 
-def _estimate_examples(cfg: JobConfig, shards) -> int | None:
-    """Examples in the input: exact for image folders; for TFRecord, records in the first
-    shard (up to 2000 read) scaled by bytes."""
+def _estimate_examples(cfg: JobConfig, shards, budget: int = 2000) -> int | None:
+    """Examples in the input: exact for image folders; for TFRecord, records are counted
+    shard by shard (up to `budget` records read): exact when every shard fits in the
+    budget, else scaled by file size from the shards read completely (or, when not even
+    the first shard fits, by the mean record size, which assumes no compression)."""
+    cap = cfg.input.max_examples_per_shard
     if cfg.input.format == "images":
-        n = sum(len(s.paths) for s in shards)
-        return min(n, cfg.input.max_examples_per_shard * len(shards)) if cfg.input.max_examples_per_shard else n
+        return sum(min(len(s.paths), cap) if cap else len(s.paths) for s in shards)
     import tensorflow as tf
 
     from transforms.readers import _LocalBridge
 
-    first = shards[0]
-    bridge = _LocalBridge(first.paths[:1])
-    try:
-        n, nbytes = 0, 0
-        for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.input.compression or None).take(2000):
-            n += 1
-            nbytes += len(rec.numpy()) + 16
-    except tf.errors.OpError:
+    counts: list[int] = []  # records of each shard read completely
+    n_partial, nbytes = 0, 0
+    for shard in shards:
+        left = budget - sum(counts)
+        if left <= 0:
+            break
+        bridge = _LocalBridge(shard.paths[:1])
+        try:
+            n = 0
+            for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.input.compression or None).take(left + 1):
+                n += 1
+                nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
+        except tf.errors.OpError:
+            return None
+        finally:
+            bridge.close()
+        if n > left:
+            n_partial = n
+            break
+        counts.append(n)
+    capped = [min(c, cap) if cap else c for c in counts]
+    if len(counts) == len(shards):
+        return sum(capped)
+    rest = shards[len(counts):]
+    if counts and sum(s.size for s in shards[: len(counts)]):
+        per_byte = sum(counts) / sum(s.size for s in shards[: len(counts)])
+    elif n_partial:
+        per_byte = n_partial / nbytes
+    else:
         return None
-    finally:
-        bridge.close()
-    if n == 0:
-        return 0
-    total = sum(s.size for s in shards)
-    est = n if n < 2000 and len(shards) == 1 else round(total / (nbytes / n))
-    if cfg.input.max_examples_per_shard:
-        est = min(est, cfg.input.max_examples_per_shard * len(shards))
-    return est
+    est_rest = [round(s.size * per_byte) for s in rest]
+    return sum(capped) + sum(min(e, cap) if cap else e for e in est_rest)
 
 
 def _human(n: float) -> str:

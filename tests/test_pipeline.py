@@ -224,3 +224,18 @@ def test_cli_bad_config_in_a_subprocess_has_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("layerbeam: error: config file") and "Traceback" not in r.stderr
     assert "tensorflow" not in r.stderr.lower()  # a config error does not even load TensorFlow
+
+
+def test_size_plan_counts_examples_exactly_when_the_shards_are_small(png_dataset, tmp_path):
+    from pipeline.build import _estimate_examples
+    from transforms.readers import match_shards
+
+    folder, imgs, _ = png_dataset
+    cfg = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out")))
+    shards = match_shards(cfg.input.pattern, "tfrecord")
+    assert _estimate_examples(cfg, shards) == len(imgs) == 10  # 4 + 3 + 3, all read
+    # a budget that covers only the first shard: the rest is scaled by file size
+    est = _estimate_examples(cfg, shards, budget=4)
+    assert 8 <= est <= 12
+    capped = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **{"input.max_examples_per_shard": 2}))
+    assert _estimate_examples(capped, shards) == 6
