@@ -39,7 +39,6 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "preprocess_fn",
-    "configure_devices",
 ]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 4}  # bfloat16 is stored as float32
@@ -607,19 +606,6 @@ class ModelGraph:
 
 
 # --------------------------------------------------------------------------- runtime
-
-
-def configure_devices() -> list[str]:
-    """Turn on memory growth for every visible GPU; return their names (empty on CPU)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    for g in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(g, True)
-        except RuntimeError:  # already initialized: growth must be set before first use
-            pass
-    return [g.name for g in gpus]
 
 
 class Extractor:
