@@ -193,3 +193,23 @@ def test_writer_uploads_to_a_non_local_destination():
         local.write_bytes(data)
         keys += [tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0].decode() for r in tf.data.TFRecordDataset(str(local)).as_numpy_iterator()]
     assert sorted(keys) == sorted(f"kéy/{i}" for i in range(6))
+
+
+def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path):
+    """The commit filters later shards' repeats out of TFRecord files as it does for Parquet."""
+    from pipeline.build import run_job
+    from pipeline.config import load_config
+    from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
+    from transforms.readback import to_arrow
+
+    imgs = photo_crops(5, 64, seed=7)
+    rec = lambda i, key: example({"image/encoded": encode_png(imgs[i]), "image/key": key, "image/class/label": i % 2})
+    write_tfrecords(tmp_path / "data", [[rec(0, "a"), rec(1, "b")], [rec(2, "c"), rec(3, "a"), rec(4, "d")]])
+    raw = base_config(f"{tmp_path}/data/*.tfrecord", str(tmp_path / "out"), **{"output.format": "tfrecord", "output.partition_by": ["label"]})
+    manifest = run_job(load_config(raw=raw))
+    assert manifest["counts"]["records_read"] == 5
+    assert manifest["counts"]["rows_written"] == 4
+    assert manifest["counts"]["dead_letter_reasons"] == {"duplicate_key": 1}
+    table = to_arrow(str(tmp_path / "out"))
+    assert sorted(table.column("key").to_pylist()) == ["a", "b", "c", "d"]
+    assert sum(f["rows"] for f in manifest["files"]) == 4

@@ -785,8 +785,6 @@ class OutputLayout:
                 shard's files are copied with the rows filtered out; its staged files stay,
                 so a repeated commit gives the same result.
         """
-        import pyarrow.parquet as pq
-
         drop = drop or {}
         final = f"{self.run_dir}/final"
         self.fs.makedirs(final, exist_ok=True)
@@ -800,22 +798,14 @@ class OutputLayout:
                 dst = f"{final}/{f['final_path']}"
                 self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
                 if gone:
-                    table = _read_parquet(self.fs, src)
-                    from transforms.beam import key_hashes
-
-                    keys = table.column("key").to_pylist()
-                    hashes = key_hashes(keys)
-                    keep = ~np.isin(hashes, np.fromiter(gone, np.uint64, len(gone)))
-                    for k, h in zip(keys, hashes.tolist()):
-                        if h in gone:
-                            gone[h]["key"] = k
-                    _write_parquet_like(self.fs, src, dst, table.filter(pa.array(keep)))
-                elif self.fs.exists(src):
+                    rows = _rewrite_without(self.fs, src, dst, gone)
+                    files.append(dict(f, rows=rows, bytes=self.fs.size(dst)))
+                    continue
+                if self.fs.exists(src):
                     self.fs.mv(src, dst)
                 elif not self.fs.exists(dst):
                     raise CommitError(f"shard {r['shard']}: staged file {src} is missing and was not moved to {dst}; delete {self.run_dir} and run again")
-                md = pq.read_metadata(self.fs.open(dst, "rb"))
-                files.append(dict(f, rows=md.num_rows, bytes=self.fs.size(dst)))
+                files.append(dict(f))  # rows and bytes as the writer verified them
             r["files"] = files
             r["rows"] = sum(f["rows"] for f in files)
             dead_src = self.dead_file(r["shard"])
@@ -895,6 +885,46 @@ def _pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _rewrite_without(fs, src: str, dst: str, gone: dict[int, dict]) -> int:
+    """Copy data file `src` to `dst` without the rows whose key hash is in `gone` (filling
+    in each dropped row's key); return the rows kept. Parquet or TFRecord, by extension.
+    A rare path (keys repeated across shards), so plain per-row Python is fine here."""
+    from transforms.beam import key_hashes
+
+    def note(keys) -> np.ndarray:
+        hashes = key_hashes(keys)
+        for k, h in zip(keys, hashes.tolist()):
+            if h in gone:
+                gone[h]["key"] = k.decode() if isinstance(k, bytes) else k
+        return ~np.isin(hashes, np.fromiter(gone, np.uint64, len(gone)))
+
+    if src.endswith(".parquet"):
+        table = _read_parquet(fs, src)
+        keep = note(table.column("key").to_pylist())
+        _write_parquet_like(fs, src, dst, table.filter(pa.array(keep)))
+        return int(keep.sum())
+    if src.endswith((".tfrecord", ".tfrecord.gz")):
+        import os
+        import tempfile
+
+        import tensorflow as tf
+
+        compression = "GZIP" if src.endswith(".gz") else ""
+        with tempfile.TemporaryDirectory(prefix="layerbeam-dedupe-") as tmp:
+            local_in, local_out = os.path.join(tmp, "in"), os.path.join(tmp, "out")
+            fs.get(src, local_in)
+            records = [r.numpy() for r in tf.data.TFRecordDataset(local_in, compression_type=compression or None)]
+            keys = [tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0] for r in records]
+            keep = note(keys)
+            with tf.io.TFRecordWriter(local_out, options=tf.io.TFRecordOptions(compression_type=compression)) as w:
+                for r, k in zip(records, keep):
+                    if k:
+                        w.write(r)
+            fs.put(local_out, dst)
+        return int(keep.sum())
+    raise CommitError(f"cannot filter repeated keys out of {src!r}: unknown data file type")
 
 
 def _read_parquet(fs, path: str) -> pa.Table:
