@@ -60,6 +60,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _require_filesystem(what: str, url: str) -> None:
+    """A URL whose file system package is missing is a one-line error, not a traceback."""
+    import fsspec
+
+    try:
+        fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        extra = {"gs": "gcp", "gcs": "gcp", "s3": "s3"}.get(scheme)
+        fix = f"pip install 'layerbeam[{extra}]'" if extra else "install the fsspec implementation for it"
+        raise ConfigError(f"{what} {url!r} needs a file system package for {scheme}:// that is not installed ({e}); {fix}") from None
+    except ValueError as e:
+        raise ConfigError(f"{what} {url!r} is not a path fsspec understands: {e}") from None
+
+
 def prepare(cfg: JobConfig) -> Plan:
     """Every check that can fail before work starts, and the size plan.
 
@@ -71,10 +86,16 @@ def prepare(cfg: JobConfig) -> Plan:
             or the outputs exceed `layers.max_bytes_per_example`.
     """
     from transforms.beam import _input_shapes
-    from transforms.extractor import ModelError, ModelGraph, SelectionError, load_model, model_fingerprint
+    from transforms.devices import discover_gpus
+    from transforms.extractor import ModelError, ModelGraph, SelectionError, load_model, model_fingerprint, preprocess_fn
     from transforms.readers import match_shards
     from transforms.writers import OutputLayout
 
+    for what, url in (("input.pattern", cfg.input.pattern), ("output.path", cfg.output.path)):
+        _require_filesystem(what, url)
+    # Memory growth before this process touches a GPU, or the launcher's model load below
+    # would reserve the whole device for the rest of the run.
+    discover_gpus()
     try:
         shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard)
     except (OSError, ValueError) as e:
@@ -107,8 +128,15 @@ def prepare(cfg: JobConfig) -> Plan:
     try:
         from transforms.readers import _feature_map
 
-        _feature_map(cfg.input, graph.input_shapes) if cfg.input.format == "tfrecord" else None
-    except ValueError as e:
+        if cfg.input.format == "tfrecord":
+            _feature_map(cfg.input, graph.input_shapes)
+        elif len(graph.input_shapes) != 1:
+            raise ValueError(
+                f"input.format 'images' feeds one image per example, but the model has inputs {list(graph.input_shapes)}; "
+                "write the inputs as features of TFRecord examples and map them with input.inputs"
+            )
+        preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
+    except (ValueError, ModelError) as e:
         raise ConfigError(str(e)) from None
     fp = model_fingerprint(model)
     config = config_to_dict(cfg)

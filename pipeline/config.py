@@ -131,6 +131,17 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _image_folders_have_no_features(self):
+        if self.input.format == "images":
+            set_ = [k for k in ("key_feature", "label_feature", "inputs", "passthrough") if getattr(self.input, k)]
+            if set_:
+                raise ValueError(
+                    f"input.{set_[0]} is set, but input.format 'images' reads plain image files, which have no features "
+                    "(the key is the file path and the label the folder name); remove it or write TFRecord examples"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _partitions_exist(self):
         cols = {"label"} if self.input.label_feature or self.input.format == "images" else set()
         cols |= set(self.input.passthrough)
@@ -145,7 +156,7 @@ class JobConfig(_Strict):
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in err["loc"])
     typ = err["type"]
     if typ == "extra_forbidden":
         parent_path = [p for p in err["loc"][:-1]]
@@ -164,7 +175,10 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     if typ == "missing":
         return f"{source}: required key {loc!r} is missing; add it (see configs/demo.yaml)"
     value = err.get("input")
-    return f"{source}: {loc} = {value!r} is invalid: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if typ == "value_error" and isinstance(value, dict):  # a rule across fields: its message names them
+        return f"{source}: {msg}"
+    return f"{source}: {loc} = {value!r} is invalid: {msg}"
 
 
 def _model_of(ann):

@@ -71,3 +71,15 @@ def test_demo_config_is_valid():
     cfg = load_config("configs/demo.yaml")
     assert cfg.model.source == "keras.applications.MobileNetV2"
     assert len(cfg.layers.select) == 5
+
+
+def test_image_folders_take_no_feature_settings():
+    raw = base_config("photos/**", "/o", **{"input.format": "images", "input.passthrough": {"id": "int64"}})
+    raw["input"].pop("key_feature")
+    raw["input"].pop("label_feature")
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw)
+    assert str(e.value) == (
+        "config: input.passthrough is set, but input.format 'images' reads plain image files, which have no features "
+        "(the key is the file path and the label the folder name); remove it or write TFRecord examples"
+    )

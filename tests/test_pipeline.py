@@ -5,6 +5,7 @@ line with exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,31 @@ def test_size_plan_counts_examples_exactly_when_the_shards_are_small(png_dataset
     assert 8 <= est <= 12
     capped = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **{"input.max_examples_per_shard": 2}))
     assert _estimate_examples(capped, shards) == 6
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"input.preprocess": "tff"}, "input.preprocess 'tff' is unknown"),
+        ({"input.preprocess": "no_such_module:fn"}, "input.preprocess 'no_such_module:fn': cannot import it"),
+        ({"input.pattern": "s3://bucket/data/*.tfrecord"}, "needs a file system package for s3:// that is not installed"),
+        ({"output.path": "s3://bucket/out"}, "pip install 'layerbeam[s3]'"),
+    ],
+)
+def test_preflight_catches_what_would_otherwise_fail_on_a_worker(tmp_path, png_dataset, change, expected):
+    from pipeline.build import prepare
+    from pipeline.config import ConfigError
+
+    folder, _, _ = png_dataset
+    pytest.importorskip("fsspec")
+    try:
+        import s3fs  # noqa: F401
+
+        if "s3://" in str(change):
+            pytest.skip("s3fs is installed here")
+    except ImportError:
+        pass
+    cfg = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **change))
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
