@@ -161,3 +161,17 @@ def test_image_folders_empty_and_non_image_files_are_dead_letters(tmp_path, bad_
     rows = {os.path.basename(k): i for i, k in enumerate(table.column("key").to_pylist())}
     got = table.column("conv1").combine_chunks().to_numpy_ndarray()[[rows[n] for n in ("a.png", "b.png", "c.png")]]
     np.testing.assert_allclose(got, reference(model, "conv1", np.stack(imgs)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_readme_globs_read_only_data_files_when_there_are_dead_letters(bad_run):
+    """`_dead_letters/*.parquet` sits inside the output; the documented globs skip it."""
+    import duckdb
+    import polars as pl
+
+    root, _, manifest, refs, _ = bad_run
+    out = root / "out"
+    assert list((out / "_dead_letters").glob("*.parquet"))
+    df = pl.read_parquet(f"{out}/**/part-*.parquet", hive_partitioning=True)
+    assert sorted(df["key"].to_list()) == sorted(refs)
+    keys = duckdb.sql(f"select key from read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)").fetchall()
+    assert sorted(k for (k,) in keys) == sorted(refs)

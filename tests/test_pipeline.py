@@ -100,14 +100,14 @@ def test_parquet_reads_back_the_same_in_pyarrow_polars_and_duckdb(demo_run):
     shapes = {o["name"]: o["shape"] for o in manifest["outputs"]}
 
     # polars: fixed-size lists come back as Array columns
-    df = pl.read_parquet(f"{out}/**/*.parquet", hive_partitioning=True)
+    df = pl.read_parquet(f"{out}/**/part-*.parquet", hive_partitioning=True)
     assert sorted(df["key"].to_list()) == sorted(imgs)
     for k, v in zip(df["key"].to_list(), df["out_relu"].to_numpy()):
         np.testing.assert_array_equal(np.asarray(v, np.float32).reshape(shapes["out_relu"]), ref_pool[k])
 
     # DuckDB: a plain list; the shape comes from the Parquet key-value metadata
     con = duckdb.connect()
-    rows = con.execute(f"select key, block_10_map, label from read_parquet('{out}/**/*.parquet', hive_partitioning=true)").fetchall()
+    rows = con.execute(f"select key, block_10_map, label from read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)").fetchall()
     assert sorted(r[0] for r in rows) == sorted(imgs)
     import pyarrow.parquet as pq
 

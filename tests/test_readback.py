@@ -108,7 +108,7 @@ def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(thr
         check(key, "map16", np.asarray(values).reshape(-1))
 
     # polars: the tensor extension over an Array (fixed-size list), or a plain List (compat)
-    pdf = pl.read_parquet(f"{out}/**/*.parquet", hive_partitioning=True)
+    pdf = pl.read_parquet(f"{out}/**/part-*.parquet", hive_partitioning=True)
     dtype = pdf.schema["pooled"]
     assert ("Array(Float32" in str(dtype)) if fmt == "parquet" else dtype == pl.List(pl.Float32), dtype
     for key, m, p in zip(pdf["key"].to_list(), pdf["map16"].to_list(), pdf["pooled_bf16"].to_list()):
@@ -117,7 +117,7 @@ def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(thr
 
     # DuckDB: plain lists; compat files hold only float32 (no FLOAT16, no fixed-size lists)
     con = duckdb.connect()
-    rows = con.execute(f"select key, label, map16, pooled from read_parquet('{out}/**/*.parquet', hive_partitioning=true)").fetchall()
+    rows = con.execute(f"select key, label, map16, pooled from read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)").fetchall()
     assert sorted(r[0] for r in rows) == sorted(reference)
     for key, label, m, p in rows:
         assert int(label) == reference[key]["label"]
