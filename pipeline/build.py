@@ -440,10 +440,12 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
     return manifest["counts"]
 
 
-def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[int, dict]]:
+def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[bytes, dict]]:
     """shard id → {key hash: dead-letter row} for rows whose key an earlier shard wrote.
 
     The earliest (shard id, record index) keeps the key; every later one is dropped.
+    Vectorized over all rows (about 24 bytes of memory per row at commit); Python runs
+    only once per repeated key.
     """
     import numpy as np
 
@@ -457,27 +459,23 @@ def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[int, di
     if not hashes:
         return {}
     h, rank, idx = np.concatenate(hashes), np.concatenate(ranks), np.concatenate(index)
-    if len(h) == len(np.unique(h)):
-        return {}
-    sort = np.lexsort((idx, rank, h))
+    sort = np.lexsort((idx, rank, h))  # by hash, then shard order, then record index
     h, rank, idx = h[sort], rank[sort], idx[sort]
     later = np.concatenate([[False], h[1:] == h[:-1]])
-    first_of = {}
-    drop: dict[str, dict[int, dict]] = {}
-    for j in range(len(h)):
-        key = int(h[j])
-        if not later[j]:
-            first_of[key] = (order[rank[j]]["shard"], int(idx[j]))
-            continue
+    if not later.any():
+        return {}
+    first = np.flatnonzero(~later)[np.cumsum(~later) - 1]  # position of each run's first row
+    drop: dict[str, dict[bytes, dict]] = {}
+    for j in np.flatnonzero(later):
         r = order[rank[j]]
-        first_shard, first_index = first_of[key]
-        drop.setdefault(r["shard"], {})[key] = {
+        f = first[j]
+        drop.setdefault(r["shard"], {})[h[j].tobytes()] = {
             "key": None,  # filled in from the row by the commit
             "shard": r["paths"][0] if len(r["paths"]) == 1 else r["paths"][int(idx[j])],
             "index": int(idx[j]),
             "stage": "dedupe",
             "reason": "duplicate_key",
-            "detail": f"the key was already written by record {first_index} of shard {first_shard}",
+            "detail": f"the key was already written by record {int(idx[f])} of shard {order[rank[f]]['shard']}",
         }
     return drop
 

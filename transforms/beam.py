@@ -124,7 +124,7 @@ class ShardProcessor:
         # the rest of the shard's time is the writer (encoding, compression, I/O).
         timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
         end: list[ShardEnd] = []
-        first_seen: dict[int, int] = {}  # key hash → index of the record that wrote it
+        first_seen: dict[bytes, int] = {}  # key → index of the record that wrote it
         kept_hash: list[np.ndarray] = []
         kept_index: list[np.ndarray] = []
         dupes: list[Failure] = []
@@ -165,7 +165,7 @@ class ShardProcessor:
         dead = self._dead_letters(shard, failures, shard_end.shard_error)
         self.layout.write_keys(
             shard.id,
-            np.concatenate(kept_hash) if kept_hash else np.zeros(0, np.uint64),
+            np.concatenate(kept_hash) if kept_hash else np.zeros(0, KEY_HASH_DTYPE),
             np.concatenate(kept_index) if kept_index else np.zeros(0, np.int64),
         )
         err = shard_end.shard_error
@@ -219,25 +219,32 @@ def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_exampl
     return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
 
 
+KEY_HASH_DTYPE = "S16"
+
+
 def key_hashes(keys: np.ndarray) -> np.ndarray:
-    """64-bit BLAKE2b of each key (bytes or str), as uint64: stable across processes, used to
-    find repeated keys within a shard and across shards."""
+    """128-bit BLAKE2b of each key (bytes or str), as `S16`: stable across processes; used to
+    find keys repeated across shards at commit without holding the keys themselves. At
+    128 bits, a false match among 10^12 keys has a probability below 10^-14."""
     import hashlib
 
-    raw = b"".join(hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=8).digest() for k in keys)
-    return np.frombuffer(raw, dtype="<u8").copy()
+    return np.array(
+        [hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=16).digest() for k in keys],
+        dtype=KEY_HASH_DTYPE,
+    ).reshape(len(keys))
 
 
-def _drop_repeated_keys(batch, first_seen: dict[int, int], dupes: list[Failure]):
+def _drop_repeated_keys(batch, first_seen: dict[bytes, int], dupes: list[Failure]):
     """The batch without records whose key an earlier record of the shard had (those become
-    `duplicate_key` failures); None if nothing is left. Adds `__key_hash__` to the columns."""
+    `duplicate_key` failures; compared by the keys themselves, not hashes); None if
+    nothing is left. Adds `__key_hash__` to the columns."""
     import tensorflow as tf
 
     keys = batch.columns["key"]
     hashes = key_hashes(keys)
     keep = np.ones(len(hashes), bool)
-    for j, (h, i) in enumerate(zip(hashes.tolist(), batch.index.tolist())):
-        first = first_seen.setdefault(h, i)
+    for j, (k, i) in enumerate(zip(keys.tolist(), batch.index.tolist())):
+        first = first_seen.setdefault(k, i)
         if first != i:
             keep[j] = False
             k = keys[j].decode("utf-8", "replace") if isinstance(keys[j], bytes) else str(keys[j])

@@ -631,11 +631,11 @@ class OutputLayout:
         self._write_atomic(self.marker(shard_id), json.dumps(result).encode())
 
     def write_keys(self, shard_id: str, hashes: np.ndarray, index: np.ndarray) -> None:
-        """Store the key hashes (uint64) of the rows a shard wrote, with their record indices."""
+        """Store the key hashes (`S16`) of the rows a shard wrote, with their record indices."""
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, hash=hashes.astype(np.uint64), index=index.astype(np.int64))
+        np.savez(buf, hash=hashes.astype("S16"), index=index.astype(np.int64))
         self._write_atomic(self.keys_file(shard_id), buf.getvalue())
 
     def read_keys(self, shard_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -898,7 +898,7 @@ def _rewrite_without(fs, src: str, dst: str, gone: dict[int, dict]) -> int:
         for k, h in zip(keys, hashes.tolist()):
             if h in gone:
                 gone[h]["key"] = k.decode() if isinstance(k, bytes) else k
-        return ~np.isin(hashes, np.fromiter(gone, np.uint64, len(gone)))
+        return ~np.isin(hashes, np.array(list(gone), dtype=hashes.dtype))
 
     if src.endswith(".parquet"):
         table = _read_parquet(fs, src)
