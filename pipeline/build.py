@@ -346,8 +346,14 @@ def build_pipeline(pipeline, plan: Plan):
     return (
         results
         | "CollectResults" >> beam.combiners.ToList()
-        | "Commit" >> beam.Map(commit_run, beam.pvalue.AsList(shards), manifest_base, plan.run_id)
+        | "Commit" >> beam.Map(commit_run, beam.pvalue.AsList(shards), manifest_base, plan.run_id, _inputs_digest(plan.inputs))
     )
+
+
+def _inputs_digest(shards) -> str:
+    """A digest of the shard list: (id, paths) of `Shard`s or of `Plan.inputs` tuples."""
+    items = sorted((s.id, tuple(s.paths)) if hasattr(s, "id") else (s[0], tuple(s[1])) for s in shards)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def _manifest_base(plan: Plan) -> dict:
@@ -377,27 +383,40 @@ def _storage_spec(plan: Plan) -> dict:
     return make_writer(cfg.output, output_schema(plan.outputs, column_types(cfg.input))).storage_spec()
 
 
-def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id: str) -> dict:
+def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id: str, planned_inputs: str | None = None) -> dict:
     """Check that every shard is there and the counts add up, then commit the output.
 
     Records whose key an earlier shard (in shard order) already wrote are left out here and
-    become `duplicate_key` dead letters: each shard stored its rows' 64-bit key hashes, so
-    this check needs about 16 bytes of memory per row written. Repeats within a shard were
+    become `duplicate_key` dead letters: each shard stored its rows' 128-bit key hashes, so
+    this check needs about 24 bytes of memory per row written. Repeats within a shard were
     already removed by the shard's worker.
 
+    Args:
+        planned_inputs: `_inputs_digest` of the shards the launcher listed (and the run id
+            was computed from); the workers list the pattern again, and a difference
+            means the input changed during the run.
+
     Raises:
-        CommitError: a shard is missing or doubled, counts do not reconcile
-            (`read = written + dead`), or workers built different models. Nothing is
-            committed then.
+        CommitError: the input changed since the launcher listed it, a shard is missing or
+            doubled, counts do not reconcile (`read = written + dead`), or workers built
+            different models. Nothing is committed then.
     """
+    from collections import Counter
+
     from transforms.writers import CommitError, OutputLayout
 
     cfg = manifest_base["config"]
+    if planned_inputs is not None and _inputs_digest(shards) != planned_inputs:
+        raise CommitError(
+            f"the files matching input.pattern {cfg['input']['pattern']!r} changed while the job ran "
+            f"({len(shards)} shards now); nothing committed. Re-run when the input is stable (finished shards are kept only for the same input)"
+        )
     expected = {s.id for s in shards}
     got = [r["shard"] for r in results]
     if sorted(got) != sorted(expected):
+        counts = Counter(got)
         missing = sorted(expected - set(got))
-        extra = sorted({g for g in got if got.count(g) > 1} | (set(got) - expected))
+        extra = sorted({g for g, n in counts.items() if n > 1} | (set(got) - expected))
         raise CommitError(f"shard results do not match the input: missing {missing}, unexpected or doubled {extra}; nothing committed")
     fps = {r["model_fingerprint"] for r in results}
     if fps != {manifest_base["model"]["fingerprint"]}:

@@ -268,3 +268,18 @@ def test_preflight_catches_what_would_otherwise_fail_on_a_worker(tmp_path, png_d
     with pytest.raises(ConfigError, match=re.escape(expected)):
         prepare(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_commit_refuses_when_the_input_changed_since_the_launcher_listed_it(tmp_path, png_dataset):
+    from pipeline.build import _inputs_digest, _manifest_base, commit_run, prepare
+    from transforms.readers import match_shards
+    from transforms.writers import CommitError
+
+    folder, _, _ = png_dataset
+    cfg = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out")))
+    plan = prepare(cfg)
+    shards = match_shards(cfg.input.pattern, "tfrecord")
+    assert _inputs_digest(shards) == _inputs_digest(plan.inputs)  # the launcher's and the workers' listings agree
+    with pytest.raises(CommitError, match="changed while the job ran"):
+        commit_run([], shards[:-1], _manifest_base(plan), plan.run_id, _inputs_digest(plan.inputs))
+    assert not (tmp_path / "out").exists()
