@@ -229,12 +229,16 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 
 def _check_writable(layout) -> None:
+    """Write and delete a probe file beside the output; leave nothing behind."""
     probe = f"{layout.staging_root}/.probe-{time.time_ns()}"
+    created = not layout.fs.exists(layout.staging_root)
     try:
         layout.fs.makedirs(layout.staging_root, exist_ok=True)
         with layout.fs.open(probe, "w") as f:
             f.write("ok")
         layout.fs.rm(probe)
+        if created:
+            layout.fs.rm(layout.staging_root, recursive=True)
     except OSError as e:
         raise ConfigError(f"output.path {layout.out!r} is not writable ({e.strerror or e}); choose a folder you can write to") from None
 

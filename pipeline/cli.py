@@ -97,7 +97,9 @@ def _run(args, beam_args: list[str]) -> int:
     from pipeline.build import _human, prepare, run_job
     from pipeline.config import load_config
 
-    bad = [a for a in beam_args if not a.startswith("-")]
+    # Beam flags may take their value after a space (--runner DataflowRunner); anything
+    # else that is not a flag is a mistake (a second config file, a stray word).
+    bad = [a for i, a in enumerate(beam_args) if not a.startswith("-") and not (i and beam_args[i - 1].startswith("--") and "=" not in beam_args[i - 1])]
     if bad:
         raise _UsageError(f"unexpected argument {bad[0]!r}; flags for Beam start with --, config overrides use --set key=value")
     overrides = list(args.overrides)
@@ -105,9 +107,9 @@ def _run(args, beam_args: list[str]) -> int:
         overrides.append("output.overwrite=true")
     if args.unsafe_model:
         overrides.append("model.safe_mode=false")
-    if args.max_shards:
+    if args.max_shards is not None:
         overrides.append(f"input.max_shards={args.max_shards}")
-    if args.max_examples_per_shard:
+    if args.max_examples_per_shard is not None:
         overrides.append(f"input.max_examples_per_shard={args.max_examples_per_shard}")
     cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")

@@ -283,3 +283,25 @@ def test_commit_refuses_when_the_input_changed_since_the_launcher_listed_it(tmp_
     with pytest.raises(CommitError, match="changed while the job ran"):
         commit_run([], shards[:-1], _manifest_base(plan), plan.run_id, _inputs_digest(plan.inputs))
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_only_writes_nothing_and_beam_flags_may_take_values_after_a_space(tmp_path, png_dataset, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    folder, _, _ = png_dataset
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(f"{folder}/*.tfrecord", f"file://{tmp_path}/out")))
+    assert main(["run", str(cfg), "--plan-only", "--runner", "DirectRunner", "-q"]) == 0
+    assert "size plan" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]  # no output, no staging folder
+    assert main(["run", str(cfg), "stray", "-q"]) == 2
+    assert "unexpected argument 'stray'" in capsys.readouterr().err
+
+
+def test_a_file_url_output_commits_like_a_local_path(tmp_path, png_dataset):
+    folder, imgs, _ = png_dataset
+    manifest = run_job(load_config(raw=base_config(f"{folder}/*.tfrecord", f"file://{tmp_path}/out")))
+    assert manifest["counts"]["rows_written"] == len(imgs)
+    assert (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out.layerbeam-staging").exists()

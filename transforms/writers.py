@@ -593,7 +593,8 @@ class OutputLayout:
     RUN_INFO = "_run.json"
 
     def __init__(self, out: str, run_id: str):
-        self.out = out.rstrip("/")
+        # file:///x is /x: the local commit renames with os.* calls, which take plain paths
+        self.out = (out[len("file://"):] if out.startswith("file://") else out).rstrip("/")
         self.run_id = run_id
         self.staging_root = f"{self.out}.layerbeam-staging"
         self.run_dir = f"{self.staging_root}/{run_id}"
