@@ -104,6 +104,11 @@ def base_config(pattern: str, out: str, **overrides) -> dict:
         "batching": {"batch_size": 4},
         "output": {"path": out},
     }
+    return with_overrides(cfg, **overrides)
+
+
+def with_overrides(cfg: dict, **overrides) -> dict:
+    """Set dotted keys (`output.path=...`) in a raw config dict, creating sections; returns it."""
     for dotted, value in overrides.items():
         node = cfg
         keys = dotted.split(".")

@@ -41,13 +41,7 @@ def _one_line_error(r) -> str:
 
 def _cfg(setup, tmp_path, **overrides) -> Path:
     root, model, folder = setup
-    cfg = tiny_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), model)
-    for dotted, value in overrides.items():
-        node = cfg
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    cfg = tiny_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), model, **overrides)
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p

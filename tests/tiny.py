@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.conftest import with_overrides
+
 SIZE = 32
 
 
@@ -32,13 +34,7 @@ def tiny_config(pattern: str, out: str, model: Path, **overrides) -> dict:
         "batching": {"batch_size": 4},
         "output": {"path": out},
     }
-    for dotted, value in overrides.items():
-        node = cfg
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return cfg
+    return with_overrides(cfg, **overrides)
 
 
 def reference(model_path: Path, layer: str, images: np.ndarray) -> np.ndarray:

@@ -67,7 +67,6 @@ class ShardProcessor:
         from transforms.devices import ExtractorPool, discover_gpus, plan_devices, set_precision
         from transforms.extractor import Extractor, ModelGraph, load_model, model_fingerprint, preprocess_fn
 
-        t0 = time.perf_counter()
         self.cfg = cfg = JobConfig.model_validate(config)
         set_precision(cfg.batching.precision)
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
@@ -101,8 +100,6 @@ class ShardProcessor:
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
         self.layout = OutputLayout(cfg.output.path, run_id)
-        self.load_seconds = time.perf_counter() - t0
-        self.lock = threading.Lock()
 
     def process(self, shard: Shard, on_batch=None) -> dict:
         """Extract and write one shard; return its result (also stored as its marker).

@@ -29,6 +29,7 @@ import numpy as np
 
 from transforms._keras_graph import SubclassedModelError, TracedTensor, trace_model
 from transforms.errors import ModelError, SelectionError
+from transforms.readers import _first_line
 
 __all__ = [
     "ModelError",
@@ -224,11 +225,6 @@ def _local_copy(src: str) -> str:
     local = os.path.join(tempfile.mkdtemp(prefix="layerbeam-model-"), os.path.basename(src))
     fsspec.open(src).fs.get(src, local)
     return local
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 def model_fingerprint(model) -> str:

@@ -69,7 +69,7 @@ def open_output(path: str) -> Output:
         OutputError: no `_SUCCESS` (the run is unfinished or failed), or no manifest, or a
             manifest written before layerbeam stored the feature spec.
     """
-    from transforms.writers import fsspec_fs
+    from transforms.readers import fsspec_fs
 
     root = path.rstrip("/")
     fs, fs_root = fsspec_fs(root)

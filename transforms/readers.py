@@ -109,7 +109,8 @@ class ShardEnd:
     shard_error: Failure | None = None
 
 
-def _fs(url: str):
+def fsspec_fs(url: str):
+    """(fsspec file system, path in it) for a local path or URL."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -122,7 +123,7 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
         pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …).
         fmt: 'tfrecord' (one shard per file) or 'images' (groups of `files_per_shard` files).
     """
-    fs, path = _fs(pattern)
+    fs, path = fsspec_fs(pattern)
     if not any(c in path for c in "*?["):
         if fs.isdir(path):
             path = path.rstrip("/") + ("/**" if fmt == "images" else "/*")
@@ -156,7 +157,7 @@ class _LocalBridge:
             if self.dir is None:
                 self.dir = tempfile.mkdtemp(prefix="layerbeam-bridge-")
             local = os.path.join(self.dir, f"{len(self.paths):06d}-{posixpath.basename(p)}")
-            fs, fp = _fs(p)
+            fs, fp = fsspec_fs(p)
             fs.get(fp, local)
             self.paths.append(local)
 
@@ -280,7 +281,6 @@ def _feature_map(cfg, input_shapes) -> dict[str, str]:
     return {next(iter(input_shapes)): cfg.image_feature}
 
 
-_TF_TYPES = {"int64": "int64", "float32": "float32", "string": "string"}
 
 
 def _decode_image(data, shape, cfg, preprocess):
@@ -302,7 +302,7 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
     if cfg.label_feature:
         spec[cfg.label_feature] = tf.io.FixedLenFeature([], tf.as_dtype(cfg.label_type))
     for name, typ in cfg.passthrough.items():
-        spec[name] = tf.io.FixedLenFeature([], tf.as_dtype(_TF_TYPES[typ]))
+        spec[name] = tf.io.FixedLenFeature([], tf.as_dtype(typ))
     dummy = {n: tf.zeros(s, tf.float32) for n, s in input_shapes.items()}
 
     def parse(index, item):
@@ -324,7 +324,7 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
             if cfg.label_feature:
                 out["label"] = tf.zeros([], tf.as_dtype(cfg.label_type))
             for name, typ in cfg.passthrough.items():
-                out[name] = tf.zeros([], tf.as_dtype(_TF_TYPES[typ]))
+                out[name] = tf.zeros([], tf.as_dtype(typ))
             return out
 
         out = tf.cond(is_sentinel, fake, real)

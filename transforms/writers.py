@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from transforms.readers import fsspec_fs
+
 __all__ = [
     "WrittenFile",
     "ShardWriter",
@@ -123,10 +125,6 @@ def arrow_fs(url: str):
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def fsspec_fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
 
 
 # --------------------------------------------------------------------------- parquet
