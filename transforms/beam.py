@@ -156,7 +156,10 @@ class ShardProcessor:
                 yield rb
                 t = time.perf_counter()
 
-        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), f"part-{shard.id}")
+        # The run id is in the name: a reader that listed an older output and opens its files
+        # after the swap finds them gone instead of reading this run's data under old names.
+        basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), basename)
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         dead = self._dead_letters(shard, failures, shard_end.shard_error)
