@@ -115,13 +115,22 @@ def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(thr
         check(key, "map16", np.asarray(m).reshape(-1))
         check(key, "pooled_bf16", p)
 
-    # DuckDB: plain lists; compat files hold only float32 (no FLOAT16, no fixed-size lists)
+    # DuckDB: plain lists; compat files hold only float32 (no FLOAT16, no fixed-size lists).
+    # Default Parquet stores float16 tensors with BYTE_STREAM_SPLIT, which DuckDB 2.0 cannot
+    # decode: it reads every other column (output.float16_byte_stream_split=false or compat
+    # mode make the float16 column readable too; test_duckdb_reads_float16_without_bss).
     con = duckdb.connect()
-    rows = con.execute(f"select key, label, map16, pooled from read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)").fetchall()
+    glob = f"read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)"
+    if fmt == "parquet":
+        with pytest.raises(duckdb.Error, match="BYTE_STREAM_SPLIT"):
+            con.execute(f"select map16 from {glob}").fetchall()
+    cols = "key, label, map16, pooled" if fmt == "compat" else "key, label, pooled, pooled"
+    rows = con.execute(f"select {cols} from {glob}").fetchall()
     assert sorted(r[0] for r in rows) == sorted(reference)
     for key, label, m, p in rows:
         assert int(label) == reference[key]["label"]
-        check(key, "map16", m)
+        if fmt == "compat":
+            check(key, "map16", m)
         check(key, "pooled", p)
     if fmt == "compat":
         import pyarrow.parquet as pq
@@ -206,3 +215,21 @@ def test_show_and_open_refuse_an_incomplete_output(tmp_path, capsys):
     assert main(["show", str(tmp_path / "half")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no _SUCCESS" in err
+
+
+def test_duckdb_reads_float16_without_bss(tmp_path):
+    """With output.float16_byte_stream_split=false, DuckDB reads float16 tensors bit-exactly."""
+    import duckdb
+
+    from transforms.extractor import OutputSpec
+    from transforms.writers import ParquetShardWriter, output_schema, to_record_batch
+
+    values = np.array([[0.0, -0.0, 1.5, 65504.0], [6e-8, -2.0, np.inf, 0.333]], np.float16).reshape(2, 2, 2)
+    spec = OutputSpec(name="m16", path="m16", layer_type="Conv2D", reduce="none", dtype="float16", shape=(2, 2))
+    schema = output_schema([spec], {"key": pa.string()})
+    writer = ParquetShardWriter(schema, float16_byte_stream_split=False)
+    batch = to_record_batch(schema, {"key": np.array([b"a", b"b"], dtype=object)}, {"m16": values})
+    files = writer.write_shard(iter([batch]), str(tmp_path), "part-x")
+    rows = duckdb.connect().execute(f"select key, m16 from read_parquet('{tmp_path}/{files[0].path}') order by key").fetchall()
+    got = np.array([r[1] for r in rows], np.float16).reshape(values.shape)
+    np.testing.assert_array_equal(got.view(np.uint16), values.view(np.uint16))

@@ -143,6 +143,11 @@ class ParquetShardWriter:
         max_rows_per_file: rows per file at most.
         row_group_bytes: target uncompressed bytes per row group.
         compression, compression_level: the Parquet codec.
+        compat: plain `list<float32>` columns (see `compat_schema`).
+        float16_byte_stream_split: BYTE_STREAM_SPLIT on float16 tensors too. On real
+            activations it writes them about 2.7× faster and 25% smaller with zstd, and
+            pyarrow and polars read it; DuckDB 2.0 cannot decode such a column (its other
+            columns it reads). Set False for DuckDB, or use `compat`.
     """
 
     extension = "parquet"
@@ -156,6 +161,7 @@ class ParquetShardWriter:
         compression: str = "zstd",
         compression_level: int | None = 1,
         compat: bool = False,
+        float16_byte_stream_split: bool = True,
     ):
         self.source_schema = schema
         self.compat = compat
@@ -170,8 +176,7 @@ class ParquetShardWriter:
         self.max_rows_per_file = max_rows_per_file
         self.compression = None if compression == "none" else compression
         self.compression_level = compression_level if self.compression in ("zstd", "gzip") else None
-        # Not on float16: DuckDB (2.0) refuses BYTE_STREAM_SPLIT on FIXED_LEN_BYTE_ARRAY.
-        self.byte_stream_split = [f"{c}.list.element" for c in tensor_cols if width[c] == 4]
+        self.byte_stream_split = [f"{c}.list.element" for c in tensor_cols if width[c] == 4 or float16_byte_stream_split]
         self.dictionary = [f.name for f in schema if f.name not in tensor_cols]
 
     def write_shard(self, batches: Iterable[pa.RecordBatch], dest: str, basename: str) -> list[WrittenFile]:
@@ -257,6 +262,7 @@ def make_writer(output_cfg, schema: pa.Schema) -> ShardWriter:
             compression=output_cfg.compression,
             compression_level=output_cfg.compression_level,
             compat=output_cfg.parquet_compat,
+            float16_byte_stream_split=output_cfg.float16_byte_stream_split,
         )
     if output_cfg.format == "tfrecord":
         return TFRecordShardWriter(
