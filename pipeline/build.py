@@ -229,16 +229,33 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 
 def _check_writable(layout) -> None:
-    """Write and delete a probe file beside the output; leave nothing behind."""
+    """Write and delete a probe file beside the output; leave nothing behind.
+
+    On a local disk the folders the probe needed are removed again (deepest first, only
+    those it created, only if empty). Object stores have no folders: deleting the probe
+    leaves nothing there, and nothing else is touched.
+    """
+    import os
+
+    from transforms.writers import _is_local
+
     probe = f"{layout.staging_root}/.probe-{time.time_ns()}"
-    created = not layout.fs.exists(layout.staging_root)
     try:
+        created = []
+        if _is_local(layout.fs):
+            d = layout.staging_root
+            while d and not os.path.exists(d):
+                created.append(d)
+                d = os.path.dirname(d.rstrip("/"))
         layout.fs.makedirs(layout.staging_root, exist_ok=True)
         with layout.fs.open(probe, "w") as f:
             f.write("ok")
         layout.fs.rm(probe)
-        if created:
-            layout.fs.rm(layout.staging_root, recursive=True)
+        for d in created:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty: another run put something there meanwhile
+                break
     except OSError as e:
         raise ConfigError(f"output.path {layout.out!r} is not writable ({e.strerror or e}); choose a folder you can write to") from None
 
@@ -355,8 +372,9 @@ def build_pipeline(pipeline, plan: Plan):
 
 
 def _inputs_digest(shards) -> str:
-    """A digest of the shard list: (id, paths) of `Shard`s or of `Plan.inputs` tuples."""
-    items = sorted((s.id, tuple(s.paths)) if hasattr(s, "id") else (s[0], tuple(s[1])) for s in shards)
+    """A digest of the shard list: (id, paths, bytes) of `Shard`s or of `Plan.inputs` tuples
+    (a file rewritten under the same name changes its size, hence the digest)."""
+    items = sorted((s.id, tuple(s.paths), s.size) if hasattr(s, "id") else (s[0], tuple(s[1]), s[2]) for s in shards)
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
@@ -392,7 +410,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
 
     Records whose key an earlier shard (in shard order) already wrote are left out here and
     become `duplicate_key` dead letters: each shard stored its rows' 128-bit key hashes, so
-    this check needs about 24 bytes of memory per row written. Repeats within a shard were
+    this check needs about 100 bytes of memory per row written at its peak. Repeats within a shard were
     already removed by the shard's worker.
 
     Args:
@@ -467,8 +485,8 @@ def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[bytes, 
     """shard id → {key hash: dead-letter row} for rows whose key an earlier shard wrote.
 
     The earliest (shard id, record index) keeps the key; every later one is dropped.
-    Vectorized over all rows (about 24 bytes of memory per row at commit); Python runs
-    only once per repeated key.
+    Vectorized over all rows (about 100 bytes of memory per row at its peak: hashes,
+    indices, the sort order and sorted copies); Python runs only once per repeated key.
     """
     import numpy as np
 

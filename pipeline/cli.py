@@ -97,11 +97,9 @@ def _run(args, beam_args: list[str]) -> int:
     from pipeline.build import _human, prepare, run_job
     from pipeline.config import load_config
 
-    # Beam flags may take their value after a space (--runner DataflowRunner); anything
-    # else that is not a flag is a mistake (a second config file, a stray word).
-    bad = [a for i, a in enumerate(beam_args) if not a.startswith("-") and not (i and beam_args[i - 1].startswith("--") and "=" not in beam_args[i - 1])]
-    if bad:
-        raise _UsageError(f"unexpected argument {bad[0]!r}; flags for Beam start with --, config overrides use --set key=value")
+    stray = _stray_arguments(beam_args) if beam_args else None
+    if stray:
+        raise _UsageError(f"unexpected argument {stray!r}; flags for Beam start with --, config overrides use --set key=value")
     overrides = list(args.overrides)
     if args.overwrite:
         overrides.append("output.overwrite=true")
@@ -132,6 +130,23 @@ def _run(args, beam_args: list[str]) -> int:
         return 0
     _print_summary(console, manifest, _human)
     return 0
+
+
+def _stray_arguments(beam_args: list[str]) -> str | None:
+    """The first word Beam's own option parser would not take as a flag or a flag's value
+    (`--runner DataflowRunner` is fine; `--save_main_session extra.yaml` is not), or None.
+    An unknown `--flag` may take the word after it, as Beam itself allows."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parsers = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append, display_warnings=False)
+    _, unknown = parsers[0].parse_known_args(beam_args)
+    for i, a in enumerate(unknown):
+        if a == "--":
+            return None
+        if not a.startswith("-") and not (i and unknown[i - 1].startswith("--") and "=" not in unknown[i - 1]):
+            return a
+    return None
 
 
 def _print_plan(console, plan, human) -> None:

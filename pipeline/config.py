@@ -111,7 +111,7 @@ class OutputConfig(_Strict):
     row_group_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="target uncompressed bytes per Parquet row group")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec")
     compression_level: int | None = Field(1, description="codec level (zstd 1 is fastest with nearly the best ratio on activations)")
-    float16_byte_stream_split: bool = Field(True, description="Parquet: BYTE_STREAM_SPLIT on float16 tensor columns (about 2.7× faster to write and 25% smaller on activations; pyarrow and polars read it, DuckDB 2.0 cannot decode those columns: set false for DuckDB, or use parquet_compat)")
+    float16_byte_stream_split: bool = Field(True, description="Parquet: BYTE_STREAM_SPLIT on float16 tensor columns (about 2.7× faster to write and 20% smaller on activations; pyarrow and polars read it, DuckDB 2.0 cannot decode those columns: set false for DuckDB, or use parquet_compat)")
     parquet_compat: bool = Field(False, description="Parquet: store outputs as plain list<float32> (no fixed-size lists, no tensor extension type, float16 widened) for Spark, ClickHouse and other readers; shapes stay in _manifest.json")
     tfrecord_compression: Literal["none", "gzip"] = Field("none", description="TFRecord: none, or gzip (smaller files, ~10x slower to write)")
     max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")

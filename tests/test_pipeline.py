@@ -310,3 +310,58 @@ def test_a_file_url_output_commits_like_a_local_path(tmp_path, png_dataset):
     manifest = run_job(load_config(raw=base_config(f"{folder}/*.tfrecord", f"file://{tmp_path}/out")))
     assert manifest["counts"]["rows_written"] == len(imgs)
     assert (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out.layerbeam-staging").exists()
+
+
+def test_a_word_after_an_on_off_beam_flag_is_refused(tmp_path, png_dataset, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    folder, _, _ = png_dataset
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"))))
+    assert main(["run", str(cfg), "--save_main_session", "second.yaml", "-q"]) == 2
+    assert "unexpected argument 'second.yaml'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_writable_probe_on_a_store_without_folders_leaves_nothing_and_passes():
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.build import _check_writable
+    from transforms.writers import OutputLayout
+
+    class Folderless(MemoryFileSystem):
+        protocol = ("folderless",)
+        root_marker = "/"
+
+        def makedirs(self, path, exist_ok=False):
+            pass
+
+        def mkdir(self, path, create_parents=True, **kwargs):
+            pass
+
+    fsspec.register_implementation("folderless", Folderless, clobber=True)
+    layout = OutputLayout("folderless://bucket/out", "r1")
+    _check_writable(layout)  # used to fail: it deleted the staging "folder" recursively
+    assert layout.fs.find("/bucket") == []
+
+
+def test_commit_refuses_a_file_rewritten_under_the_same_name(tmp_path, png_dataset):
+    import shutil
+
+    from pipeline.build import _inputs_digest, _manifest_base, commit_run, prepare
+    from transforms.readers import match_shards
+    from transforms.writers import CommitError
+
+    folder, _, _ = png_dataset
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    cfg = load_config(raw=base_config(f"{data}/*.tfrecord", str(tmp_path / "out")))
+    plan = prepare(cfg)
+    first = sorted(data.glob("*.tfrecord"))[0]
+    first.write_bytes(first.read_bytes() + b"\0" * 16)  # same name, other content
+    shards = match_shards(cfg.input.pattern, "tfrecord")
+    with pytest.raises(CommitError, match="changed while the job ran"):
+        commit_run([], shards, _manifest_base(plan), plan.run_id, _inputs_digest(plan.inputs))

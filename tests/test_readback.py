@@ -221,13 +221,16 @@ def test_duckdb_reads_float16_without_bss(tmp_path):
     """With output.float16_byte_stream_split=false, DuckDB reads float16 tensors bit-exactly."""
     import duckdb
 
+    from pipeline.config import OutputConfig
     from transforms.extractor import OutputSpec
-    from transforms.writers import ParquetShardWriter, output_schema, to_record_batch
+    from transforms.writers import make_writer, output_schema, to_record_batch
 
     values = np.array([[0.0, -0.0, 1.5, 65504.0], [6e-8, -2.0, np.inf, 0.333]], np.float16).reshape(2, 2, 2)
     spec = OutputSpec(name="m16", path="m16", layer_type="Conv2D", reduce="none", dtype="float16", shape=(2, 2))
     schema = output_schema([spec], {"key": pa.string()})
-    writer = ParquetShardWriter(schema, float16_byte_stream_split=False)
+    writer = make_writer(OutputConfig(path=str(tmp_path), float16_byte_stream_split=False), schema)
+    assert writer.byte_stream_split == []  # the config reaches the writer
+    assert make_writer(OutputConfig(path=str(tmp_path)), schema).byte_stream_split == ["m16.list.element"]
     batch = to_record_batch(schema, {"key": np.array([b"a", b"b"], dtype=object)}, {"m16": values})
     files = writer.write_shard(iter([batch]), str(tmp_path), "part-x")
     rows = duckdb.connect().execute(f"select key, m16 from read_parquet('{tmp_path}/{files[0].path}') order by key").fetchall()

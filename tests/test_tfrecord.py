@@ -195,21 +195,33 @@ def test_writer_uploads_to_a_non_local_destination():
     assert sorted(keys) == sorted(f"kéy/{i}" for i in range(6))
 
 
-def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path):
-    """The commit filters later shards' repeats out of TFRecord files as it does for Parquet."""
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, compression):
+    """The commit filters later shards' repeats out of TFRecord files as it does for Parquet:
+    the earliest record keeps the key, the later one becomes a dead letter saying why."""
+    import pyarrow.parquet as pq
+
     from pipeline.build import run_job
     from pipeline.config import load_config
     from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
     from transforms.readback import to_arrow
 
     imgs = photo_crops(5, 64, seed=7)
-    rec = lambda i, key: example({"image/encoded": encode_png(imgs[i]), "image/key": key, "image/class/label": i % 2})
-    write_tfrecords(tmp_path / "data", [[rec(0, "a"), rec(1, "b")], [rec(2, "c"), rec(3, "a"), rec(4, "d")]])
-    raw = base_config(f"{tmp_path}/data/*.tfrecord", str(tmp_path / "out"), **{"output.format": "tfrecord", "output.partition_by": ["label"]})
+    rec = lambda i, key, label: example({"image/encoded": encode_png(imgs[i]), "image/key": key, "image/class/label": label})  # noqa: E731
+    # "a" in shard 0 (label 0) and again in shard 1 (label 1): shard 0's must win
+    write_tfrecords(tmp_path / "data", [[rec(0, "a", 0), rec(1, "b", 1)], [rec(2, "c", 0), rec(3, "a", 1), rec(4, "d", 1)]])
+    raw = base_config(f"{tmp_path}/data/*.tfrecord", str(tmp_path / "out"), **{
+        "output.format": "tfrecord", "output.partition_by": ["label"], "output.tfrecord_compression": compression})
     manifest = run_job(load_config(raw=raw))
     assert manifest["counts"]["records_read"] == 5
     assert manifest["counts"]["rows_written"] == 4
     assert manifest["counts"]["dead_letter_reasons"] == {"duplicate_key": 1}
+    ext = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+    assert all(f["path"].endswith(ext) for f in manifest["files"])
     table = to_arrow(str(tmp_path / "out"))
-    assert sorted(table.column("key").to_pylist()) == ["a", "b", "c", "d"]
+    rows = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
+    assert rows == {"a": 0, "b": 1, "c": 0, "d": 1}  # the kept "a" is shard 0's
     assert sum(f["rows"] for f in manifest["files"]) == 4
+    dead = pq.read_table(tmp_path / "out" / "_dead_letters" / "s00001.parquet").to_pylist()
+    assert [(d["key"], d["index"], d["reason"]) for d in dead] == [("a", 1, "duplicate_key")]
+    assert "record 0 of shard s00000" in dead[0]["detail"]
