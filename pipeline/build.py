@@ -8,7 +8,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -85,9 +84,9 @@ def prepare(cfg: JobConfig) -> Plan:
             different config is staged for it (without overwrite), it is not writable,
             or the outputs exceed `layers.max_bytes_per_example`.
     """
-    from transforms.beam import _input_shapes
+    from transforms.beam import trace_and_select
     from transforms.devices import discover_gpus
-    from transforms.extractor import ModelError, ModelGraph, SelectionError, load_model, model_fingerprint, preprocess_fn
+    from transforms.extractor import ModelError, SelectionError, load_model, model_fingerprint, preprocess_fn
     from transforms.readers import match_shards
     from transforms.writers import OutputLayout
 
@@ -106,14 +105,7 @@ def prepare(cfg: JobConfig) -> Plan:
         shards = shards[: cfg.input.max_shards]
     try:
         model = load_model(cfg.model)
-        graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
-        specs = graph.select(
-            [s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
-            exclude=cfg.layers.exclude,
-            reduce=cfg.layers.reduce,
-            dtype=cfg.layers.dtype,
-            include_inputs=cfg.layers.include_inputs,
-        )
+        graph, specs = trace_and_select(cfg, model)
     except (ModelError, SelectionError) as e:
         raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
     from transforms.beam import column_types
@@ -190,10 +182,7 @@ def _check_output(cfg: JobConfig, run_id: str, layout) -> None:
         raise ConfigError(f"output {path!r} holds files but no _SUCCESS, so it is not a complete layerbeam output; choose another output.path, or pass --overwrite to replace it")
     holder = layout.lock_holder()
     if holder is not None:
-        raise ConfigError(
-            f"output {path!r} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, run {holder.get('run_id')}, "
-            f"since {holder.get('since')}); wait for it to finish, or if it is gone delete {layout.lock_path}"
-        )
+        raise layout.locked_error(holder)
     others = layout.other_runs()
     if others and not overwrite:
         info = layout.read_run_info(others[0])

@@ -86,15 +86,14 @@ def _measure_limit(cfg: dict) -> dict:
     import tensorflow as tf
 
     from pipeline.config import load_config
-    from transforms.beam import _input_shapes
-    from transforms.extractor import Extractor, ModelGraph, load_model, preprocess_fn
+    from transforms.beam import trace_and_select
+    from transforms.extractor import Extractor, load_model, preprocess_fn
     from transforms.readers import _decode_image
 
     t_start = time.perf_counter()
     c = load_config(raw=cfg)
     model = load_model(c.model)
-    graph = ModelGraph(model, _input_shapes(c, model))
-    specs = graph.select([s.model_dump(by_alias=True, exclude_none=True) for s in c.layers.select], reduce="mean", dtype="float32")
+    graph, specs = trace_and_select(c, model)  # the pipeline's own extractor, float16 outputs included
     ex = Extractor(graph.build(specs))
     (name, shape), = graph.input_shapes.items()
     pre = preprocess_fn("auto", c.model.source)
@@ -154,13 +153,12 @@ def _measure_baseline(cfg: dict) -> dict:
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     from pipeline.config import load_config
-    from transforms.beam import _input_shapes
-    from transforms.extractor import ModelGraph, load_model, preprocess_fn
+    from transforms.beam import trace_and_select
+    from transforms.extractor import load_model, preprocess_fn
 
     c = load_config(raw=cfg)
     shape = (224, 224, 3)
     source = c.model.source
-    select = [s.model_dump(by_alias=True, exclude_none=True) for s in c.layers.select]
 
     from apache_beam.ml.inference import utils as inference_utils
 
@@ -170,10 +168,9 @@ def _measure_baseline(cfg: dict) -> dict:
         eagerly, split the outputs per element with Beam's own `_convert_to_result`."""
 
         def load_model(self):
-            mc = load_config(raw=cfg).model
-            model = load_model(mc)
-            graph = ModelGraph(model, [shape])
-            return graph.build(graph.select(select, reduce="mean", dtype="float32"))
+            job = load_config(raw=cfg)
+            graph, specs = trace_and_select(job, load_model(job.model))
+            return graph.build(specs)
 
         def run_inference(self, batch, model, inference_args=None):
             predictions = model(np.stack(batch, axis=0), **(inference_args or {}))

@@ -7,8 +7,6 @@ RunInference does), count metrics, and pass results on.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
@@ -65,18 +63,11 @@ class ShardProcessor:
     def __init__(self, config: Mapping[str, Any], run_id: str):
         from pipeline.config import JobConfig
         from transforms.devices import ExtractorPool, discover_gpus, plan_devices, set_precision
-        from transforms.extractor import Extractor, ModelGraph, load_model, model_fingerprint, preprocess_fn
+        from transforms.extractor import Extractor, load_model, model_fingerprint, preprocess_fn
 
         self.cfg = cfg = JobConfig.model_validate(config)
         set_precision(cfg.batching.precision)
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
-        selection = dict(
-            select=[s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
-            exclude=cfg.layers.exclude,
-            reduce=cfg.layers.reduce,
-            dtype=cfg.layers.dtype,
-            include_inputs=cfg.layers.include_inputs,
-        )
 
         def build(device: str):
             # One model per device: its variables live there (loading is seeded, so every
@@ -89,9 +80,8 @@ class ShardProcessor:
                 if getattr(self, "model_fingerprint", fp) != fp:
                     raise RuntimeError(f"the model copy for {device} has other weights than the first copy")
                 self.model_fingerprint = fp
-                graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+                graph, self.specs = trace_and_select(cfg, model)
                 self.input_shapes = graph.input_shapes
-                self.specs = graph.select(**selection)
                 return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
 
         self.extractor = ExtractorPool(build, self.device_plan)
@@ -265,6 +255,26 @@ def _count(values: Sequence[str]) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
+
+
+def trace_and_select(cfg, model):
+    """(`ModelGraph`, `OutputSpec`s): the model traced at the configured input shape and the
+    outputs `cfg.layers` selects. The launcher's checks and every worker build it this way.
+
+    Raises:
+        ModelError, SelectionError: as `ModelGraph` and `ModelGraph.select` do.
+    """
+    from transforms.extractor import ModelGraph
+
+    graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+    specs = graph.select(
+        [s.model_dump(by_alias=True, exclude_none=True) for s in cfg.layers.select],
+        exclude=cfg.layers.exclude,
+        reduce=cfg.layers.reduce,
+        dtype=cfg.layers.dtype,
+        include_inputs=cfg.layers.include_inputs,
+    )
+    return graph, specs
 
 
 def _input_shapes(cfg, model) -> list[tuple[int, ...]] | None:

@@ -726,6 +726,15 @@ class OutputLayout:
             return None
         return holder
 
+    def locked_error(self, holder: Mapping):
+        """The one-line refusal when another run (`holder`, from `lock_holder`) writes here."""
+        from transforms.errors import ConfigError
+
+        return ConfigError(
+            f"output {self.out!r} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+            f"run {holder.get('run_id')}, since {holder.get('since')}); wait for it to finish, or if it is gone delete {self.lock_path}"
+        )
+
     def acquire_lock(self) -> None:
         """Take the output's lock, or raise `ConfigError` naming the run that holds it.
 
@@ -742,10 +751,7 @@ class OutputLayout:
             if holder is not None:
                 if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
                     return
-                raise ConfigError(
-                    f"output {self.out!r} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                    f"run {holder.get('run_id')}, since {holder.get('since')}); wait for it to finish, or if it is gone delete {self.lock_path}"
-                )
+                raise self.locked_error(holder)
             if self.fs.exists(self.lock_path):  # stale: its process is gone
                 self.fs.rm(self.lock_path)
             self.fs.makedirs(self.staging_root, exist_ok=True)
