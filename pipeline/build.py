@@ -39,6 +39,9 @@ class Plan:
     input_bytes: int
     estimated_examples: int | None
     inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    # The model the checks loaded (`transforms.beam.LauncherModel`); a worker that runs in
+    # this process takes it instead of loading its own. Never pickled to workers.
+    launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def bytes_per_example(self) -> int:
@@ -84,8 +87,8 @@ def prepare(cfg: JobConfig) -> Plan:
             different config is staged for it (without overwrite), it is not writable,
             or the outputs exceed `layers.max_bytes_per_example`.
     """
-    from transforms.beam import trace_and_select
-    from transforms.devices import discover_gpus
+    from transforms.beam import LauncherModel, trace_and_select
+    from transforms.devices import discover_gpus, set_precision
     from transforms.extractor import ModelError, SelectionError, load_model, model_fingerprint, preprocess_fn
     from transforms.readers import match_shards
     from transforms.writers import OutputLayout
@@ -103,6 +106,9 @@ def prepare(cfg: JobConfig) -> Plan:
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} matches no file; check the path (a glob such as data/*.tfrecord)")
     if cfg.input.max_shards:
         shards = shards[: cfg.input.max_shards]
+    # The workers build the model under this policy; built under the same one here, the
+    # checks see what they will see, and an in-process worker can take this copy.
+    set_precision(cfg.batching.precision)
     try:
         model = load_model(cfg.model)
         graph, specs = trace_and_select(cfg, model)
@@ -144,6 +150,7 @@ def prepare(cfg: JobConfig) -> Plan:
         input_bytes=total,
         estimated_examples=_estimate_examples(cfg, shards),
         inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        launcher_model=LauncherModel.capture(model, fp),
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -s.bytes_per_example)[:3]
@@ -527,6 +534,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     import apache_beam as beam
     from apache_beam.options.pipeline_options import TestOptions
 
+    from transforms.beam import offer_launcher_model
     from transforms.writers import OutputLayout
 
     plan = plan or prepare(cfg)
@@ -552,8 +560,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         t0 = time.perf_counter()
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
-        result = p.run()
-        result.wait_until_finish()
+        with offer_launcher_model(plan.run_id, plan.launcher_model):
+            result = p.run()
+            result.wait_until_finish()
         seconds = time.perf_counter() - t0
         metrics = _metrics(result)
     finally:

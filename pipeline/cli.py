@@ -168,6 +168,15 @@ def _print_plan(console, plan, human) -> None:
     )
 
 
+def _loads_note(metrics: dict) -> str:
+    loads = metrics.get("model_loads")
+    if not loads:
+        return ""
+    reused = metrics.get("launcher_model_reused", 0)
+    how = ", here the launcher's own copy" if reused else ""
+    return f" · model loaded {loads}× (once per worker process{how})"
+
+
 def _print_summary(console, manifest: dict, human) -> None:
     c = manifest["counts"]
     files = manifest["files"]
@@ -178,7 +187,7 @@ def _print_summary(console, manifest: dict, human) -> None:
     console.print(
         f"[bold]done[/bold] · {c['rows_written']:,} rows, {c['dead_letters']:,} dead letters, from {c['records_read']:,} records "
         f"· {len(files)} files, {human(nbytes)} · {secs:.1f}s ({rate:.1f} examples/s)"
-        + (f" · model loaded {manifest['_metrics']['model_loads']}× (once per worker process)" if manifest.get("_metrics", {}).get("model_loads") else "")
+        + _loads_note(manifest.get("_metrics", {}))
     )
     console.print(f"output: {out}")
     console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it):")

@@ -95,6 +95,28 @@ def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
         np.testing.assert_allclose(b, a, rtol=0.1, atol=0.05 * float(np.abs(a).max()))
 
 
+def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
+    import keras
+
+    from transforms.beam import LauncherModel, _launcher_model, offer_launcher_model
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    try:
+        keras.mixed_precision.set_global_policy("float32")
+        offered = LauncherModel.capture(model, "fp")
+        assert offered.device == "/CPU:0"
+        assert _launcher_model("run") is None  # nothing offered
+        with offer_launcher_model("run", offered):
+            assert _launcher_model("run") is offered
+            assert _launcher_model("other run") is None
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")  # the worker's precision differs
+            assert _launcher_model("run") is None
+        keras.mixed_precision.set_global_policy("float32")
+        assert _launcher_model("run") is None  # withdrawn when the run ends
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_batches_are_sized_by_output_bytes_when_outputs_are_big():
     from transforms.beam import effective_batch_size
 

@@ -214,16 +214,18 @@ def test_in_memory_loads_the_model_once(reference):
     assert len(rows) == 10
     assert metrics["shards"] == 3
     assert metrics["model_loads"] == 1
+    # The worker ran in the launcher's process and took the model the checks loaded.
+    assert metrics["launcher_model_reused"] == 1
 
 
 @pytest.mark.parametrize(
-    "mode, max_loads",
+    "mode, max_loads, reused",
     [
-        ("multi_threading", 1),  # two worker threads, one process: one model
-        ("multi_processing", 2),  # two worker processes: at most one model each
+        ("multi_threading", 1, 1),  # two worker threads, one process: one model, the launcher's
+        ("multi_processing", 2, 0),  # two worker processes: at most one model each, their own
     ],
 )
-def test_direct_modes_write_identical_rows(reference, tmp_path, mode, max_loads):
+def test_direct_modes_write_identical_rows(reference, tmp_path, mode, max_loads, reused):
     pattern, want, _ = reference
     out = tmp_path / mode
     manifest = run_job(_config(tmp_path, pattern, out), [f"--direct_running_mode={mode}", "--direct_num_workers=2"])
@@ -232,6 +234,8 @@ def test_direct_modes_write_identical_rows(reference, tmp_path, mode, max_loads)
     print(f"{mode}: {metrics}")
     assert metrics["shards"] == 3
     assert 1 <= metrics["model_loads"] <= max_loads, metrics
+    # multi_processing's rows equal in_memory's: a worker's own model and the launcher's agree.
+    assert metrics.get("launcher_model_reused", 0) == reused, metrics
 
 
 # --------------------------------------------------------------------------- a real portable runner
@@ -271,6 +275,7 @@ def test_portable_runner_external_worker_pool(reference, job_service, worker_poo
     _assert_same_rows(_rows(out), want)
     print(f"{out.name}: {manifest['_metrics']}")
     assert manifest["_metrics"]["model_loads"] == 1, manifest["_metrics"]
+    assert manifest["_metrics"].get("launcher_model_reused", 0) == 0, manifest["_metrics"]
     assert manifest["_metrics"]["shards"] == 3
 
 

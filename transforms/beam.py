@@ -7,6 +7,8 @@ RunInference does), count metrics, and pass results on.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -68,6 +70,8 @@ class ShardProcessor:
         self.cfg = cfg = JobConfig.model_validate(config)
         set_precision(cfg.batching.precision)
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
+        launcher = _launcher_model(run_id)
+        self.reused_launcher_model = False
 
         def build(device: str):
             # One model per device: its variables live there (loading is seeded, so every
@@ -75,8 +79,12 @@ class ShardProcessor:
             import tensorflow as tf
 
             with tf.device(device):
-                model = load_model(cfg.model)
-                fp = model_fingerprint(model)
+                if launcher is not None and device == launcher.device and not self.reused_launcher_model:
+                    model, fp = launcher.model, launcher.fingerprint
+                    self.reused_launcher_model = True
+                else:
+                    model = load_model(cfg.model)
+                    fp = model_fingerprint(model)
                 if getattr(self, "model_fingerprint", fp) != fp:
                     raise RuntimeError(f"the model copy for {device} has other weights than the first copy")
                 self.model_fingerprint = fp
@@ -203,6 +211,54 @@ class ShardProcessor:
         pq.write_table(pa.table(dict(dead), schema=DEAD_LETTER_SCHEMA), path, filesystem=fs)
 
 
+@dataclasses.dataclass(frozen=True)
+class LauncherModel:
+    """A model the launcher loaded for its checks, as a worker in the same process may
+    take it: with its fingerprint, the Keras dtype policy it was built under, and the
+    device its variables were placed on (TensorFlow's default then)."""
+
+    model: Any
+    fingerprint: str
+    policy: str
+    device: str
+
+    @classmethod
+    def capture(cls, model, fingerprint: str) -> LauncherModel:
+        import keras
+        import tensorflow as tf
+
+        device = "/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0"
+        return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device)
+
+
+# The launcher's models, by run id. An in-process runner (DirectRunner's FnApiRunner in
+# in_memory or multi_threading mode, a LOOPBACK portable runner) runs the worker in the
+# launcher's own process, where loading the model a second time only costs start-up time
+# (1 s for ResNet50). Workers in other processes find this empty and load their own.
+_LAUNCHER_MODELS: dict[str, LauncherModel] = {}
+
+
+@contextlib.contextmanager
+def offer_launcher_model(run_id: str, model: LauncherModel | None):
+    """While the block runs, a worker of run `run_id` in this process takes `model` as its
+    copy for `model.device` instead of loading one, if it runs under the same dtype policy."""
+    if model is not None:
+        _LAUNCHER_MODELS[run_id] = model
+    try:
+        yield
+    finally:
+        _LAUNCHER_MODELS.pop(run_id, None)
+
+
+def _launcher_model(run_id: str) -> LauncherModel | None:
+    """The launcher's model for this run, if this process has it and it was built under
+    the dtype policy this worker set (`batching.precision`)."""
+    import keras
+
+    entry = _LAUNCHER_MODELS.get(run_id)
+    return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
+
+
 def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
     """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
     (unreduced outputs of a big model can be tens of MB per example)."""
@@ -311,6 +367,7 @@ class _ExtractShardDoFn(beam.DoFn):
         self._shards = Metrics.counter(_NS, "shards")
         self._resumed = Metrics.counter(_NS, "shards_resumed")
         self._loads = Metrics.counter(_NS, "model_loads")
+        self._reused = Metrics.counter(_NS, "launcher_model_reused")
         self._latency = Metrics.distribution(_NS, "batch_latency_ms")
         # Wall-clock time each batch finished; its min is the time to first batch.
         self._batch_done = Metrics.distribution(_NS, "batch_done_unix_ms")
@@ -328,6 +385,8 @@ class _ExtractShardDoFn(beam.DoFn):
     def process(self, shard: Shard):
         if self._holder.claim_count():  # counted here: setup() runs outside any metrics context
             self._loads.inc()
+            if self._processor.reused_launcher_model:
+                self._reused.inc()
         # The writer pulls batches on a pyarrow thread; Beam metrics are per thread, so
         # the callback only records and the metrics are updated here, on the DoFn's thread.
         done: list[tuple[int, float, float]] = []
