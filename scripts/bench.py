@@ -16,6 +16,10 @@ Each measurement runs in its own subprocess (fresh TensorFlow, honest peak RSS).
     python scripts/bench.py --scenario all --json
     python scripts/bench.py --scenario a --n 512 --rss   # also layerbeam at 4N for peak RSS
 
+The limit uses the pipeline's tf.data options (autotuning off, see
+`transforms.readers._without_autotune`); LAYERBEAM_BENCH_LIMIT_AUTOTUNE=1 measures it with
+tf.data's default autotuning instead.
+
 Scenarios: (a) MobileNetV2 224px, four mean-pooled outputs; (b) the same plus one
 unreduced mid-layer output in float16; (c) ResNet50 224px, `all` layers mean-pooled.
 """
@@ -88,7 +92,7 @@ def _measure_limit(cfg: dict) -> dict:
     from pipeline.config import load_config
     from transforms.beam import trace_and_select
     from transforms.extractor import Extractor, load_model, preprocess_fn
-    from transforms.readers import _decode_image
+    from transforms.readers import _decode_image, _without_autotune
 
     t_start = time.perf_counter()
     c = load_config(raw=cfg)
@@ -105,6 +109,10 @@ def _measure_limit(cfg: dict) -> dict:
 
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(c.batching.batch_size).prefetch(tf.data.AUTOTUNE)
+    if os.environ.get("LAYERBEAM_BENCH_LIMIT_AUTOTUNE", "0") != "1":
+        # The pipeline's own tf.data options: on 2 cores the autotuner's model thread costs
+        # the model CPU time, and a limit slowed by it would flatter layerbeam.
+        ds = _without_autotune(ds)
     n = 0
     first = None
     t0 = time.perf_counter()
