@@ -43,9 +43,15 @@ class Plan:
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    def stored_bytes(self, spec) -> int:
+        """One output's bytes per example as stored: `output.parquet_compat` widens float16
+        to float32."""
+        widened = self.config["output"].get("parquet_compat") and spec.dtype == "float16"
+        return spec.bytes_per_example * (2 if widened else 1)
+
     @property
     def bytes_per_example(self) -> int:
-        return sum(s.bytes_per_example for s in self.outputs)
+        return sum(self.stored_bytes(s) for s in self.outputs)
 
     @property
     def projected_bytes(self) -> int | None:
@@ -153,12 +159,12 @@ def prepare(cfg: JobConfig) -> Plan:
         launcher_model=LauncherModel.capture(model, fp),
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
-        biggest = sorted(specs, key=lambda s: -s.bytes_per_example)[:3]
+        biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
         raise OverCapError(
             f"the {len(specs)} selected outputs take {_human(plan.bytes_per_example)} ({plan.bytes_per_example:,} B) per example, "
             f"over the cap layers.max_bytes_per_example = {_human(cfg.layers.max_bytes_per_example)}"
             + (f" (~{_human(plan.projected_bytes)} for ~{plan.estimated_examples:,} examples)" if plan.projected_bytes else "")
-            + f"; largest: {', '.join(f'{s.name} {_human(s.bytes_per_example)}' for s in biggest)}; "
+            + f"; largest: {', '.join(f'{s.name} {_human(plan.stored_bytes(s))}' for s in biggest)}; "
             f"reduce them (layers.reduce: mean, dtype: float16), select fewer, "
             f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
             plan,

@@ -156,7 +156,7 @@ def _print_plan(console, plan, human) -> None:
     for col in ("output", "source", "reduce", "shape", "dtype", "bytes/example"):
         t.add_column(col, justify="right" if col == "bytes/example" else "left")
     for s in plan.outputs:
-        t.add_row(s.name, s.path if s.path != s.name else "", s.reduce, "×".join(map(str, s.shape)) or "scalar", s.dtype, human(s.bytes_per_example))
+        t.add_row(s.name, s.path if s.path != s.name else "", s.reduce, "×".join(map(str, s.shape)) or "scalar", s.dtype, human(plan.stored_bytes(s)))
     console.print(t)
     est = plan.estimated_examples
     proj = plan.projected_bytes

@@ -236,3 +236,13 @@ def test_duckdb_reads_float16_without_bss(tmp_path):
     rows = duckdb.connect().execute(f"select key, m16 from read_parquet('{tmp_path}/{files[0].path}') order by key").fetchall()
     got = np.array([r[1] for r in rows], np.float16).reshape(values.shape)
     np.testing.assert_array_equal(got.view(np.uint16), values.view(np.uint16))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_size_plan_counts_outputs_as_they_are_stored(three_formats, fmt):
+    """The plan's bytes per example (and so the cap and the projection) match the stored
+    columns: the compatibility mode widens float16 to float32, bfloat16 is stored as float32."""
+    _, manifest = three_formats[fmt]
+    width = {"float32": 4, "float16": 2}
+    outputs = [c for c in manifest["storage"]["columns"] if c["role"] == "output"]
+    assert manifest["bytes_per_example"] == sum(int(np.prod(c["shape"])) * width[c["dtype"]] for c in outputs)
