@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _SHOW_TF_STARTUP
+    _SHOW_TF_STARTUP = "TF_CPP_MIN_LOG_LEVEL" in os.environ
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -83,6 +85,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerbeamError as e:
         print(f"layerbeam: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+_SHOW_TF_STARTUP = False
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and let it probe for GPUs with its C++ start-up lines (the oneDNN
+    notice, "could not find cuda drivers", absl's pre-init warning, cuInit's error on a
+    machine without GPUs) kept out of the terminal: they are written straight to file
+    descriptor 2, before TF_CPP_MIN_LOG_LEVEL takes effect, and would stand before every
+    one-line error. They are replayed if the import fails; a user who sets
+    TF_CPP_MIN_LOG_LEVEL sees them all."""
+    if _SHOW_TF_STARTUP or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            from transforms.devices import discover_gpus
+
+            discover_gpus()  # the first GPU probe (cuInit) logs too
+            del tf
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _console():
@@ -113,6 +152,7 @@ def _run(args, beam_args: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _import_tensorflow_quietly()
     from pipeline.build import OverCapError
 
     console = _console()
@@ -172,9 +212,8 @@ def _loads_note(metrics: dict) -> str:
     loads = metrics.get("model_loads")
     if not loads:
         return ""
-    reused = metrics.get("launcher_model_reused", 0)
-    how = ", here the launcher's own copy" if reused else ""
-    return f" · model loaded {loads}× (once per worker process{how})"
+    how = "the launcher's, reused in-process" if metrics.get("launcher_model_reused") else "once per worker process"
+    return f" · model loaded {loads}× ({how})"
 
 
 def _print_summary(console, manifest: dict, human) -> None:
@@ -267,6 +306,7 @@ def _show(args) -> int:
 
 def _layers(args) -> int:
     """`layerbeam layers MODEL`: every tappable path, or what `--match` selectors pick."""
+    _import_tensorflow_quietly()
     from pipeline.config import ModelConfig
     from transforms.extractor import ModelGraph, load_model
 

@@ -119,8 +119,10 @@ def with_overrides(cfg: dict, **overrides) -> dict:
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real `layerbeam` entry point in a subprocess (exit code, no traceback)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    """Run the real `layerbeam` entry point in a subprocess (exit code, no traceback), in
+    the environment a user has: TF_CPP_MIN_LOG_LEVEL unset."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run(
         [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())", *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -3,6 +3,7 @@ line naming the value and the fix, exit code 2, no traceback. Lambda layers need
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def _one_line_error(r) -> str:
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("layerbeam: error:")]
     assert len(lines) == 1 and r.stderr.strip().splitlines()[-1] == lines[0]
+    # TensorFlow's C++ start-up lines (absl format: I0000 …, E0000 …) do not stand before it.
+    native = [l for l in r.stderr.splitlines() if re.match(r"[IWEF]\d{4} |WARNING: All log messages before absl", l)]
+    assert not native, native
     return lines[0]
 
 
