@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import png_dataset, run_cli  # noqa: F401 (fixture)
+from tests.conftest import run_cli
 from tests.tiny import save_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, png_dataset):  # noqa: F811
+def setup(tmp_path_factory, png_dataset):
     root = tmp_path_factory.mktemp("errors")
     model = save_tiny_model(root / "tiny.keras")
     folder, _, _ = png_dataset
