@@ -44,10 +44,10 @@ class Plan:
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def stored_bytes(self, spec) -> int:
-        """One output's bytes per example as stored: `output.parquet_compat` widens float16
-        to float32."""
-        widened = self.config["output"].get("parquet_compat") and spec.dtype == "float16"
-        return spec.bytes_per_example * (2 if widened else 1)
+        """One output's bytes per example as stored (`output.parquet_compat` widens float16)."""
+        from transforms.writers import stored_bytes
+
+        return stored_bytes(spec, bool(self.config["output"].get("parquet_compat")))
 
     @property
     def bytes_per_example(self) -> int:
@@ -113,13 +113,20 @@ def prepare(cfg: JobConfig) -> Plan:
     if cfg.input.max_shards:
         shards = shards[: cfg.input.max_shards]
     # The workers build the model under this policy; built under the same one here, the
-    # checks see what they will see, and an in-process worker can take this copy.
+    # checks see what they will see, and an in-process worker can take this copy. The
+    # caller's policy is restored after.
+    import keras
+
+    callers_policy = keras.mixed_precision.global_policy()
     set_precision(cfg.batching.precision)
     try:
         model = load_model(cfg.model)
         graph, specs = trace_and_select(cfg, model)
+        offered = LauncherModel.capture(model, model_fingerprint(model))
     except (ModelError, SelectionError) as e:
         raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+    finally:
+        keras.mixed_precision.set_global_policy(callers_policy)
     from transforms.beam import column_types
 
     row_columns = column_types(cfg.input)
@@ -142,7 +149,7 @@ def prepare(cfg: JobConfig) -> Plan:
         preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
     except (ValueError, ModelError) as e:
         raise ConfigError(str(e)) from None
-    fp = model_fingerprint(model)
+    fp = offered.fingerprint
     config = config_to_dict(cfg)
     run_id = _run_id(config, fp, shards)
     total = sum(s.size for s in shards)
@@ -156,7 +163,7 @@ def prepare(cfg: JobConfig) -> Plan:
         input_bytes=total,
         estimated_examples=_estimate_examples(cfg, shards),
         inputs=tuple((s.id, s.paths, s.size) for s in shards),
-        launcher_model=LauncherModel.capture(model, fp),
+        launcher_model=offered,
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
@@ -391,7 +398,7 @@ def _manifest_base(plan: Plan) -> dict:
             "fingerprint": plan.model_fingerprint,
             "input_shapes": {k: list(v) for k, v in plan.input_shapes.items()},
         },
-        "outputs": [s.to_json() for s in plan.outputs],
+        "outputs": [dict(s.to_json(), bytes_per_example=plan.stored_bytes(s)) for s in plan.outputs],
         "storage": _storage_spec(plan),
         "bytes_per_example": plan.bytes_per_example,
         "versions": _versions(),
@@ -566,9 +573,16 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         t0 = time.perf_counter()
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
-        with offer_launcher_model(plan.run_id, plan.launcher_model):
-            result = p.run()
-            result.wait_until_finish()
+        offered = plan.launcher_model
+        if offered is not None and not _workers_in_this_process(runner, options):
+            offered.release()  # the workers load their own; the launcher need not hold it
+        try:
+            with offer_launcher_model(plan.run_id, offered):
+                result = p.run()
+                result.wait_until_finish()
+        finally:
+            if offered is not None:
+                offered.release()
         seconds = time.perf_counter() - t0
         metrics = _metrics(result)
     finally:
@@ -582,6 +596,17 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
+
+
+def _workers_in_this_process(runner, options) -> bool:
+    """Whether the runner runs its SDK workers in this process: FnApiRunner (DirectRunner)
+    in in_memory or multi_threading mode, or a portable runner with LOOPBACK workers."""
+    from apache_beam.options.pipeline_options import DirectOptions, PortableOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    if isinstance(runner, FnApiRunner):
+        return options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+    return options.view_as(PortableOptions).environment_type == "LOOPBACK"
 
 
 def _dry_run_summary(runner, result, options) -> dict:

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     global _SHOW_TF_STARTUP
-    _SHOW_TF_STARTUP = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+    _SHOW_TF_STARTUP = os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -93,35 +93,49 @@ _SHOW_TF_STARTUP = False
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow and let it probe for GPUs with its C++ start-up lines (the oneDNN
     notice, "could not find cuda drivers", absl's pre-init warning, cuInit's error on a
-    machine without GPUs) kept out of the terminal: they are written straight to file
-    descriptor 2, before TF_CPP_MIN_LOG_LEVEL takes effect, and would stand before every
-    one-line error. They are replayed if the import fails; a user who sets
-    TF_CPP_MIN_LOG_LEVEL sees them all."""
-    if _SHOW_TF_STARTUP or "tensorflow" in sys.modules:
+    machine without GPUs) kept out of the terminal: they go straight to file descriptor 2,
+    whatever TF_CPP_MIN_LOG_LEVEL says, and would stand before every one-line error.
+
+    They are replayed if the import fails, and logged at DEBUG level otherwise; when no GPU
+    is found, one INFO line says so. TF_CPP_MIN_LOG_LEVEL=0 (show everything) turns the
+    capture off, and so does a stderr that cannot be captured (closed).
+    """
+    if _SHOW_TF_STARTUP or "tensorflow" in sys.modules or sys.stderr is None:
         import tensorflow  # noqa: F401
 
         return
     import tempfile
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    captured = tempfile.TemporaryFile()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 to capture
+        captured.close()
+        import tensorflow  # noqa: F401, F811
+
+        return
+    text = ""
+    try:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
+            from transforms.devices import discover_gpus  # imports TensorFlow
 
-            from transforms.devices import discover_gpus
-
-            discover_gpus()  # the first GPU probe (cuInit) logs too
-            del tf
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode("utf-8", "replace"))
-            raise
+            gpus = discover_gpus()  # the first GPU probe (cuInit) logs too
         finally:
             os.dup2(saved, 2)
-            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    except BaseException:
+        sys.stderr.write(text)
+        raise
+    finally:
+        os.close(saved)
+        captured.close()
+    log = logging.getLogger("layerbeam")
+    log.debug("TensorFlow start-up log:\n%s", text)
+    if not gpus:
+        log.info("TensorFlow sees no GPU; running on the CPU (TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's start-up log)")
 
 
 def _console():

@@ -97,6 +97,7 @@ def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
 
 def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
     import keras
+    import tensorflow as tf
 
     from transforms.beam import LauncherModel, _launcher_model, offer_launcher_model
 
@@ -104,7 +105,7 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
     try:
         keras.mixed_precision.set_global_policy("float32")
         offered = LauncherModel.capture(model, "fp")
-        assert offered.device == "/CPU:0"
+        assert offered.device == ("/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0")
         assert _launcher_model("run") is None  # nothing offered
         with offer_launcher_model("run", offered):
             assert _launcher_model("run") is offered
@@ -113,8 +114,26 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
             assert _launcher_model("run") is None
         keras.mixed_precision.set_global_policy("float32")
         assert _launcher_model("run") is None  # withdrawn when the run ends
+        offered.release()
+        with offer_launcher_model("run", offered):
+            assert _launcher_model("run") is None  # a released model is not offered
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_prepare_builds_under_the_workers_precision_and_restores_the_callers(tmp_path, png_dataset):
+    import keras
+
+    from pipeline.build import prepare
+    from pipeline.config import load_config
+    from tests.conftest import base_config
+
+    folder, _, _ = png_dataset
+    raw = base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **{"batching.precision": "mixed_bfloat16"})
+    keras.mixed_precision.set_global_policy("float32")
+    plan = prepare(load_config(raw=raw))
+    assert plan.launcher_model.policy == "mixed_bfloat16"  # what an in-process worker will compare
+    assert keras.mixed_precision.global_policy().name == "float32"  # the caller's, untouched
 
 
 def test_batches_are_sized_by_output_bytes_when_outputs_are_big():

@@ -109,3 +109,23 @@ def test_lambda_layer_is_refused_by_default_and_loads_with_the_opt_in(setup, tmp
     if ext == "keras":  # and through the CLI, which names the flag
         cfg = _cfg(setup, tmp_path, **{"model.source": str(model), "layers.select": ["double"]})
         assert "--unsafe-model" in _one_line_error(run_cli(["run", str(cfg), "--plan-only"]))
+
+
+def test_a_closed_stderr_still_gets_the_one_line_error():
+    """With descriptor 2 closed there is nothing to capture TensorFlow's start-up lines from;
+    the CLI must still run and fail cleanly (Python prints to stdout then)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    code = "import sys; from pipeline.cli import main; sys.exit(main())"
+    r = subprocess.run(
+        ["sh", "-c", f'exec 2>&-; exec "{sys.executable}" -c "{code}" layers keras.applications.MobileNetV9'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:])
+    assert "keras.applications has no 'MobileNetV9'" in r.stdout

@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from transforms.readers import Failure, Shard, ShardEnd, match_shards, read_shard
-from transforms.writers import OutputLayout, make_writer, output_schema, to_record_batch
+from transforms.writers import OutputLayout, make_writer, output_schema, stored_bytes, to_record_batch
 
 __all__ = ["MatchShards", "ExtractShards", "ShardProcessor", "DEAD_LETTER_SCHEMA", "column_types", "key_hashes"]
 
@@ -93,7 +93,8 @@ class ShardProcessor:
                 return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
 
         self.extractor = ExtractorPool(build, self.device_plan)
-        self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, sum(s.bytes_per_example for s in self.specs))
+        stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
+        self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
@@ -211,16 +212,20 @@ class ShardProcessor:
         pq.write_table(pa.table(dict(dead), schema=DEAD_LETTER_SCHEMA), path, filesystem=fs)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class LauncherModel:
     """A model the launcher loaded for its checks, as a worker in the same process may
     take it: with its fingerprint, the Keras dtype policy it was built under, and the
-    device its variables were placed on (TensorFlow's default then)."""
+    device its variables were placed on (TensorFlow's default then). `release()` lets the
+    launcher's reference go once no in-process worker can want it."""
 
     model: Any
     fingerprint: str
     policy: str
     device: str
+
+    def release(self) -> None:
+        self.model = None
 
     @classmethod
     def capture(cls, model, fingerprint: str) -> LauncherModel:
@@ -242,7 +247,7 @@ _LAUNCHER_MODELS: dict[str, LauncherModel] = {}
 def offer_launcher_model(run_id: str, model: LauncherModel | None):
     """While the block runs, a worker of run `run_id` in this process takes `model` as its
     copy for `model.device` instead of loading one, if it runs under the same dtype policy."""
-    if model is not None:
+    if model is not None and model.model is not None:
         _LAUNCHER_MODELS[run_id] = model
     try:
         yield

@@ -35,6 +35,7 @@ __all__ = [
     "storage_spec",
     "compat_schema",
     "output_schema",
+    "stored_bytes",
     "to_record_batch",
     "OutputLayout",
     "CommitError",
@@ -67,6 +68,12 @@ class ShardWriter(Protocol):
 
 
 # --------------------------------------------------------------------------- arrow
+
+
+def stored_bytes(spec, compat: bool = False) -> int:
+    """One output's bytes per example as stored: the compatibility mode widens float16 to
+    float32 (bfloat16 is stored as float32 always, which `spec.bytes_per_example` counts)."""
+    return spec.bytes_per_example * (2 if compat and spec.dtype == "float16" else 1)
 
 
 def output_schema(specs: Sequence[Any], columns: Mapping[str, pa.DataType]) -> pa.Schema:
