@@ -82,7 +82,9 @@ def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
         for precision in ("float32", "mixed_bfloat16"):
             raw = base_config(f"{folder}/*.tfrecord", str(tmp_path / precision), **{"batching.precision": precision})
             raw["layers"]["select"] = ["block_3_expand_relu", "out_relu"]
+            keras.mixed_precision.set_global_policy("float32")
             run_job(load_config(raw=raw))
+            assert keras.mixed_precision.global_policy().name == "float32"  # the caller's, restored
             t = ds.dataset(str(tmp_path / precision), format="parquet", partitioning="hive").to_table().sort_by("key")
             outs[precision] = {c: t.column(c).combine_chunks().to_numpy_ndarray() for c in ("block_3_expand_relu", "out_relu")}
     finally:

@@ -68,6 +68,11 @@ class ShardProcessor:
         from transforms.extractor import Extractor, load_model, model_fingerprint, preprocess_fn
 
         self.cfg = cfg = JobConfig.model_validate(config)
+        import keras
+
+        # The policy matters while layers are built (each keeps its own); the caller's is
+        # restored after, since an in-process worker may run on the caller's thread.
+        callers_policy = keras.mixed_precision.global_policy()
         set_precision(cfg.batching.precision)
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
         launcher = _launcher_model(run_id)
@@ -92,7 +97,10 @@ class ShardProcessor:
                 self.input_shapes = graph.input_shapes
                 return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
 
-        self.extractor = ExtractorPool(build, self.device_plan)
+        try:
+            self.extractor = ExtractorPool(build, self.device_plan)
+        finally:
+            keras.mixed_precision.set_global_policy(callers_policy)
         stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
