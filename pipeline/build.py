@@ -94,7 +94,7 @@ def prepare(cfg: JobConfig) -> Plan:
             or the outputs exceed `layers.max_bytes_per_example`.
     """
     from transforms.beam import LauncherModel, trace_and_select
-    from transforms.devices import discover_gpus, set_precision
+    from transforms.devices import discover_gpus, precision
     from transforms.extractor import ModelError, SelectionError, load_model, model_fingerprint, preprocess_fn
     from transforms.readers import match_shards
     from transforms.writers import OutputLayout
@@ -113,20 +113,14 @@ def prepare(cfg: JobConfig) -> Plan:
     if cfg.input.max_shards:
         shards = shards[: cfg.input.max_shards]
     # The workers build the model under this policy; built under the same one here, the
-    # checks see what they will see, and an in-process worker can take this copy. The
-    # caller's policy is restored after.
-    import keras
-
-    callers_policy = keras.mixed_precision.global_policy()
-    set_precision(cfg.batching.precision)
+    # checks see what they will see, and an in-process worker can take this copy.
     try:
-        model = load_model(cfg.model)
-        graph, specs = trace_and_select(cfg, model)
-        offered = LauncherModel.capture(model, model_fingerprint(model))
+        with precision(cfg.batching.precision):
+            model = load_model(cfg.model)
+            graph, specs = trace_and_select(cfg, model)
+            offered = LauncherModel.capture(model, model_fingerprint(model))
     except (ModelError, SelectionError) as e:
         raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
-    finally:
-        keras.mixed_precision.set_global_policy(callers_policy)
     from transforms.beam import column_types
 
     row_columns = column_types(cfg.input)

@@ -66,8 +66,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global _SHOW_TF_STARTUP
-    _SHOW_TF_STARTUP = os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -87,9 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-_SHOW_TF_STARTUP = False
-
-
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow and let it probe for GPUs with its C++ start-up lines (the oneDNN
     notice, "could not find cuda drivers", absl's pre-init warning, cuInit's error on a
@@ -100,7 +95,8 @@ def _import_tensorflow_quietly() -> None:
     is found, one INFO line says so. TF_CPP_MIN_LOG_LEVEL=0 (show everything) turns the
     capture off, and so does a stderr that cannot be captured (closed).
     """
-    if _SHOW_TF_STARTUP or "tensorflow" in sys.modules or sys.stderr is None:
+    show_all = os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"  # main() only sets it when unset
+    if show_all or "tensorflow" in sys.modules or sys.stderr is None:
         import tensorflow  # noqa: F401
 
         return

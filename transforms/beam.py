@@ -64,18 +64,11 @@ class ShardProcessor:
 
     def __init__(self, config: Mapping[str, Any], run_id: str):
         from pipeline.config import JobConfig
-        from transforms.devices import ExtractorPool, discover_gpus, plan_devices, set_precision
+        from transforms.devices import ExtractorPool, discover_gpus, plan_devices, precision
         from transforms.extractor import Extractor, load_model, model_fingerprint, preprocess_fn
 
         self.cfg = cfg = JobConfig.model_validate(config)
-        import keras
-
-        # The policy matters while layers are built (each keeps its own); the caller's is
-        # restored after, since an in-process worker may run on the caller's thread.
-        callers_policy = keras.mixed_precision.global_policy()
-        set_precision(cfg.batching.precision)
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
-        launcher = _launcher_model(run_id)
         self.reused_launcher_model = False
 
         def build(device: str):
@@ -84,7 +77,7 @@ class ShardProcessor:
             import tensorflow as tf
 
             with tf.device(device):
-                if launcher is not None and device == launcher.device and not self.reused_launcher_model:
+                if launcher is not None and device == launcher.device:  # the plan's devices are distinct
                     model, fp = launcher.model, launcher.fingerprint
                     self.reused_launcher_model = True
                 else:
@@ -97,10 +90,9 @@ class ShardProcessor:
                 self.input_shapes = graph.input_shapes
                 return Extractor(graph.build(self.specs), jit_compile=cfg.batching.jit_compile)
 
-        try:
+        with precision(cfg.batching.precision):
+            launcher = _launcher_model(run_id)  # compares the policy in force
             self.extractor = ExtractorPool(build, self.device_plan)
-        finally:
-            keras.mixed_precision.set_global_policy(callers_policy)
         stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
@@ -238,9 +230,10 @@ class LauncherModel:
     @classmethod
     def capture(cls, model, fingerprint: str) -> LauncherModel:
         import keras
-        import tensorflow as tf
 
-        device = "/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0"
+        from transforms.devices import discover_gpus, plan_devices
+
+        device = plan_devices(discover_gpus()).devices[0]  # where TensorFlow placed it by default
         return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device)
 
 

@@ -7,6 +7,7 @@ are tested on machines without GPUs by passing a list.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DevicePlan", "plan_devices", "discover_gpus", "set_precision", "ExtractorPool"]
+__all__ = ["DevicePlan", "plan_devices", "discover_gpus", "precision", "ExtractorPool"]
 
 _LOG = logging.getLogger("layerbeam")
 
@@ -66,16 +67,24 @@ def discover_gpus() -> list[str]:
     return [g.name for g in gpus]
 
 
-def set_precision(precision: str) -> None:
-    """Set Keras's global dtype policy before the model is built.
+@contextlib.contextmanager
+def precision(policy: str):
+    """Build models under Keras's dtype policy `policy`, then restore the caller's.
 
     `float32` (default), `mixed_float16` (GPUs with tensor cores) or `mixed_bfloat16`
     (TPUs, recent CPUs and GPUs). Layer outputs are computed in the lower precision; the
-    stored dtype is still each output's `dtype`.
+    stored dtype is still each output's `dtype`. Each layer keeps the policy it was built
+    under, so the caller's may come back once the models exist (an in-process worker can
+    run on the caller's thread).
     """
     import keras
 
-    keras.mixed_precision.set_global_policy(precision)
+    callers = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(callers)
 
 
 def _is_oom(e: BaseException) -> bool:
