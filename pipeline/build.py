@@ -131,15 +131,12 @@ def prepare(cfg: JobConfig) -> Plan:
                 f"rename the output with {{layer: {spec.path}, as: <another name>}}"
             )
     try:
-        from transforms.readers import _feature_map
+        from transforms.readers import _feature_map, single_image_input
 
         if cfg.input.format == "tfrecord":
             _feature_map(cfg.input, graph.input_shapes)
-        elif len(graph.input_shapes) != 1:
-            raise ValueError(
-                f"input.format 'images' feeds one image per example, but the model has inputs {list(graph.input_shapes)}; "
-                "write the inputs as features of TFRecord examples and map them with input.inputs"
-            )
+        else:
+            single_image_input(graph.input_shapes)
         preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
     except (ValueError, ModelError) as e:
         raise ConfigError(str(e)) from None

@@ -129,3 +129,11 @@ def test_a_closed_stderr_still_gets_the_one_line_error():
     )
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:])
     assert "keras.applications has no 'MobileNetV9'" in r.stdout
+
+
+def test_image_files_need_a_single_input_model():
+    from transforms.readers import single_image_input
+
+    assert single_image_input({"image": (8, 8, 3)}) == ("image", (8, 8, 3))
+    with pytest.raises(ValueError, match=r"feeds one image per example, but the model has inputs \['left', 'right'\].*input\.inputs"):
+        single_image_input({"left": (8, 8, 3), "right": (8, 8, 3)})

@@ -346,24 +346,42 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
                 out[name] = tf.zeros([], tf.as_dtype(typ))
             return out
 
-        out = tf.cond(is_sentinel, fake, real)
-        out["__index__"] = index
-        out["__sentinel__"] = is_sentinel
-        out["__bytes__"] = nbytes
-        return out
+        return _tagged(is_sentinel, fake, real, index, nbytes)
 
     return parse
 
 
-def _image_file_parser(cfg, input_shapes, preprocess, originals):
+def _tagged(is_sentinel, fake, real, index, nbytes) -> dict:
+    """A parsed record (`real()`, or `fake()` for the sentinel) with the pipeline's
+    bookkeeping: its index, whether it is the sentinel, the framing bytes so far."""
     import tensorflow as tf
 
+    out = tf.cond(is_sentinel, fake, real)
+    out["__index__"] = index
+    out["__sentinel__"] = is_sentinel
+    out["__bytes__"] = nbytes
+    return out
+
+
+def single_image_input(input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    """(name, shape) of the model's one input, which `input.format: images` needs.
+
+    Raises:
+        ValueError: the model has several inputs.
+    """
     if len(input_shapes) != 1:
         raise ValueError(
             f"input.format 'images' feeds one image per example, but the model has inputs {list(input_shapes)}; "
             "write the inputs as features of TFRecord examples and map them with input.inputs"
         )
     ((name, shape),) = input_shapes.items()
+    return name, shape
+
+
+def _image_file_parser(cfg, input_shapes, preprocess, originals):
+    import tensorflow as tf
+
+    name, shape = single_image_input(input_shapes)
     dummy = tf.zeros(shape, tf.float32)
 
     def parse(index, item):
@@ -381,11 +399,7 @@ def _image_file_parser(cfg, input_shapes, preprocess, originals):
         def fake():
             return {f"__input__{name}": dummy, "key": tf.constant(""), "label": tf.constant("")}
 
-        out = tf.cond(is_sentinel, fake, real)
-        out["__index__"] = index
-        out["__sentinel__"] = is_sentinel
-        out["__bytes__"] = nbytes
-        return out
+        return _tagged(is_sentinel, fake, real, index, nbytes)
 
     return parse
 
