@@ -18,7 +18,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-from transforms.errors import LayerbeamError
+from .transforms.errors import LayerbeamError
 
 __all__ = ["main"]
 
@@ -115,7 +115,7 @@ def _import_tensorflow_quietly() -> None:
     try:
         os.dup2(captured.fileno(), 2)
         try:
-            from transforms.devices import discover_gpus  # imports TensorFlow
+            from .transforms.devices import discover_gpus  # imports TensorFlow
 
             gpus = discover_gpus()  # the first GPU probe (cuInit) logs too
         finally:
@@ -143,8 +143,9 @@ def _console():
 
 
 def _run(args, beam_args: list[str]) -> int:
-    from pipeline.build import _human, prepare, run_job
-    from pipeline.config import load_config
+    from .plan import human, prepare
+    from .run import run_job
+    from .config import load_config
 
     stray = _stray_arguments(beam_args) if beam_args else None
     if stray:
@@ -163,22 +164,22 @@ def _run(args, beam_args: list[str]) -> int:
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _import_tensorflow_quietly()
-    from pipeline.build import OverCapError
+    from .plan import OverCapError
 
     console = _console()
     try:
         plan = prepare(cfg)
     except OverCapError as e:
-        _print_plan(console, e.plan, _human)  # show what is too big before refusing
+        _print_plan(console, e.plan, human)  # show what is too big before refusing
         raise
-    _print_plan(console, plan, _human)
+    _print_plan(console, plan, human)
     if args.plan_only:
         return 0
     manifest = run_job(cfg, beam_args, plan)
     if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
         print(json.dumps(manifest, indent=1))
         return 0
-    _print_summary(console, manifest, _human)
+    _print_summary(console, manifest, human)
     return 0
 
 
@@ -241,8 +242,8 @@ def _print_summary(console, manifest: dict, human) -> None:
     console.print(f"output: {out}")
     console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it):")
     console.print(
-        "  from transforms.readback import to_arrow, to_pandas, to_tf_dataset\n"
-        f"  table = to_arrow({out!r})   # or to_pandas(...), to_tf_dataset(...)",
+        "  import layerbeam\n"
+        f"  table = layerbeam.read({out!r})   # or layerbeam.to_pandas(...), layerbeam.to_tf_dataset(...)",
         markup=False,
     )
 
@@ -250,8 +251,8 @@ def _print_summary(console, manifest: dict, human) -> None:
 def _show(args) -> int:
     from rich.table import Table
 
-    from pipeline.build import _human
-    from transforms.readback import head, open_output
+    from .plan import human
+    from .transforms.readback import head, open_output
 
     out = open_output(args.output)
     m = out.manifest
@@ -270,7 +271,7 @@ def _show(args) -> int:
     for o in m["outputs"]:
         c = stored[o["name"]]
         how = f"{c['dtype']} {c['tfrecord']['kind']}" if "tfrecord" in c else c["parquet"]["type"].replace("fixed_shape_tensor", "tensor")
-        t.add_row(o["name"], o["path"] if o["path"] != o["name"] else "", o["reduce"], "×".join(map(str, o["shape"])) or "scalar", o["dtype"], how, _human(o["bytes_per_example"]))
+        t.add_row(o["name"], o["path"] if o["path"] != o["name"] else "", o["reduce"], "×".join(map(str, o["shape"])) or "scalar", o["dtype"], how, human(o["bytes_per_example"]))
     console.print(t)
     c = m["counts"]
     parts: dict[str, list[int]] = {}
@@ -281,7 +282,7 @@ def _show(args) -> int:
         parts[d][1] += 1
         parts[d][2] += f["bytes"]
     console.print(
-        f"rows: {c['rows_written']:,} · dead letters: {c['dead_letters']:,} · files: {len(files)} · bytes: {_human(nbytes)}"
+        f"rows: {c['rows_written']:,} · dead letters: {c['dead_letters']:,} · files: {len(files)} · bytes: {human(nbytes)}"
         + (f" · partitioned by {', '.join(st['partition_by'])}" if st["partition_by"] else ""),
         highlight=False,
     )
@@ -290,7 +291,7 @@ def _show(args) -> int:
         for col in ("partition", "rows", "files", "bytes"):
             pt.add_column(col, justify="left" if col == "partition" else "right")
         for d, (r, n, b) in sorted(parts.items()):
-            pt.add_row(d, f"{r:,}", str(n), _human(b))
+            pt.add_row(d, f"{r:,}", str(n), human(b))
         console.print(pt)
     if args.rows <= 0:
         return 0
@@ -317,8 +318,8 @@ def _show(args) -> int:
 def _layers(args) -> int:
     """`layerbeam layers MODEL`: every tappable path, or what `--match` selectors pick."""
     _import_tensorflow_quietly()
-    from pipeline.config import ModelConfig
-    from transforms.extractor import ModelGraph, load_model
+    from .transforms.layers import ModelGraph
+    from .transforms.models import ModelSpec, load_model
 
     shape = None
     if args.input_shape:
@@ -327,7 +328,7 @@ def _layers(args) -> int:
         except ValueError:
             raise _UsageError(f"--input-shape {args.input_shape!r} is not a shape; write it like 224,224,3") from None
     is_app = args.model.startswith("keras.applications.")
-    mcfg = ModelConfig(source=args.model, weights=args.weights, input_shape=shape if is_app else None, safe_mode=not args.unsafe_model)
+    mcfg = ModelSpec(source=args.model, weights=args.weights, input_shape=shape if is_app else None, safe_mode=not args.unsafe_model)
     try:
         model = load_model(mcfg)
         graph = ModelGraph(model, input_shapes=[shape] if shape and not is_app else None)
@@ -350,14 +351,14 @@ def _layers(args) -> int:
         return 0
     from rich.table import Table
 
-    from pipeline.build import _human
+    from .plan import human
 
     t = Table(title=f"{args.model} · inputs {graph.input_shapes}", title_justify="left")
     for col in ("path", "type", "output shape", "dtype", f"bytes/example ({args.reduce}, {args.dtype})", "params"):
         t.add_column(col, justify="right" if col.startswith(("bytes", "params")) else "left", overflow="fold")
     for r in rows:
         kind = r["type"] + (" (model)" if r["is_model"] else " (opaque)" if r["opaque"] else "")
-        nbytes = "?" if r["bytes_per_example"] is None else _human(r["bytes_per_example"])
+        nbytes = "?" if r["bytes_per_example"] is None else human(r["bytes_per_example"])
         shape_text = "×".join("?" if d is None else str(d) for d in r["shape"]) or "scalar"
         t.add_row("  " * r["depth"] + r["path"], kind, shape_text, r["dtype"], nbytes, f"{r['params']:,}")
     console = _console()
@@ -365,7 +366,7 @@ def _layers(args) -> int:
     total = sum(r["bytes_per_example"] or 0 for r in rows if not r["is_model"] and not r["is_input"])
     what = f"matched by {', '.join(args.match)}" if args.match else "in the model"
     console.print(
-        f"{len(rows)} tensors {what}; layers (not inputs or nested-model outputs) take {_human(total)} per example "
+        f"{len(rows)} tensors {what}; layers (not inputs or nested-model outputs) take {human(total)} per example "
         f"stored as {args.reduce}/{args.dtype}. Select them in a config under layers.select "
         "(exact path, glob, re:…, type:…, all); see README, 'Choosing outputs'",
         markup=False,

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from transforms.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .transforms.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -26,6 +27,8 @@ __all__ = [
     "JobConfig",
     "load_config",
     "apply_overrides",
+    "config_to_dict",
+    "to_spec",
 ]
 
 Reduce = Literal["none", "mean", "max", "flatten"]
@@ -34,12 +37,6 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ImageFeature(_Strict):
-    """How one model input is read from a record."""
-
-    feature: str = Field("image/encoded", description="tf.train.Example bytes feature holding an encoded image (jpg/png/gif/bmp)")
 
 
 class InputConfig(_Strict):
@@ -250,3 +247,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_dict(cfg: JobConfig) -> dict:
     return cfg.model_dump(mode="json", by_alias=True)
+
+
+def to_spec(cfg: JobConfig):
+    """The library's narrow, frozen view of a config (`layerbeam.transforms.shard.JobSpec`):
+    what travels to workers."""
+    from .transforms.formats import WriteSpec
+    from .transforms.layers import SelectSpec
+    from .transforms.models import ModelSpec
+    from .transforms.readers import ReadSpec
+    from .transforms.shard import BatchSpec, JobSpec
+
+    layers = cfg.layers
+    return JobSpec(
+        input=ReadSpec(**cfg.input.model_dump()),
+        model=ModelSpec(**cfg.model.model_dump()),
+        layers=SelectSpec(
+            select=tuple(s.model_dump(by_alias=True, exclude_none=True) for s in layers.select),
+            exclude=layers.exclude,
+            reduce=layers.reduce,
+            dtype=layers.dtype,
+            include_inputs=layers.include_inputs,
+            max_bytes_per_example=layers.max_bytes_per_example,
+        ),
+        output=WriteSpec(**cfg.output.model_dump()),
+        batching=BatchSpec(**cfg.batching.model_dump()),
+    )

@@ -4,7 +4,7 @@ One invocation, same data, same machine, same model weights:
 
 * **limit** — an in-process loop, no Beam, no writing: one tf.data pipeline (read, decode,
   resize, preprocess, batch, prefetch) feeding the same multi-output extractor.
-* **layerbeam** — the real pipeline through `pipeline.build.run_job` on the default
+* **layerbeam** — the real pipeline through `layerbeam.run.run_job` on the default
   (in-process FnApiRunner) runner, writing Parquet.
 * **baseline** — the same job written the way Beam's docs suggest: ReadFromTFRecord →
   per-element decode in a Map → RunInference with a keyed Keras model handler → rows →
@@ -17,7 +17,7 @@ Each measurement runs in its own subprocess (fresh TensorFlow, honest peak RSS).
     python scripts/bench.py --scenario a --n 512 --rss   # also layerbeam at 4N for peak RSS
 
 The limit uses the pipeline's tf.data options (autotuning off, see
-`transforms.readers._without_autotune`); LAYERBEAM_BENCH_LIMIT_AUTOTUNE=1 measures it with
+`layerbeam.transforms.readers._common.without_autotune`); LAYERBEAM_BENCH_LIMIT_AUTOTUNE=1 measures it with
 tf.data's default autotuning instead.
 
 Scenarios: (a) MobileNetV2 224px, four mean-pooled outputs; (b) the same plus one
@@ -89,16 +89,19 @@ def _measure_limit(cfg: dict) -> dict:
     """tf.data → extractor in a loop; no Beam, no writing."""
     import tensorflow as tf
 
-    from pipeline.config import load_config
-    from transforms.beam import trace_and_select
-    from transforms.extractor import Extractor, load_model, preprocess_fn
-    from transforms.readers import _decode_image, _without_autotune
+    from layerbeam.config import load_config
+    from layerbeam.transforms.layers import trace_and_select
+    from layerbeam.transforms.extractor import Extractor, extractor_model
+    from layerbeam.transforms.layers import ModelGraph
+    from layerbeam.transforms.models import load_model, preprocess_fn
+    from layerbeam.transforms.readers._common import without_autotune as _without_autotune
+    from layerbeam.transforms.readers.images import decode_image as _decode_image
 
     t_start = time.perf_counter()
     c = load_config(raw=cfg)
     model = load_model(c.model)
     graph, specs = trace_and_select(c, model)  # the pipeline's own extractor, float16 outputs included
-    ex = Extractor(graph.build(specs))
+    ex = Extractor(extractor_model(graph, specs))
     (name, shape), = graph.input_shapes.items()
     pre = preprocess_fn("auto", c.model.source)
     files = sorted(tf.io.gfile.glob(c.input.pattern))
@@ -126,8 +129,9 @@ def _measure_limit(cfg: dict) -> dict:
 
 
 def _measure_layerbeam(cfg: dict) -> dict:
-    from pipeline.build import prepare, run_job
-    from pipeline.config import load_config
+    from layerbeam.plan import prepare
+    from layerbeam.run import run_job
+    from layerbeam.config import load_config
 
     t_start = time.time()
     c = load_config(raw=cfg)
@@ -160,9 +164,9 @@ def _measure_baseline(cfg: dict) -> dict:
     from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from pipeline.config import load_config
-    from transforms.beam import trace_and_select
-    from transforms.extractor import load_model, preprocess_fn
+    from layerbeam.config import load_config
+    from layerbeam.transforms.layers import trace_and_select
+    from layerbeam.transforms.models import load_model, preprocess_fn
 
     c = load_config(raw=cfg)
     shape = (224, 224, 3)
@@ -178,7 +182,7 @@ def _measure_baseline(cfg: dict) -> dict:
         def load_model(self):
             job = load_config(raw=cfg)
             graph, specs = trace_and_select(job, load_model(job.model))
-            return graph.build(specs)
+            return extractor_model(graph, specs)
 
         def run_inference(self, batch, model, inference_args=None):
             predictions = model(np.stack(batch, axis=0), **(inference_args or {}))
@@ -227,7 +231,7 @@ def _child(kind: str, cfg: dict) -> dict:
 
 
 def _run_child(kind: str, cfg: dict) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     p = subprocess.run([sys.executable, __file__, "--child", kind, "--config-json", json.dumps(cfg)], env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"bench: the {kind} run failed:\n{p.stderr[-4000:]}")

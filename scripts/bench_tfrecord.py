@@ -51,7 +51,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from transforms.writers import ExampleEncoder, TFRecordShardWriter, output_schema, to_record_batch
+    from layerbeam.transforms.formats.tfrecord import ExampleEncoder, TFRecordShardWriter
+    from layerbeam.transforms.schema import output_schema, to_record_batch
 
     shape = tuple(int(x) for x in args.shape.split(","))
     rng = np.random.default_rng(0)

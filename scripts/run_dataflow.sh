@@ -18,4 +18,4 @@ cd "$(dirname "$0")/.."
 ACCELERATOR="${ACCELERATOR:-nvidia-tesla-t4}"
 MACHINE_TYPE="${MACHINE_TYPE:-n1-standard-8}"   # T4s attach to N1 machines only
 
-exec "${PYTHON:-python3}" -m pipeline.cli run configs/dataflow_gpu.yaml --runner=DataflowRunner --project="$PROJECT" --region="$REGION" --temp_location="$BUCKET/tmp" --staging_location="$BUCKET/staging" --setup_file=./pyproject.toml --sdk_container_image="$IMAGE" --sdk_location=container --dataflow_service_options="worker_accelerator=type:$ACCELERATOR;count:1;install-nvidia-driver" --machine_type="$MACHINE_TYPE" --experiments=no_use_multiple_sdk_containers --disk_size_gb=50 "$@"
+exec "${PYTHON:-python3}" -m layerbeam.cli run configs/dataflow_gpu.yaml --runner=DataflowRunner --project="$PROJECT" --region="$REGION" --temp_location="$BUCKET/tmp" --staging_location="$BUCKET/staging" --setup_file=./pyproject.toml --sdk_container_image="$IMAGE" --sdk_location=container --dataflow_service_options="worker_accelerator=type:$ACCELERATOR;count:1;install-nvidia-driver" --machine_type="$MACHINE_TYPE" --experiments=no_use_multiple_sdk_containers --disk_size_gb=50 "$@"

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -121,10 +119,10 @@ def with_overrides(cfg: dict, **overrides) -> dict:
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `layerbeam` entry point in a subprocess (exit code, no traceback), in
     the environment a user has: TF_CPP_MIN_LOG_LEVEL unset."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from layerbeam.cli import main; sys.exit(main())", *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -139,8 +137,8 @@ def three_formats(png_dataset, tmp_path_factory):
     float16 and mean bfloat16) written three ways: Parquet, Parquet compat, TFRecord+GZIP.
 
     Returns {"parquet" | "compat" | "tfrecord": (out path, manifest)}."""
-    from pipeline.build import run_job
-    from pipeline.config import load_config
+    from layerbeam.run import run_job
+    from layerbeam.config import load_config
 
     folder, _, _ = png_dataset
     root = tmp_path_factory.mktemp("formats")

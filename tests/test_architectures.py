@@ -20,7 +20,8 @@ import gc
 import numpy as np
 import pytest
 
-from transforms.extractor import Extractor, ModelGraph
+from layerbeam.transforms.extractor import Extractor, extractor_model
+from layerbeam.transforms.layers import ModelGraph
 
 ARCHITECTURES = {
     "ResNet50": 32,
@@ -81,7 +82,7 @@ def test_all_layers_mean_equal_keras_reference(name):
 
     graph = ModelGraph(model)
     specs = graph.select(["all"], reduce="mean")
-    got = Extractor(graph.build(specs))({graph.input_names[0]: x})
+    got = Extractor(extractor_model(graph, specs))({graph.input_names[0]: x})
 
     # every layer call, once, in model.layers order (nested Sequentials expanded in place)
     assert list(got) == list(ref)

@@ -11,8 +11,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import run_job
-from pipeline.config import load_config
+from layerbeam.run import run_job
+from layerbeam.config import load_config
 from tests.conftest import encode_png, example, photo_crops, write_tfrecords
 from tests.tiny import SIZE, reference, save_tiny_model, tiny_config
 

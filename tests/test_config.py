@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, apply_overrides, load_config
+from layerbeam.config import ConfigError, apply_overrides, load_config
 from tests.conftest import base_config
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transforms.devices import DevicePlan, ExtractorPool, plan_devices
+from layerbeam.transforms.devices import DevicePlan, ExtractorPool, plan_devices
 
 
 def test_cpu_only_gets_one_copy_on_the_cpu():
@@ -72,8 +72,8 @@ def test_mixed_bfloat16_outputs_are_close_to_float32(tmp_path, png_dataset):
     import keras
     import pyarrow.dataset as ds
 
-    from pipeline.build import run_job
-    from pipeline.config import load_config
+    from layerbeam.run import run_job
+    from layerbeam.config import load_config
     from tests.conftest import base_config
 
     folder, imgs, _ = png_dataset
@@ -101,7 +101,7 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
     import keras
     import tensorflow as tf
 
-    from transforms.beam import LauncherModel, _launcher_model, offer_launcher_model
+    from layerbeam.transforms.shard import LauncherModel, _launcher_model, offer_launcher_model
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     try:
@@ -126,8 +126,8 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
 def test_prepare_builds_under_the_workers_precision_and_restores_the_callers(tmp_path, png_dataset):
     import keras
 
-    from pipeline.build import prepare
-    from pipeline.config import load_config
+    from layerbeam.plan import prepare
+    from layerbeam.config import load_config
     from tests.conftest import base_config
 
     folder, _, _ = png_dataset
@@ -139,7 +139,7 @@ def test_prepare_builds_under_the_workers_precision_and_restores_the_callers(tmp
 
 
 def test_batches_are_sized_by_output_bytes_when_outputs_are_big():
-    from transforms.beam import effective_batch_size
+    from layerbeam.transforms.shard import effective_batch_size
 
     assert effective_batch_size(32, 256 << 20, 5_000) == 32  # pooled outputs: the configured size
     assert effective_batch_size(32, 256 << 20, 25 << 20) == 10  # 25 MB per example: 10 fit in 256 MB

@@ -97,9 +97,9 @@ def test_selector_matching_nothing(setup, tmp_path):
 
 @pytest.mark.parametrize("ext", ["keras", "h5"])
 def test_lambda_layer_is_refused_by_default_and_loads_with_the_opt_in(setup, tmp_path, ext):
-    from pipeline.config import ModelConfig
-    from transforms.errors import ModelError
-    from transforms.extractor import load_model
+    from layerbeam.config import ModelConfig
+    from layerbeam.transforms.errors import ModelError
+    from layerbeam.transforms.models import load_model
 
     model = _lambda_model(tmp_path, ext)
     with pytest.raises(ModelError, match="Lambda layer.*model.safe_mode=false.*--unsafe-model"):
@@ -120,9 +120,9 @@ def test_a_closed_stderr_still_gets_the_one_line_error():
 
     from tests.conftest import ROOT
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    code = "import sys; from pipeline.cli import main; sys.exit(main())"
+    code = "import sys; from layerbeam.cli import main; sys.exit(main())"
     r = subprocess.run(
         ["sh", "-c", f'exec 2>&-; exec "{sys.executable}" -c "{code}" layers keras.applications.MobileNetV9'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -132,7 +132,7 @@ def test_a_closed_stderr_still_gets_the_one_line_error():
 
 
 def test_image_files_need_a_single_input_model():
-    from transforms.readers import single_image_input
+    from layerbeam.transforms.readers.images import single_image_input
 
     assert single_image_input({"image": (8, 8, 3)}) == ("image", (8, 8, 3))
     with pytest.raises(ValueError, match=r"feeds one image per example, but the model has inputs \['left', 'right'\].*input\.inputs"):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transforms.errors import ModelError, SelectionError
-from transforms.extractor import Extractor, ModelGraph
+from layerbeam.transforms.errors import ModelError, SelectionError
+from layerbeam.transforms.extractor import Extractor, extractor_model
+from layerbeam.transforms.layers import ModelGraph
 
 ATOL = RTOL = 1e-5  # small float32 models: same kernels, same weights, a few ulps apart
 
@@ -19,7 +20,7 @@ ATOL = RTOL = 1e-5  # small float32 models: same kernels, same weights, a few ul
 def _extract(graph: ModelGraph, select, x, **kw) -> dict[str, np.ndarray]:
     specs = graph.select(select, **kw)
     xs = x if isinstance(x, dict) else {graph.input_names[0]: x}
-    return Extractor(graph.build(specs))(xs)
+    return Extractor(extractor_model(graph, specs))(xs)
 
 
 def _close(got, ref):

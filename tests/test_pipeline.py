@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.build import run_job
-from pipeline.config import load_config
+from layerbeam.run import run_job
+from layerbeam.config import load_config
 from tests.conftest import base_config, encode_png, example, photo_crops, read_manifest, run_cli, write_tfrecords
 
 
@@ -54,7 +54,7 @@ def test_demo_model_outputs_equal_keras_predict_on_per_layer_submodels(demo_run)
     model = keras.applications.MobileNetV2(weights=None)  # seed 0 below, as the config says
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(weights=None)
-    from transforms.extractor import model_fingerprint
+    from layerbeam.transforms.models import model_fingerprint
 
     assert manifest["model"]["fingerprint"] == model_fingerprint(model)
     table = _read(out)
@@ -208,7 +208,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, png_dataset, change, expect
     raw = base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **change)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    from pipeline.cli import main
+    from layerbeam.cli import main
 
     import contextlib
     import io
@@ -233,18 +233,18 @@ def test_cli_bad_config_in_a_subprocess_has_no_traceback(tmp_path):
 
 
 def test_size_plan_counts_examples_exactly_when_the_shards_are_small(png_dataset, tmp_path):
-    from pipeline.build import _estimate_examples
-    from transforms.readers import match_shards
+    from layerbeam.transforms.readers import estimate_examples
+    from layerbeam.transforms.readers import match_shards
 
     folder, imgs, _ = png_dataset
     cfg = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out")))
     shards = match_shards(cfg.input.pattern, "tfrecord")
-    assert _estimate_examples(cfg, shards) == len(imgs) == 10  # 4 + 3 + 3, all read
+    assert estimate_examples(cfg.input, shards) == len(imgs) == 10  # 4 + 3 + 3, all read
     # a budget that covers only the first shard: the rest is scaled by file size
-    est = _estimate_examples(cfg, shards, budget=4)
+    est = estimate_examples(cfg.input, shards, budget=4)
     assert 8 <= est <= 12
     capped = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"), **{"input.max_examples_per_shard": 2}))
-    assert _estimate_examples(capped, shards) == 6
+    assert estimate_examples(capped.input, shards) == 6
 
 
 @pytest.mark.parametrize(
@@ -257,8 +257,8 @@ def test_size_plan_counts_examples_exactly_when_the_shards_are_small(png_dataset
     ],
 )
 def test_preflight_catches_what_would_otherwise_fail_on_a_worker(tmp_path, png_dataset, change, expected):
-    from pipeline.build import prepare
-    from pipeline.config import ConfigError
+    from layerbeam.plan import prepare
+    from layerbeam.config import ConfigError
 
     folder, _, _ = png_dataset
     pytest.importorskip("fsspec")
@@ -276,24 +276,25 @@ def test_preflight_catches_what_would_otherwise_fail_on_a_worker(tmp_path, png_d
 
 
 def test_commit_refuses_when_the_input_changed_since_the_launcher_listed_it(tmp_path, png_dataset):
-    from pipeline.build import _inputs_digest, _manifest_base, commit_run, prepare
-    from transforms.readers import match_shards
-    from transforms.writers import CommitError
+    from layerbeam.plan import manifest_base, prepare
+    from layerbeam.transforms.commit import commit_run, inputs_digest
+    from layerbeam.transforms.readers import match_shards
+    from layerbeam.transforms.errors import CommitError
 
     folder, _, _ = png_dataset
     cfg = load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out")))
     plan = prepare(cfg)
     shards = match_shards(cfg.input.pattern, "tfrecord")
-    assert _inputs_digest(shards) == _inputs_digest(plan.inputs)  # the launcher's and the workers' listings agree
+    assert inputs_digest(shards) == inputs_digest(plan.inputs)  # the launcher's and the workers' listings agree
     with pytest.raises(CommitError, match="changed while the job ran"):
-        commit_run([], shards[:-1], _manifest_base(plan), plan.run_id, _inputs_digest(plan.inputs))
+        commit_run([], shards[:-1], manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
     assert not (tmp_path / "out").exists()
 
 
 def test_plan_only_writes_nothing_and_beam_flags_may_take_values_after_a_space(tmp_path, png_dataset, capsys):
     import yaml
 
-    from pipeline.cli import main
+    from layerbeam.cli import main
 
     folder, _, _ = png_dataset
     cfg = tmp_path / "job.yaml"
@@ -315,7 +316,7 @@ def test_a_file_url_output_commits_like_a_local_path(tmp_path, png_dataset):
 def test_a_word_after_an_on_off_beam_flag_is_refused(tmp_path, png_dataset, capsys):
     import yaml
 
-    from pipeline.cli import main
+    from layerbeam.cli import main
 
     folder, _, _ = png_dataset
     cfg = tmp_path / "job.yaml"
@@ -329,8 +330,8 @@ def test_the_writable_probe_on_a_store_without_folders_leaves_nothing_and_passes
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from pipeline.build import _check_writable
-    from transforms.writers import OutputLayout
+    from layerbeam.plan import _check_writable
+    from layerbeam.transforms.staging import OutputLayout
 
     class Folderless(MemoryFileSystem):
         protocol = ("folderless",)
@@ -351,9 +352,10 @@ def test_the_writable_probe_on_a_store_without_folders_leaves_nothing_and_passes
 def test_commit_refuses_a_file_rewritten_under_the_same_name(tmp_path, png_dataset):
     import shutil
 
-    from pipeline.build import _inputs_digest, _manifest_base, commit_run, prepare
-    from transforms.readers import match_shards
-    from transforms.writers import CommitError
+    from layerbeam.plan import manifest_base, prepare
+    from layerbeam.transforms.commit import commit_run, inputs_digest
+    from layerbeam.transforms.readers import match_shards
+    from layerbeam.transforms.errors import CommitError
 
     folder, _, _ = png_dataset
     data = tmp_path / "data"
@@ -364,4 +366,4 @@ def test_commit_refuses_a_file_rewritten_under_the_same_name(tmp_path, png_datas
     first.write_bytes(first.read_bytes() + b"\0" * 16)  # same name, other content
     shards = match_shards(cfg.input.pattern, "tfrecord")
     with pytest.raises(CommitError, match="changed while the job ran"):
-        commit_run([], shards, _manifest_base(plan), plan.run_id, _inputs_digest(plan.inputs))
+        commit_run([], shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from transforms.readback import head, open_output, to_arrow, to_pandas, to_tf_dataset
+from layerbeam.transforms.readback import head, open_output, to_arrow, to_pandas, to_tf_dataset
 
 FORMATS = ["parquet", "compat", "tfrecord"]
 
@@ -142,7 +142,7 @@ def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(thr
 
 
 def _float16_batch(n: int = 6):
-    from transforms.writers import output_schema, to_record_batch
+    from layerbeam.transforms.schema import output_schema, to_record_batch
 
     class Spec:
         name, shape, dtype = "h", (4, 3), "float16"
@@ -160,8 +160,10 @@ def _float16_batch(n: int = 6):
 def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     """±0, ±inf, NaN payloads, subnormals and the largest float16 through each writer,
     read back by the project API and by an independent reader."""
-    from transforms.writers import OutputLayout, make_writer
-    from pipeline.config import OutputConfig
+    from layerbeam.transforms.formats import make_writer
+    from layerbeam.config import OutputConfig
+    from layerbeam.transforms.commit import assemble, publish
+    from layerbeam.transforms.staging import OutputLayout
 
     schema, values, batch = _float16_batch()
     cfg = OutputConfig(path=str(tmp_path / "out"), format="tfrecord" if fmt == "tfrecord" else "parquet", parquet_compat=fmt == "compat")
@@ -170,7 +172,8 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     files = writer.write_shard(iter([batch]), layout.shard_dir("s0"), "part-s0")
     result = {"shard": "s0", "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files]}
     manifest = {"files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files], "storage": writer.storage_spec(), "outputs": []}
-    layout.commit([result], manifest, overwrite=False)
+    assemble(layout, [result])
+    publish(layout, manifest, overwrite=False)
 
     got = to_arrow(cfg.path).column("h").combine_chunks().to_numpy_ndarray()
     assert got.dtype == np.float16
@@ -192,7 +195,7 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
 
 
 def test_show_prints_the_summary_and_first_rows(three_formats, capsys):
-    from pipeline.cli import main
+    from layerbeam.cli import main
 
     out, manifest = three_formats["tfrecord"]
     assert main(["show", str(out), "--rows", "2"]) == 0
@@ -206,8 +209,8 @@ def test_show_prints_the_summary_and_first_rows(three_formats, capsys):
 
 
 def test_show_and_open_refuse_an_incomplete_output(tmp_path, capsys):
-    from pipeline.cli import main
-    from transforms.errors import OutputError
+    from layerbeam.cli import main
+    from layerbeam.transforms.errors import OutputError
 
     (tmp_path / "half").mkdir()
     with pytest.raises(OutputError, match="no _SUCCESS"):
@@ -221,9 +224,10 @@ def test_duckdb_reads_float16_without_bss(tmp_path):
     """With output.float16_byte_stream_split=false, DuckDB reads float16 tensors bit-exactly."""
     import duckdb
 
-    from pipeline.config import OutputConfig
-    from transforms.extractor import OutputSpec
-    from transforms.writers import make_writer, output_schema, to_record_batch
+    from layerbeam.config import OutputConfig
+    from layerbeam.transforms.layers import OutputSpec
+    from layerbeam.transforms.formats import make_writer
+    from layerbeam.transforms.schema import output_schema, to_record_batch
 
     values = np.array([[0.0, -0.0, 1.5, 65504.0], [6e-8, -2.0, np.inf, 0.333]], np.float16).reshape(2, 2, 2)
     spec = OutputSpec(name="m16", path="m16", layer_type="Conv2D", reduce="none", dtype="float16", shape=(2, 2))

@@ -18,8 +18,9 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.build import prepare, run_job
-from pipeline.config import load_config
+from layerbeam.plan import prepare
+from layerbeam.run import run_job
+from layerbeam.config import load_config
 from tests.conftest import ROOT, encode_png, example, photo_crops, read_manifest, run_cli, write_tfrecords
 from tests.tiny import SIZE, save_tiny_model, tiny_config
 
@@ -50,9 +51,9 @@ def _write_config(path: Path, cfg: dict) -> Path:
 
 
 def _popen(args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from layerbeam.cli import main; sys.exit(main())", *args],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 
@@ -104,14 +105,15 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_output(many_shards, tmp_path
 
 
 def test_a_retried_shard_leaves_one_copy(many_shards, tmp_path):
-    from pipeline.build import commit_run, _manifest_base
-    from transforms.beam import ShardProcessor
-    from transforms.readers import match_shards
+    from layerbeam.plan import manifest_base
+    from layerbeam.transforms.commit import commit_run
+    from layerbeam.transforms.shard import ShardProcessor
+    from layerbeam.transforms.readers import match_shards
 
     root, model, cfg, reference = many_shards
     job = load_config(raw=dict(cfg, output={"path": str(tmp_path / "out")}))
     plan = prepare(job)
-    proc = ShardProcessor(plan.config, plan.run_id)
+    proc = ShardProcessor(plan.spec, plan.run_id)
     shards = match_shards(job.input.pattern, "tfrecord")[:2]
     first = proc.process(shards[0])
     # A worker died after writing the files but before the marker, and left a stray part.
@@ -120,13 +122,13 @@ def test_a_retried_shard_leaves_one_copy(many_shards, tmp_path):
     stray.write_bytes(b"partial")
     again = proc.process(shards[0])
     files = sorted(p.name for p in Path(proc.layout.shard_dir(shards[0].id)).rglob("*.parquet"))
-    assert files == [f["path"] for f in again["files"]] == [f["path"] for f in first["files"]]
+    assert files == [f["path"] for f in again.files] == [f["path"] for f in first.files]
     # A marker present: the shard is not processed again.
     before = {p: p.stat().st_mtime_ns for p in Path(proc.layout.shard_dir(shards[0].id)).rglob("*.parquet")}
-    assert proc.process(shards[0])["resumed"] is True
+    assert proc.process(shards[0]).resumed is True
     assert before == {p: p.stat().st_mtime_ns for p in Path(proc.layout.shard_dir(shards[0].id)).rglob("*.parquet")}
     results = [proc.process(shards[0]), proc.process(shards[1])]
-    commit_run(results, shards, _manifest_base(plan), plan.run_id)
+    commit_run(results, shards, manifest_base(plan), plan.run_id)
     got = _sorted_table(tmp_path / "out")
     assert got.column("key").to_pylist() == ["k000", "k001", "k002", "k003"]
     assert got.equals(reference.slice(0, 4))
@@ -173,8 +175,9 @@ def test_a_reader_during_a_run_sees_nothing_or_the_previous_complete_output(many
 def test_a_second_run_writing_the_same_output_is_refused(many_shards, tmp_path):
     import socket
 
-    from pipeline.config import ConfigError
-    from transforms.writers import OutputLayout
+    from layerbeam.config import ConfigError
+    from layerbeam.transforms.commit import OutputLock
+    from layerbeam.transforms.staging import OutputLayout
 
     root, model, cfg, _ = many_shards
     out = tmp_path / "out"
@@ -186,20 +189,20 @@ def test_a_second_run_writing_the_same_output_is_refused(many_shards, tmp_path):
     with pytest.raises(ConfigError, match=f"being written by another run \\(pid {alive} on"):
         prepare(job)
     with pytest.raises(ConfigError, match="delete .*_lock"):
-        OutputLayout(str(out), "mine").acquire_lock()
+        OutputLock(OutputLayout(str(out), "mine")).acquire()
     # The lock is created exclusively: of two layouts racing, one gets it.
     (staging / "_lock").unlink()
-    a = OutputLayout(str(out), "a")
-    a.acquire_lock()
+    a = OutputLock(OutputLayout(str(out), "a"))
+    a.acquire()
     lock = json.loads((staging / "_lock").read_text())
     assert lock["pid"] == os.getpid() and lock["run_id"] == "a"
     # A lock whose process is gone (a killed run) is stale and taken over.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (staging / "_lock").write_text(json.dumps(dict(lock, pid=int(gone.stdout))))
-    b = OutputLayout(str(out), "b")
-    b.acquire_lock()
+    b = OutputLock(OutputLayout(str(out), "b"))
+    b.acquire()
     assert json.loads((staging / "_lock").read_text())["run_id"] == "b"
-    b.release_lock()
+    b.release()
     assert not staging.exists()
 
 
@@ -210,7 +213,7 @@ def test_a_different_config_against_a_half_built_output_is_refused(many_shards, 
     proc = _popen(["run", str(config), "-q"])
     _kill_when(proc, lambda: len(_markers(out)) >= 1)
     other = _write_config(tmp_path / "b.yaml", dict(cfg, output={"path": str(out)}, layers={"select": ["conv2"], "reduce": "mean"}))
-    from pipeline.config import ConfigError
+    from layerbeam.config import ConfigError
 
     b = load_config(str(other))
     with pytest.raises(ConfigError, match="half-built run .* from a different config \\(differs in layers.select\\).*--overwrite"):
@@ -221,7 +224,7 @@ def test_a_different_config_against_a_half_built_output_is_refused(many_shards, 
 
 
 def test_an_existing_complete_output_is_refused_without_overwrite(many_shards, tmp_path):
-    from pipeline.config import ConfigError
+    from layerbeam.config import ConfigError
 
     root, model, cfg, _ = many_shards
     with pytest.raises(ConfigError, match="already holds a complete output; pass --overwrite"):

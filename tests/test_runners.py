@@ -25,8 +25,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.build import run_job
-from pipeline.config import load_config
+from layerbeam.run import run_job
+from layerbeam.config import load_config
 from tests.conftest import ROOT, base_config
 
 PY = sys.executable
@@ -68,11 +68,11 @@ def _assert_same_rows(got: dict, want: dict) -> None:
 
 
 def _env() -> dict[str, str]:
-    """Environment for Beam services and the workers they start: this checkout importable,
-    this interpreter first on PATH (Beam's worker pool starts workers as plain `python`)."""
+    """Environment for Beam services and the workers they start: this interpreter first on
+    PATH (Beam's worker pool starts workers as plain `python`), where `layerbeam` is
+    installed; nothing is added to PYTHONPATH."""
     return dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         PATH=os.pathsep.join([str(Path(PY).parent), os.environ.get("PATH", "")]),
         TF_CPP_MIN_LOG_LEVEL="3",
     )
@@ -191,14 +191,14 @@ def _run_bounded(cfg, beam_args: list[str], services: list[_Service]) -> dict:
 
 def test_processor_is_built_once_per_process_not_per_dofn_copy_or_thread(reference, tmp_path):
     """Each bundle/thread gets its own unpickled DoFn; all of them share one ShardProcessor."""
-    from transforms.beam import _ExtractShardDoFn
+    from layerbeam.transforms.beam import _ExtractShardDoFn
 
     pattern, _, _ = reference
     cfg = _config(tmp_path, pattern, tmp_path / "unused")
-    from pipeline.build import prepare
+    from layerbeam.plan import prepare
 
     plan = prepare(cfg)
-    proto = _ExtractShardDoFn(plan.config, plan.run_id)
+    proto = _ExtractShardDoFn(plan.spec, plan.run_id)
     copies = [pickle.loads(pickle.dumps(proto)) for _ in range(4)]
     threads = [threading.Thread(target=c.setup) for c in copies]
     for t in threads:
@@ -324,7 +324,7 @@ def test_sdist_builds_as_beams_stager_does_and_installs_into_a_clean_venv(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(sdist)], check=True, env=env, cwd=tmp_path, timeout=300)
     got = subprocess.run(
-        [str(vpy), "-c", "import pipeline, pipeline.build, pipeline.cli, pipeline.config, transforms, transforms.errors; print(pipeline.__file__)"],
+        [str(vpy), "-c", "import layerbeam, layerbeam.run, layerbeam.cli, layerbeam.config, layerbeam.transforms.errors; print(layerbeam.__file__)"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert got.returncode == 0, got.stderr[-2000:]

@@ -13,9 +13,9 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from transforms.errors import SelectionError
+from layerbeam.cli import main
+from layerbeam.config import load_config
+from layerbeam.transforms.errors import SelectionError
 from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
 
 
@@ -25,7 +25,7 @@ def small_cnn():
     layer types Conv2D ×2, ReLU ×2, BatchNormalization, GlobalAveragePooling2D, Dense."""
     import keras
 
-    from transforms.extractor import ModelGraph
+    from layerbeam.transforms.layers import ModelGraph
 
     keras.utils.set_random_seed(21)
     x = keras.Input((8, 8, 3), name="image")
@@ -237,7 +237,7 @@ def test_run_over_the_cap_is_refused_after_the_plan(tmp_path, png_dataset):
 
 
 def _human(n: float) -> str:
-    from pipeline.build import _human as h
+    from layerbeam.plan import human as h
 
     return h(n)
 
@@ -264,7 +264,7 @@ def seed_two_branch_model():
 def test_seed_two_input_model_through_the_pipeline(tmp_path):
     import keras
 
-    from pipeline.build import run_job
+    from layerbeam.run import run_job
 
     model = seed_two_branch_model()
     path = tmp_path / "seed.keras"

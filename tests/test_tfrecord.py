@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from transforms.writers import ExampleEncoder, TFRecordShardWriter, output_schema, to_record_batch
+from layerbeam.transforms.formats.tfrecord import ExampleEncoder, TFRecordShardWriter
+from layerbeam.transforms.schema import output_schema, to_record_batch
 
 
 class _Spec:
@@ -170,7 +171,7 @@ def test_bfloat16_is_float32_rounded_to_nearest_even(three_formats):
 
 
 def test_compat_mode_is_parquet_only(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from layerbeam.config import ConfigError, load_config
     from tests.conftest import base_config
 
     with pytest.raises(ConfigError, match="parquet_compat.*tfrecord"):
@@ -201,10 +202,10 @@ def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, 
     the earliest record keeps the key, the later one becomes a dead letter saying why."""
     import pyarrow.parquet as pq
 
-    from pipeline.build import run_job
-    from pipeline.config import load_config
+    from layerbeam.run import run_job
+    from layerbeam.config import load_config
     from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
-    from transforms.readback import to_arrow
+    from layerbeam.transforms.readback import to_arrow
 
     imgs = photo_crops(5, 64, seed=7)
     rec = lambda i, key, label: example({"image/encoded": encode_png(imgs[i]), "image/key": key, "image/class/label": label})  # noqa: E731

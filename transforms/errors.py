@@ -6,7 +6,7 @@ with code 2. Anything else is a bug or an infrastructure failure and keeps its t
 
 from __future__ import annotations
 
-__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError", "OutputError"]
+__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError", "OutputError", "CommitError", "first_line"]
 
 
 class LayerbeamError(ValueError):
@@ -27,3 +27,15 @@ class SelectionError(LayerbeamError):
 
 class OutputError(LayerbeamError):
     """A path given to read back is not a complete layerbeam output."""
+
+
+class CommitError(RuntimeError):
+    """The run's results do not add up, or its staged files are not as reported; nothing
+    was committed. Not the user's input: it keeps its traceback."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors."""
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return line[:300]

@@ -1,7 +1,7 @@
 """Read any layerbeam output back, whatever its format, in one line.
 
-    >>> from transforms.readback import to_arrow, to_pandas, to_tf_dataset
-    >>> table = to_arrow("out/demo")          # pyarrow.Table: tensors as fixed_shape_tensor
+    >>> from layerbeam import read, to_pandas, to_tf_dataset
+    >>> table = read("out/demo")              # pyarrow.Table: tensors as fixed_shape_tensor
     >>> df = to_pandas("out/demo")            # one ndarray of the output's shape per cell
     >>> ds = to_tf_dataset("out/demo")        # tf.data.Dataset of {column: tensor}
 
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from transforms.errors import OutputError
+from ._fs import arrow_fs, fsspec_fs
+from .errors import OutputError
 
 __all__ = ["Output", "open_output", "feature_spec", "parse_example_fn", "to_arrow", "arrow_dataset", "to_pandas", "to_tf_dataset", "head"]
 
@@ -69,8 +70,6 @@ def open_output(path: str) -> Output:
         OutputError: no `_SUCCESS` (the run is unfinished or failed), or no manifest, or a
             manifest written before layerbeam stored the feature spec.
     """
-    from transforms.readers import fsspec_fs
-
     root = path.rstrip("/")
     fs, fs_root = fsspec_fs(root)
     if not fs.exists(f"{fs_root}/_SUCCESS"):
@@ -176,8 +175,6 @@ def arrow_dataset(path: str | Output) -> Any:
     out = _as_output(path)
     if out.format == "tfrecord":
         return ds.dataset(to_arrow(out))
-    from transforms.writers import arrow_fs
-
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None

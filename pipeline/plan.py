@@ -1,0 +1,268 @@
+"""Before any work: preflight checks, the size plan, the run id, the example estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from typing import Any
+
+from .config import ConfigError, JobConfig, config_to_dict, to_spec
+from .transforms._fs import is_local, require_filesystem
+from .transforms.errors import ModelError, SelectionError
+from .transforms.formats import make_writer
+from .transforms.schema import column_types, output_schema, stored_bytes
+from .transforms.commit import OutputLock
+from .transforms.staging import OutputLayout
+
+__all__ = ["Plan", "OverCapError", "prepare", "human", "manifest_base"]
+
+
+class OverCapError(ConfigError):
+    """The selected outputs exceed `layers.max_bytes_per_example`; `.plan` says by how much."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run will do, known before any work starts."""
+
+    config: dict
+    spec: Any  # the library's JobSpec (`config.to_spec`): what travels to workers
+    run_id: str
+    model_fingerprint: str
+    input_shapes: dict
+    outputs: list  # [OutputSpec]
+    shards: int
+    input_bytes: int
+    estimated_examples: int | None
+    inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    # The model the checks loaded (`transforms.shard.LauncherModel`); a worker that runs in
+    # this process takes it instead of loading its own. Never pickled to workers.
+    launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def stored_bytes(self, spec) -> int:
+        """One output's bytes per example as stored (`output.parquet_compat` widens float16)."""
+        return stored_bytes(spec, bool(self.config["output"].get("parquet_compat")))
+
+    @property
+    def bytes_per_example(self) -> int:
+        return sum(self.stored_bytes(s) for s in self.outputs)
+
+    @property
+    def projected_bytes(self) -> int | None:
+        return None if self.estimated_examples is None else self.estimated_examples * self.bytes_per_example
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("layerbeam", "tensorflow", "keras", "apache-beam", "pyarrow", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def prepare(cfg: JobConfig) -> Plan:
+    """Every check that can fail before work starts, and the size plan.
+
+    Raises:
+        ConfigError: the model cannot be loaded, a selector matches nothing, the input
+            matches no file, the output is complete already or holds foreign files
+            (without overwrite), another run is writing it, a half-built run of a
+            different config is staged for it (without overwrite), it is not writable,
+            or the outputs exceed `layers.max_bytes_per_example`.
+    """
+    from .transforms.devices import discover_gpus, precision
+    from .transforms.layers import trace_and_select
+    from .transforms.models import load_model, model_fingerprint, preprocess_fn
+    from .transforms.readers import check_inputs, estimate_examples, match_shards
+    from .transforms.shard import LauncherModel
+
+    job = to_spec(cfg)
+    for what, url in (("input.pattern", cfg.input.pattern), ("output.path", cfg.output.path)):
+        require_filesystem(what, url)
+    # Memory growth before this process touches a GPU, or the launcher's model load below
+    # would reserve the whole device for the rest of the run.
+    discover_gpus()
+    try:
+        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {e}; check the path and your credentials") from None
+    if not shards:
+        raise ConfigError(f"input.pattern {cfg.input.pattern!r} matches no file; check the path (a glob such as data/*.tfrecord)")
+    if cfg.input.max_shards:
+        shards = shards[: cfg.input.max_shards]
+    # The workers build the model under this policy; built under the same one here, the
+    # checks see what they will see, and an in-process worker can take this copy.
+    try:
+        with precision(cfg.batching.precision):
+            model = load_model(job.model)
+            graph, specs = trace_and_select(job, model)
+            offered = LauncherModel.capture(model, model_fingerprint(model))
+    except (ModelError, SelectionError) as e:
+        raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+    row_columns = column_types(job.input)
+    for spec in specs:
+        if spec.name in row_columns:
+            raise ConfigError(
+                f"output name {spec.name!r} (from {spec.path!r}) is also the name of the {spec.name!r} column; "
+                f"rename the output with {{layer: {spec.path}, as: <another name>}}"
+            )
+    try:
+        check_inputs(job.input, graph.input_shapes)
+        preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
+    except (ValueError, ModelError) as e:
+        raise ConfigError(str(e)) from None
+    fp = offered.fingerprint
+    config = config_to_dict(cfg)
+    run_id = _run_id(config, fp, shards)
+    total = sum(s.size for s in shards)
+    plan = Plan(
+        config=config,
+        spec=job,
+        run_id=run_id,
+        model_fingerprint=fp,
+        input_shapes=graph.input_shapes,
+        outputs=specs,
+        shards=len(shards),
+        input_bytes=total,
+        estimated_examples=estimate_examples(job.input, shards),
+        inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        launcher_model=offered,
+    )
+    if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
+        biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
+        raise OverCapError(
+            f"the {len(specs)} selected outputs take {human(plan.bytes_per_example)} ({plan.bytes_per_example:,} B) per example, "
+            f"over the cap layers.max_bytes_per_example = {human(cfg.layers.max_bytes_per_example)}"
+            + (f" (~{human(plan.projected_bytes)} for ~{plan.estimated_examples:,} examples)" if plan.projected_bytes else "")
+            + f"; largest: {', '.join(f'{s.name} {human(plan.stored_bytes(s))}' for s in biggest)}; "
+            f"reduce them (layers.reduce: mean, dtype: float16), select fewer, "
+            f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
+            plan,
+        )
+    _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id))
+    return plan
+
+
+def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
+    """The run fingerprint: config (less `output.overwrite`), model weights, input shards.
+
+    Deterministic: the same command over the same input gives the same id, which is how a
+    re-run after a crash finds its staged shards (and how a changed config does not).
+    """
+    key = dict(config)
+    key["output"] = {k: v for k, v in config["output"].items() if k != "overwrite"}
+    inputs = [[list(s.paths), s.size] for s in shards]
+    return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_output(cfg: JobConfig, run_id: str, layout) -> None:
+    """Refuse, before any work, an output this run must not write (see `prepare`)."""
+    path = cfg.output.path
+    overwrite = cfg.output.overwrite
+    if layout.is_complete() and not overwrite:
+        raise ConfigError(f"output {path!r} already holds a complete output; pass --overwrite to replace it or choose another output.path")
+    if layout.has_foreign_files() and not overwrite:
+        raise ConfigError(f"output {path!r} holds files but no _SUCCESS, so it is not a complete layerbeam output; choose another output.path, or pass --overwrite to replace it")
+    lock = OutputLock(layout)
+    holder = lock.holder()
+    if holder is not None:
+        raise lock.error(holder)
+    others = layout.other_runs()
+    if others and not overwrite:
+        info = layout.read_run_info(others[0])
+        why = _differences(info, cfg, run_id) if info else "its config is unknown"
+        raise ConfigError(
+            f"output {path!r} has a half-built run {others[0]} from a different config ({why}); re-run that config to finish it, "
+            f"or pass --overwrite to discard it and build this one"
+        )
+    _check_writable(layout)
+
+
+def _differences(info: Mapping, cfg: JobConfig, run_id: str) -> str:
+    """Which config fields, model or input shards differ between a staged run and this one."""
+    mine = _flatten(config_to_dict(cfg))
+    theirs = _flatten(info.get("config", {}))
+    keys = sorted(k for k in set(mine) | set(theirs) if k != "output.overwrite" and mine.get(k) != theirs.get(k))
+    parts = []
+    if keys:
+        parts.append("differs in " + ", ".join(keys[:6]) + (" …" if len(keys) > 6 else ""))
+    if not keys:
+        parts.append("same config, but different model weights or input files")
+    return "; ".join(parts)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_writable(layout) -> None:
+    """Write and delete a probe file beside the output; leave nothing behind.
+
+    On a local disk the folders the probe needed are removed again (deepest first, only
+    those it created, only if empty). Object stores have no folders: deleting the probe
+    leaves nothing there, and nothing else is touched.
+    """
+    import os
+
+    probe = f"{layout.staging_root}/.probe-{time.time_ns()}"
+    try:
+        created = []
+        if is_local(layout.fs):
+            d = layout.staging_root
+            while d and not os.path.exists(d):
+                created.append(d)
+                d = os.path.dirname(d.rstrip("/"))
+        layout.fs.makedirs(layout.staging_root, exist_ok=True)
+        with layout.fs.open(probe, "w") as f:
+            f.write("ok")
+        layout.fs.rm(probe)
+        for d in created:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty: another run put something there meanwhile
+                break
+    except OSError as e:
+        raise ConfigError(f"output.path {layout.out!r} is not writable ({e.strerror or e}); choose a folder you can write to") from None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def manifest_base(plan: Plan) -> dict:
+    return {
+        "layerbeam_manifest": 1,
+        "run_id": plan.run_id,
+        "config": plan.config,
+        "model": {
+            "source": plan.config["model"]["source"],
+            "weights": plan.config["model"]["weights"],
+            "fingerprint": plan.model_fingerprint,
+            "input_shapes": {k: list(v) for k, v in plan.input_shapes.items()},
+        },
+        "outputs": [dict(s.to_json(), bytes_per_example=plan.stored_bytes(s)) for s in plan.outputs],
+        "storage": make_writer(plan.spec.output, output_schema(plan.outputs, column_types(plan.spec.input))).storage_spec(),
+        "bytes_per_example": plan.bytes_per_example,
+        "versions": _versions(),
+    }

@@ -1,0 +1,286 @@
+"""TFRecord: one shard's rows as files of `tf.train.Example`s, Hive-partitioned.
+
+A tf.train.Example is written straight in protobuf wire format: per column, the bytes in
+front of the values are the same for every row (tag, lengths, key), so a row is one
+`b"".join` of precomputed prefixes and slices of the batch's value buffer. Building
+`tf.train.FloatList(value=array)` through the protobuf API instead runs ~100 MB/s.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .._fs import fsspec_fs
+from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, storage_spec
+from . import WriteSpec, WrittenFile
+
+__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without"]
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative int64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(field: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def _entry(key: bytes, feature_prefix: bytes, feature_len: int) -> tuple[bytes, int]:
+    """(bytes before the values, total length) of one `Features.feature` map entry."""
+    head = _ld(1, len(key)) + key + _ld(2, feature_len)
+    body_len = len(head) + feature_len
+    return _ld(1, body_len) + head + feature_prefix, len(_ld(1, body_len)) + body_len
+
+
+def _float_feature_prefix(nbytes: int) -> tuple[bytes, int]:
+    inner = _ld(1, nbytes)  # FloatList.value, packed
+    prefix = _ld(2, len(inner) + nbytes) + inner  # Feature.float_list
+    return prefix, len(prefix) + nbytes
+
+
+def _bytes_feature(value: bytes) -> bytes:
+    body = _ld(1, len(value)) + value  # BytesList.value
+    return _ld(1, len(body)) + body  # Feature.bytes_list
+
+
+def _int64_feature(values: Iterable[int]) -> bytes:
+    packed = b"".join(_varint(int(v)) for v in values)
+    body = _ld(1, len(packed)) + packed  # Int64List.value, packed
+    return _ld(3, len(body)) + body  # Feature.int64_list
+
+
+def _tensor_proto_prefix(shape: Sequence[int], nbytes: int) -> bytes:
+    """TensorProto (DT_HALF) up to its `tensor_content`, as `tf.io.serialize_tensor` writes it."""
+    dims = b"".join(_ld(2, len(d)) + d for d in (b"\x08" + _varint(int(n)) if n else b"" for n in shape))
+    return b"\x08\x13" + _ld(2, len(dims)) + dims + _ld(4, nbytes)  # dtype=DT_HALF(19), tensor_shape, tensor_content
+
+
+class ExampleEncoder:
+    """Arrow record batches (the output schema) → serialized `tf.train.Example`s.
+
+    Tensor columns: float32 as a `float_list` (plus a constant `<name>.shape` int64_list),
+    float16 as a bytes feature holding a TensorProto (`tf.io.parse_tensor(x, tf.float16)`),
+    so nothing is widened. Scalars: string → bytes_list, int64 → int64_list, float32 →
+    float_list. The result parses with `tf.io.parse_single_example` like any Example.
+    """
+
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+        self._fixed: list[tuple[str, bytes, int, int]] = []  # (column, prefix, row bytes, entry length)
+        self._var: list[tuple[str, str, bytes]] = []  # (column, arrow type name, key)
+        const = []
+        names = set(schema.names)
+        for f in schema:
+            key = f.name.encode()
+            if isinstance(f.type, pa.FixedShapeTensorType):
+                shape = list(f.type.shape)
+                size = int(np.prod(shape))
+                if f.type.value_type == pa.float16():
+                    tp = _tensor_proto_prefix(shape, size * 2)
+                    value_len = len(tp) + size * 2
+                    body = _ld(1, value_len) + tp  # BytesList.value = the TensorProto
+                    body_len = len(_ld(1, value_len)) + value_len
+                    prefix = _ld(1, body_len) + body
+                    self._fixed.append((f.name, *self._entry(key, prefix, len(_ld(1, body_len)) + body_len, size * 2)))
+                else:
+                    prefix, flen = _float_feature_prefix(size * 4)
+                    self._fixed.append((f.name, *self._entry(key, prefix, flen, size * 4)))
+                    shape_key = f.name + SHAPE_SUFFIX
+                    if shape_key in names:
+                        raise ValueError(f"column {shape_key!r} collides with the shape feature of output {f.name!r}; rename the column or the output")
+                    feat = _int64_feature(shape)
+                    const.append(_entry(shape_key.encode(), feat, len(feat))[0])
+            elif f.type == pa.float32():
+                prefix, flen = _float_feature_prefix(4)
+                self._fixed.append((f.name, *self._entry(key, prefix, flen, 4)))
+            elif f.type in (pa.string(), pa.int64()):
+                self._var.append((f.name, _ARROW_NAMES[f.type], key))
+            else:
+                raise ValueError(f"column {f.name!r} has type {f.type}, which the TFRecord writer cannot store; use int64, float32 or string")
+        self._const = b"".join(const)
+        self._fixed_len = len(self._const) + sum(e for *_, e in self._fixed)
+
+    @staticmethod
+    def _entry(key: bytes, prefix: bytes, feature_len: int, row_bytes: int) -> tuple[bytes, int, int]:
+        entry_prefix, entry_len = _entry(key, prefix, feature_len)
+        return entry_prefix, row_bytes, entry_len
+
+    def encode(self, batch: pa.RecordBatch) -> list[bytes]:
+        """Serialize every row of `batch` (whose schema is this encoder's)."""
+        n = batch.num_rows
+        fixed = []
+        for name, prefix, row_bytes, _ in self._fixed:
+            col = batch.column(name)
+            values = col.storage.flatten() if isinstance(col.type, pa.FixedShapeTensorType) else col
+            arr = np.ascontiguousarray(values.to_numpy(zero_copy_only=False))
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+            fixed.append((prefix, memoryview(arr.view(np.uint8).reshape(-1)), row_bytes))
+        var = []
+        for name, typ, key in self._var:
+            col = batch.column(name)
+            if typ == "string":
+                feats = [_bytes_feature(v) for v in (col.cast(pa.binary()).to_pylist())]
+            else:
+                feats = [_int64_feature((v,)) for v in col.to_pylist()]
+            var.append([_entry(key, ft, len(ft))[0] for ft in feats])
+        out = []
+        const, fixed_len = self._const, self._fixed_len
+        for i in range(n):
+            parts: list = [b""]
+            size = fixed_len
+            for prefix, buf, rb in fixed:
+                parts.append(prefix)
+                parts.append(buf[i * rb : (i + 1) * rb])
+            for entries in var:
+                e = entries[i]
+                parts.append(e)
+                size += len(e)
+            parts.append(const)
+            parts[0] = _ld(1, size)  # Example.features
+            out.append(b"".join(parts))
+        return out
+
+
+class TFRecordShardWriter:
+    """Writes a shard's rows as TFRecord files of `tf.train.Example`s, Hive-partitioned.
+
+    One Example per row with every column (partition columns included, so a file read on
+    its own is complete). A new file starts after `max_rows_per_file` rows or
+    `max_bytes_per_file` serialized bytes, per partition folder. Files are written with
+    TensorFlow's `TFRecordWriter` (C++ framing and CRCs); on a non-local destination they
+    are written to a local temporary folder and uploaded.
+
+    Args:
+        schema: the output schema (`output_schema`).
+        partition_by: Hive partition columns.
+        max_rows_per_file: rows per file at most.
+        max_bytes_per_file: serialized bytes per file at most (before compression); a
+            single larger record still gets a file of its own.
+        compression: "none" or "gzip" (files end in `.tfrecord.gz`).
+    """
+
+    def __init__(
+        self,
+        schema: pa.Schema,
+        partition_by: Sequence[str] = (),
+        max_rows_per_file: int = 100_000,
+        max_bytes_per_file: int = 256 << 20,
+        compression: str = "none",
+    ):
+        self.schema = schema
+        self.partition_by = tuple(partition_by)
+        self.max_rows_per_file = max_rows_per_file
+        self.max_bytes_per_file = max_bytes_per_file
+        self.compression = "GZIP" if compression.lower() == "gzip" else ""
+        self.extension = "tfrecord.gz" if self.compression else "tfrecord"
+        self.encoder = ExampleEncoder(schema)
+
+    def storage_spec(self) -> dict:
+        return storage_spec(self.schema, "tfrecord", self.partition_by, compression=self.compression or None)
+
+    def _groups(self, batch: pa.RecordBatch) -> list[tuple[str, list[int]]]:
+        if not self.partition_by:
+            return [("", list(range(batch.num_rows)))]
+        from urllib.parse import quote
+
+        groups: dict[str, list[int]] = {}
+        cols = [batch.column(c).to_pylist() for c in self.partition_by]
+        for i, values in enumerate(zip(*cols)):
+            d = "/".join(f"{c}={quote(str(v), safe='')}" for c, v in zip(self.partition_by, values))
+            groups.setdefault(d, []).append(i)
+        return list(groups.items())
+
+    def write_shard(self, batches: Iterable[pa.RecordBatch], dest: str, basename: str) -> list[WrittenFile]:
+        import os
+        import shutil
+        import tempfile
+
+        import tensorflow as tf
+
+        local = dest[len("file://"):] if dest.startswith("file://") else dest
+        tmp = None
+        if "://" in local:
+            tmp = local = tempfile.mkdtemp(prefix="layerbeam-tfrecord-")
+        # zlib level 1: float activations barely compress, so a higher level only costs time.
+        options = tf.io.TFRecordOptions(compression_type=self.compression, compression_level=1 if self.compression else None)
+        open_files: dict[str, list] = {}  # partition folder → [writer, relative path, rows, bytes]
+        closed: list[tuple[str, int]] = []
+        counter = 0
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                records = self.encoder.encode(batch)
+                for folder, rows in self._groups(batch):
+                    for i in rows:
+                        rec = records[i]
+                        f = open_files.get(folder)
+                        if f is not None and (f[2] >= self.max_rows_per_file or (f[3] and f[3] + len(rec) > self.max_bytes_per_file)):
+                            f[0].close()
+                            closed.append((f[1], f[2]))
+                            f = None
+                        if f is None:
+                            rel = posixpath.join(folder, f"{basename}-{counter}.{self.extension}") if folder else f"{basename}-{counter}.{self.extension}"
+                            counter += 1
+                            os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+                            f = open_files[folder] = [tf.io.TFRecordWriter(os.path.join(local, rel), options), rel, 0, 0]
+                        f[0].write(rec)
+                        f[2] += 1
+                        f[3] += len(rec)
+            for f in open_files.values():
+                f[0].close()
+                closed.append((f[1], f[2]))
+            written = [WrittenFile(rel, rows, os.path.getsize(os.path.join(local, rel))) for rel, rows in closed]
+            if tmp is not None:
+                fs, root = fsspec_fs(dest)
+                for w in written:
+                    target = posixpath.join(root, w.path)
+                    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                    fs.put(os.path.join(local, w.path), target)
+            return written
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writer(spec: WriteSpec, schema: pa.Schema) -> TFRecordShardWriter:
+    return TFRecordShardWriter(
+        schema,
+        partition_by=spec.partition_by,
+        max_rows_per_file=spec.max_rows_per_file,
+        max_bytes_per_file=spec.max_bytes_per_file,
+        compression=spec.tfrecord_compression,
+    )
+
+
+def rewrite_without(fs, src: str, dst: str, keep: Callable[[Sequence], np.ndarray]) -> int:
+    """Through a local copy: TensorFlow reads and writes the records (framing and CRCs)."""
+    import os
+    import tempfile
+
+    import tensorflow as tf
+
+    compression = "GZIP" if src.endswith(".gz") else ""
+    with tempfile.TemporaryDirectory(prefix="layerbeam-dedupe-") as tmp:
+        local_in, local_out = os.path.join(tmp, "in"), os.path.join(tmp, "out")
+        fs.get(src, local_in)
+        records = [r.numpy() for r in tf.data.TFRecordDataset(local_in, compression_type=compression or None)]
+        keys = [tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0] for r in records]
+        mask = keep(keys)
+        with tf.io.TFRecordWriter(local_out, options=tf.io.TFRecordOptions(compression_type=compression)) as w:
+            for r, k in zip(records, mask):
+                if k:
+                    w.write(r)
+        fs.put(local_out, dst)
+    return int(mask.sum())

@@ -1,0 +1,201 @@
+"""Load a model from any source, fingerprint its weights, and the image preprocessing
+functions. Plain Keras: no Beam, no config objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._fs import local_copy
+from .errors import ModelError, first_line
+
+__all__ = ["ModelSpec", "load_model", "model_fingerprint", "preprocess_fn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build (see `layerbeam.config.ModelConfig` for each field)."""
+
+    source: str
+    weights: str | None = None
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    seed: int = 0
+    safe_mode: bool = True
+
+
+def load_model(cfg) -> Any:
+    """Load the model a `ModelConfig` names.
+
+    Sources: `keras.applications.<Name>` (weights null → random, seeded by `cfg.seed`, so
+    every worker builds the same weights), a `.keras` file (safe mode unless
+    `cfg.safe_mode` is false), a legacy `.h5` file, or `module:function`.
+
+    Raises:
+        ModelError: with the source, the cause and the fix.
+    """
+    import keras
+
+    src = cfg.source
+    keras.utils.set_random_seed(cfg.seed)
+    if src.startswith("keras.applications."):
+        name = src.split(".", 2)[2]
+        fn = getattr(keras.applications, name, None)
+        if fn is None or not callable(fn):
+            known = [n for n in dir(keras.applications) if n[:1].isupper()]
+            close = difflib.get_close_matches(name, known, n=3)
+            raise ModelError(
+                f"model.source {src!r}: keras.applications has no {name!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}")
+            )
+        kwargs = dict(cfg.kwargs)
+        kwargs.setdefault("weights", cfg.weights)
+        if cfg.input_shape is not None:
+            kwargs.setdefault("input_shape", tuple(cfg.input_shape))
+        try:
+            return fn(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"model.source {src!r} with {kwargs}: {first_line(e)}") from None
+    if ":" in src and not src.endswith((".keras", ".h5", ".hdf5")) and "://" not in src:
+        module_name, _, fn_name = src.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(
+                f"model.source {src!r}: cannot import {fn_name!r} from {module_name!r} ({first_line(e)}); "
+                "make the module importable (pip install it or add it to PYTHONPATH)"
+            ) from None
+        model = fn(**cfg.kwargs)
+        if not isinstance(model, keras.Model):
+            raise ModelError(f"model.source {src!r} returned {type(model).__name__}, not a keras.Model; return the model from the factory")
+        return model
+    if src.endswith((".keras", ".h5", ".hdf5")):
+        try:
+            local = local_copy(src)
+        except FileNotFoundError:
+            local = src
+        import os
+
+        if "://" not in local and not os.path.isfile(local):
+            raise ModelError(f"model.source {src!r} does not exist; give the path of a saved model file") from None
+        if "://" not in local:
+            import zipfile
+
+            is_keras = src.endswith(".keras")
+            ok = zipfile.is_zipfile(local) if is_keras else _is_hdf5(local)
+            if not ok:
+                kind = "a .keras file (a zip archive)" if is_keras else "an HDF5 file"
+                raise ModelError(f"model.source {src!r} is not {kind}, so not a saved Keras model; give a file written by model.save({'m.keras' if is_keras else 'm.h5'!r})")
+        unsafe = _h5_python_lambdas(local) if cfg.safe_mode and not src.endswith(".keras") else []
+        if unsafe:
+            # Keras 3.15's legacy h5 loader refuses these in safe mode too; checking the
+            # config first keeps that rule whatever Keras version loads the file.
+            raise ModelError(
+                f"model.source {src!r} contains Lambda layer(s) {unsafe[:3]} with Python code, which safe mode refuses; "
+                "if you trust this file set model.safe_mode=false (or pass --unsafe-model)"
+            )
+        try:
+            return keras.saving.load_model(local, compile=False, safe_mode=cfg.safe_mode)
+        except FileNotFoundError:
+            raise ModelError(f"model.source {src!r} does not exist; give the path of a saved model file") from None
+        except Exception as e:  # Keras raises several types for unsafe or corrupt files
+            msg = first_line(e)
+            if "safe_mode" in msg or "Lambda" in msg or "lambda" in msg:
+                raise ModelError(
+                    f"model.source {src!r} contains a Lambda layer with Python code, which safe mode refuses; "
+                    "if you trust this file set model.safe_mode=false (or pass --unsafe-model)"
+                ) from None
+            raise ModelError(f"model.source {src!r} is not a loadable Keras model: {msg}") from None
+    raise ModelError(
+        f"model.source {src!r} is not a model source; use a .keras/.h5 file, "
+        "'keras.applications.<Name>' or 'module:function'"
+    )
+
+
+def _is_hdf5(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def _h5_python_lambdas(path: str) -> list[str]:
+    """Names of Lambda layers in a legacy .h5 model config whose function is Python code
+    (Keras 3 `__lambda__` bytecode or a Keras 2 `function_type: lambda`); [] if none or the
+    file is not an h5 model (the loader reports that)."""
+    import json
+
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except (OSError, ImportError):
+        return []
+    if raw is None:
+        return []
+    try:
+        config = json.loads(raw.decode() if hasattr(raw, "decode") else raw)
+    except ValueError:
+        return []
+    found: list[str] = []
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict):
+                c = node["config"]
+                fn = c.get("function")
+                code = (isinstance(fn, dict) and fn.get("class_name") == "__lambda__") or c.get("function_type") == "lambda"
+                if code:
+                    found.append(str(c.get("name", "?")))
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(config)
+    return found
+
+
+def model_fingerprint(model) -> str:
+    """A sha256 over the model's architecture and weights (what 'built from what' means)."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for w in model.weights:
+        h.update(w.path.encode() if hasattr(w, "path") else w.name.encode())
+        a = np.ascontiguousarray(np.asarray(w))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def preprocess_fn(name: str, model_source: str):
+    """The image preprocessing, as a function of float32 tensors 0..255 (run inside tf.data)."""
+    import keras
+
+    if name == "auto":
+        if model_source.startswith("keras.applications."):
+            fn = getattr(keras.applications, model_source.split(".", 2)[2])
+            mod = importlib.import_module(fn.__module__)
+            return getattr(mod, "preprocess_input")
+        return lambda x: x
+    if name == "none":
+        return lambda x: x
+    if name == "scale":
+        return lambda x: x / 255.0
+    if name in ("tf", "caffe", "torch"):
+        from keras.applications import imagenet_utils
+
+        return lambda x: imagenet_utils.preprocess_input(x, mode=name)
+    if ":" in name:
+        module_name, _, fn_name = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"input.preprocess {name!r}: cannot import it ({first_line(e)})") from None
+    raise ModelError(f"input.preprocess {name!r} is unknown; use auto, none, scale, tf, caffe, torch or module:function")

@@ -1,0 +1,242 @@
+"""Readers: find input shards and read them through tf.data into decoded, batched examples.
+
+The reader contract. Each input kind is a module (`tfrecord`, `images`) with:
+
+* `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths);
+* `parser(shard, spec, input_shapes, preprocess)`: a tf.data map function
+  `(index, (item, is_sentinel, bytes_so_far)) → {"__input__<name>": tensor, "key": …,
+  label/passthrough columns}` (`_common.tagged` adds the bookkeeping);
+* `explain(shard, spec, input_shapes, preprocess, parse, local_paths, missing)`: one
+  `Failure` per record that failed inside tf.data, read again one by one (bad path only);
+* `check_end(shard, spec, local_path, consumed)`: `(shard-level Failure or None, records
+  readable)` once the shard's items are consumed;
+* `check_inputs(spec, input_shapes)`: raise ValueError when the config cannot feed the
+  model (run by the launcher before any work);
+* `FRAMED`: whether items carry TFRecord framing bytes (for the size check).
+
+Decoding happens inside tf.data (parallel, in C++), never per element in Python. A record
+that cannot be parsed or decoded is dropped by tf.data and reported by index, so the
+caller can turn it into a dead letter: every record read is accounted for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .._fs import LocalBridge, fsspec_fs
+from ..deadletters import Failure
+from ._common import without_autotune
+
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "estimate_examples"]
+
+KINDS = ("tfrecord", "images")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadSpec:
+    """How to read the input (see `layerbeam.config.InputConfig` for each field)."""
+
+    pattern: str
+    format: str = "tfrecord"
+    compression: str = ""
+    image_feature: str = "image/encoded"
+    inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    key_feature: str | None = None
+    label_feature: str | None = None
+    label_type: str = "int64"
+    passthrough: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    image_size: tuple[int, int] | None = None
+    channels: int = 3
+    resize_method: str = "bilinear"
+    preprocess: str = "auto"
+    files_per_shard: int = 512
+    max_shards: int | None = None
+    max_examples_per_shard: int | None = None
+
+
+def _kind(fmt: str):
+    if fmt == "tfrecord":
+        from . import tfrecord
+
+        return tfrecord
+    if fmt == "images":
+        from . import images
+
+        return images
+    raise ValueError(f"input.format {fmt!r} has no reader; use one of {', '.join(KINDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One unit of work: a TFRecord file, or a group of image files.
+
+    Attributes:
+        id: stable id used in output file names (`s00003`).
+        paths: the files; one for TFRecord.
+        size: total bytes.
+    """
+
+    id: str
+    paths: tuple[str, ...]
+    size: int = 0
+
+
+@dataclasses.dataclass
+class Batch:
+    """Decoded examples of one batch.
+
+    Attributes:
+        index: record index within the shard, per example (int64).
+        columns: key, label and passthrough columns as numpy arrays.
+        inputs: model input name → float32 tensor (B, H, W, C).
+    """
+
+    index: np.ndarray
+    columns: dict[str, np.ndarray]
+    inputs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEnd:
+    """The last item `read_shard` yields: how many records the shard had and which failed.
+
+    Attributes:
+        records: records read (for a corrupt file: those before the damage).
+        failures: one `Failure` per record missing from the batches, in index order.
+        shard_error: a shard-level `Failure` when the file stopped part-way, else None.
+    """
+
+    records: int
+    failures: tuple[Failure, ...] = ()
+    shard_error: Failure | None = None
+
+
+def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Shard]:
+    """Expand a pattern into shards, in sorted path order (deterministic ids).
+
+    Args:
+        pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …).
+        fmt: 'tfrecord' (one shard per file) or 'images' (groups of `files_per_shard` files).
+    """
+    fs, path = fsspec_fs(pattern)
+    if not any(c in path for c in "*?["):
+        if fs.isdir(path):
+            path = path.rstrip("/") + ("/**" if fmt == "images" else "/*")
+    infos = fs.glob(path, detail=True)
+    files = sorted((p, int(i.get("size") or 0)) for p, i in infos.items() if i.get("type") != "directory")
+    local = "://" not in pattern or pattern.startswith("file://")
+    name = (lambda p: p) if local else fs.unstrip_protocol
+    if fmt == "tfrecord":
+        return [Shard(f"s{i:05d}", (name(p),), s) for i, (p, s) in enumerate(files)]
+    out = []
+    for k in range(0, len(files), files_per_shard):
+        chunk = files[k : k + files_per_shard]
+        out.append(Shard(f"s{k // files_per_shard:05d}", tuple(name(p) for p, _ in chunk), sum(s for _, s in chunk)))
+    return out
+
+
+def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ValueError, with the fix, when `spec` cannot feed a model with these inputs."""
+    _kind(spec.format).check_inputs(spec, input_shapes)
+
+
+def read_shard(
+    shard: Shard,
+    cfg: ReadSpec,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    preprocess,
+    batch_size: int,
+    max_examples: int | None = None,
+) -> Iterator[tuple[Batch | None, Any]]:
+    """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
+
+    Decoding runs per record inside tf.data, so one bad record never takes its batch with
+    it. Records that fail are missing from the batches; at the end they are read again,
+    one by one and only they, to say why each failed (`ShardEnd.failures`). A TFRecord
+    file that is corrupt or truncated part-way keeps the records before the damage and
+    reports it once (`ShardEnd.shard_error`).
+
+    Args:
+        shard: the shard.
+        cfg: the `ReadSpec`.
+        input_shapes: model input name → (H, W, C) the images are resized to.
+        preprocess: float32 (B?, H, W, C) 0..255 → model input; runs inside tf.data.
+        batch_size: examples per batch.
+        max_examples: read at most this many records of the shard.
+    """
+    import tensorflow as tf
+
+    kind = _kind(cfg.format)
+    bridge = LocalBridge(shard.paths)
+    try:
+        raw = kind.dataset(bridge.paths, cfg)
+        if max_examples:
+            raw = raw.take(max_examples)
+        parse = kind.parser(shard, cfg, input_shapes, preprocess)
+        # A sentinel after the last record carries the record count (its index) and the
+        # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
+        # so records that fail at the very end are still counted, and a file that stops
+        # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
+        # noticed: its records do not add up to its size.
+        sentinel = tf.data.Dataset.from_tensors((tf.zeros([], raw.element_spec.dtype), tf.constant(True)))
+        framed = kind.FRAMED
+
+        def running_bytes(total, item):
+            record, is_sentinel = item
+            if framed:
+                size = tf.where(is_sentinel, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + 16)
+            else:
+                size = tf.constant(0, tf.int64)
+            total = total + size
+            return total, (record, is_sentinel, total)
+
+        ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
+        ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = without_autotune(ds.ignore_errors().batch(batch_size).prefetch(2))
+        seen = 0
+        got: list[np.ndarray] = []
+        for el in ds:
+            index = el.pop("__index__").numpy()
+            is_sentinel = el.pop("__sentinel__").numpy()
+            consumed = el.pop("__bytes__").numpy()
+            inputs = {n: el.pop(f"__input__{n}") for n in input_shapes}
+            if is_sentinel.any():
+                total = int(index[is_sentinel][0])
+                keep = ~is_sentinel
+                index = index[keep]
+                inputs = {n: tf.boolean_mask(v, keep) for n, v in inputs.items()}
+                el = {k: tf.boolean_mask(v, keep) for k, v in el.items()}
+                if len(index):
+                    got.append(index)
+                    yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
+                done = np.concatenate(got) if got else np.zeros(0, np.int64)
+                shard_error = None
+                if framed and not (max_examples and total >= max_examples):
+                    shard_error, readable = kind.check_end(shard, cfg, bridge.paths[0], int(consumed[is_sentinel][0]))
+                    # The read error itself took an index (the last before the sentinel);
+                    # it is the shard-level dead letter, not a record.
+                    total = min(total, readable)
+                missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
+                failures = kind.explain(shard, cfg, input_shapes, preprocess, parse, bridge.paths, missing) if len(missing) else ()
+                yield None, ShardEnd(total, tuple(failures), shard_error)
+                return
+            seen += len(index)
+            got.append(index)
+            yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen
+        raise RuntimeError(f"shard {shard.id} ended without its sentinel record; this is a bug")
+    finally:
+        bridge.close()
+
+
+def estimate_examples(spec: ReadSpec, shards, budget: int = 2000) -> int | None:
+    """Examples in the input (see each kind's `estimate_examples`), capped per shard by
+    `spec.max_examples_per_shard`."""
+    return _kind(spec.format).estimate_examples(spec, shards, budget)

@@ -1,0 +1,228 @@
+"""TFRecord files of `tf.train.Example`: one file is one shard; features → model inputs
+and row columns."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..deadletters import Failure
+from ..errors import first_line
+from ._common import explain_by_retry, tagged, without_autotune
+from .images import classify_image, decode_image
+
+__all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "feature_map"]
+
+FRAMED = True
+
+
+def dataset(paths, spec):
+    import tensorflow as tf
+
+    return tf.data.TFRecordDataset(list(paths), compression_type=spec.compression or None, buffer_size=8 << 20)
+
+
+def check_inputs(spec, input_shapes) -> None:
+    feature_map(spec, input_shapes)
+
+
+def feature_map(cfg, input_shapes) -> dict[str, str]:
+    """model input name → feature holding its encoded image."""
+    if cfg.inputs:
+        missing = [n for n in input_shapes if n not in cfg.inputs]
+        if missing:
+            raise ValueError(
+                f"input.inputs maps {sorted(cfg.inputs)}, but the model's inputs are {list(input_shapes)}; "
+                f"add a feature for {missing}"
+            )
+        return {n: cfg.inputs[n] for n in input_shapes}
+    if len(input_shapes) > 1:
+        raise ValueError(
+            f"the model has {len(input_shapes)} inputs {list(input_shapes)}; map each to a feature "
+            "with input.inputs: {input_name: feature}"
+        )
+    return {next(iter(input_shapes)): cfg.image_feature}
+
+
+def parser(shard, cfg, input_shapes, preprocess):
+    return _tfrecord_parser(cfg, input_shapes, preprocess, feature_map(cfg, input_shapes), posixpath.basename(shard.paths[0]))
+
+
+def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
+    import tensorflow as tf
+
+    spec = {f: tf.io.FixedLenFeature([], tf.string) for f in set(features.values())}
+    if cfg.key_feature:
+        spec[cfg.key_feature] = tf.io.FixedLenFeature([], tf.string)
+    if cfg.label_feature:
+        spec[cfg.label_feature] = tf.io.FixedLenFeature([], tf.as_dtype(cfg.label_type))
+    for name, typ in cfg.passthrough.items():
+        spec[name] = tf.io.FixedLenFeature([], tf.as_dtype(typ))
+    dummy = {n: tf.zeros(s, tf.float32) for n, s in input_shapes.items()}
+
+    def parse(index, item):
+        record, is_sentinel, nbytes = item
+
+        def real():
+            ex = tf.io.parse_single_example(record, spec)
+            out = {f"__input__{n}": decode_image(ex[f], input_shapes[n], cfg, preprocess) for n, f in features.items()}
+            out["key"] = ex[cfg.key_feature] if cfg.key_feature else tf.strings.join([shard_base, tf.strings.as_string(index)], ":")
+            if cfg.label_feature:
+                out["label"] = ex[cfg.label_feature]
+            for name in cfg.passthrough:
+                out[name] = ex[name]
+            return out
+
+        def fake():
+            out = {f"__input__{n}": v for n, v in dummy.items()}
+            out["key"] = tf.constant("")
+            if cfg.label_feature:
+                out["label"] = tf.zeros([], tf.as_dtype(cfg.label_type))
+            for name, typ in cfg.passthrough.items():
+                out[name] = tf.zeros([], tf.as_dtype(typ))
+            return out
+
+        return tagged(is_sentinel, fake, real, index, nbytes)
+
+    return parse
+
+
+_KINDS = {"int64": "int64_list", "float32": "float_list", "string": "bytes_list"}
+
+
+def _needed_features(cfg, features: Mapping[str, str]) -> list[tuple[str, str]]:
+    need = [(f, "bytes_list") for f in dict.fromkeys(features.values())]
+    if cfg.key_feature:
+        need.append((cfg.key_feature, "bytes_list"))
+    if cfg.label_feature:
+        need.append((cfg.label_feature, _KINDS[cfg.label_type]))
+    need += [(name, _KINDS[typ]) for name, typ in cfg.passthrough.items()]
+    return need
+
+
+def _explain_record(record: bytes, index: int, base: str, cfg, input_shapes, parse) -> Failure:
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    key = f"{base}:{index}"
+    ex = tf.train.Example()
+    try:
+        ex.ParseFromString(record)
+    except DecodeError as e:
+        return Failure(index, key, "decode", "unparseable_record", f"{len(record)} bytes that are not a tf.train.Example ({first_line(e)})")
+    feats = ex.features.feature
+    if cfg.key_feature and cfg.key_feature in feats and feats[cfg.key_feature].WhichOneof("kind") == "bytes_list":
+        values = feats[cfg.key_feature].bytes_list.value
+        if len(values) == 1:
+            key = values[0].decode("utf-8", "replace")
+    for name, kind in _needed_features(cfg, feature_map(cfg, input_shapes)):
+        if name not in feats:
+            have = ", ".join(sorted(feats)[:8]) or "none"
+            return Failure(index, key, "decode", "missing_feature", f"feature {name!r} is missing; the record has: {have}")
+        got = feats[name].WhichOneof("kind")
+        if got != kind:
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} is a {got}, the config reads a {kind}")
+        n = len(getattr(feats[name], kind).value)
+        if n != 1:
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} holds {n} values, the config reads exactly one")
+    for input_name, name in feature_map(cfg, input_shapes).items():
+        bad = classify_image(feats[name].bytes_list.value[0], input_shapes[input_name][-1])
+        if bad:
+            return Failure(index, key, "decode", bad[0], f"feature {name!r}: {bad[1]}")
+    return explain_by_retry(index, key, parse, tf.constant(record))
+
+
+def explain(shard, cfg, input_shapes, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
+    """One `Failure` per missing index, read again record by record (bad path only)."""
+    import tensorflow as tf
+
+    out: list[Failure] = []
+    base = posixpath.basename(shard.paths[0])
+    wanted = tf.constant(missing, tf.int64)
+    ds = without_autotune(tf.data.TFRecordDataset(local_paths, compression_type=cfg.compression or None).enumerate())
+    ds = ds.filter(lambda i, r: tf.reduce_any(tf.equal(i, wanted))).ignore_errors()
+    found = {}
+    for i, rec in ds:
+        found[int(i)] = _explain_record(rec.numpy(), int(i), base, cfg, input_shapes, parse)
+    for i in missing.tolist():
+        out.append(found.get(i) or Failure(i, f"{base}:{i}", "read", "unreadable_file", "the record could not be read again to explain its failure"))
+    return out
+
+
+def check_end(shard: Shard, cfg, local_path: str, consumed: int) -> tuple[Failure | None, int]:
+    """(shard-level failure or None, records readable before any damage).
+
+    Uncompressed files: the records' framing must add up to the file's size (free: the
+    sum was carried through tf.data). Compressed files, and files that do not add up, are
+    read once more in C++, counting records, to see whether and where DataLossError comes.
+    """
+    import re
+
+    import tensorflow as tf
+
+    if not cfg.compression:
+        size = tf.io.gfile.stat(local_path).length
+        if consumed == size:
+            return None, 1 << 62
+    raw = without_autotune(tf.data.TFRecordDataset([local_path], compression_type=cfg.compression or None))
+    try:
+        raw.reduce(np.int64(0), lambda n, _: n + 1)
+        return None, 1 << 62
+    except tf.errors.OpError as e:
+        m = re.search(r"(corrupted|truncated) record at \d+", str(e))
+        what = m.group(0) if m else first_line(e)
+    readable = int(raw.ignore_errors().reduce(np.int64(0), lambda n, _: n + 1))
+    where = f"{what} (byte offset)" + (f", file size {tf.io.gfile.stat(local_path).length}" if not cfg.compression else "")
+    return (
+        Failure(
+            None, shard.paths[0], "read", "corrupt_shard",
+            f"{where}: kept the {readable} records before the damage, the rest of the file cannot be read; re-create or re-download the file",
+        ),
+        readable,
+    )
+
+
+def estimate_examples(cfg, shards, budget: int = 2000) -> int | None:
+    """Records are counted shard by shard (up to `budget` records read): exact when every
+    shard fits in the budget, else scaled by file size from the shards read completely
+    (or, when not even the first shard fits, by the mean record size, which assumes no
+    compression)."""
+    import tensorflow as tf
+
+    from .._fs import LocalBridge
+
+    cap = cfg.max_examples_per_shard
+    counts: list[int] = []  # records of each shard read completely
+    n_partial, nbytes = 0, 0
+    for shard in shards:
+        left = budget - sum(counts)
+        if left <= 0:
+            break
+        bridge = LocalBridge(shard.paths[:1])
+        try:
+            n = 0
+            for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.compression or None).take(left + 1):
+                n += 1
+                nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
+        except tf.errors.OpError:
+            return None
+        finally:
+            bridge.close()
+        if n > left:
+            n_partial = n
+            break
+        counts.append(n)
+    capped = [min(c, cap) if cap else c for c in counts]
+    if len(counts) == len(shards):
+        return sum(capped)
+    rest = shards[len(counts):]
+    if counts and sum(s.size for s in shards[: len(counts)]):
+        per_byte = sum(counts) / sum(s.size for s in shards[: len(counts)])
+    elif n_partial:
+        per_byte = n_partial / nbytes
+    else:
+        return None
+    est_rest = [round(s.size * per_byte) for s in rest]
+    return sum(capped) + sum(min(e, cap) if cap else e for e in est_rest)

@@ -1,0 +1,334 @@
+"""The shard worker: read → drop repeated keys → extract → write one shard → `ShardResult`.
+
+Plain Python, testable without Beam; `beam.py` only loads a `ShardProcessor` once per
+worker process and counts metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .deadletters import Failure, count_reasons, dead_letter_table, write_dead_letters
+from .formats import WriteSpec, make_writer
+from .layers import SelectSpec, trace_and_select
+from .models import ModelSpec
+from .readers import ReadSpec, Shard, ShardEnd, read_shard
+from .schema import column_types, output_schema, stored_bytes, to_record_batch
+from .staging import OutputLayout
+
+__all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """How to batch and where to compute (see `layerbeam.config.BatchingConfig`)."""
+
+    batch_size: int = 32
+    max_batch_bytes: int = 256 << 20
+    jit_compile: bool = False
+    precision: str = "float32"
+    max_gpus: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to extract and write shards: what travels to workers."""
+
+    input: ReadSpec
+    model: ModelSpec
+    layers: SelectSpec
+    output: WriteSpec
+    batching: BatchSpec = BatchSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """What one shard's worker did: counts, the files it staged, timing. Also its marker.
+
+    Attributes:
+        shard: the shard id.
+        paths: the shard's input files.
+        bytes_in: their size.
+        read: records read (`read = rows + dead_letters`).
+        rows, dead_letters: rows written and records turned into dead letters.
+        dead_reasons: dead letters by reason.
+        shard_errors: shard-level failures (`{reason, detail, path}`).
+        files: the data files (`{path, final_path, rows, bytes}`, relative to the shard's folder).
+        model_fingerprint: the weights the worker computed with.
+        seconds: wall time of the shard; `timing`: where it went.
+        resumed: the shard was done by an earlier attempt (its marker was found).
+    """
+
+    shard: str
+    paths: tuple[str, ...]
+    bytes_in: int
+    read: int
+    rows: int
+    dead_letters: int
+    dead_reasons: Mapping[str, int]
+    shard_errors: tuple[Mapping[str, Any], ...]
+    files: tuple[Mapping[str, Any], ...]
+    model_fingerprint: str
+    seconds: float = 0.0
+    timing: Mapping[str, float] | None = None
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["paths"] = list(self.paths)
+        d["shard_errors"] = [dict(e) for e in self.shard_errors]
+        d["files"] = [dict(f) for f in self.files]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["paths"] = tuple(d["paths"])
+        d["shard_errors"] = tuple(d.get("shard_errors") or ())
+        d["files"] = tuple(d["files"])
+        return cls(**d)
+
+
+class ShardProcessor:
+    """Everything one worker process needs, built once: model, extractor, schema, writer.
+
+    Args:
+        spec: the job (what travels to workers).
+        run_id: the run fingerprint; names the staging folder.
+    """
+
+    def __init__(self, spec: JobSpec, run_id: str):
+        from .devices import ExtractorPool, discover_gpus, plan_devices, precision
+        from .extractor import Extractor, extractor_model
+        from .models import load_model, model_fingerprint, preprocess_fn
+
+        self.cfg = cfg = spec
+        self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
+        self.reused_launcher_model = False
+
+        def build(device: str):
+            # One model per device: its variables live there (loading is seeded, so every
+            # copy has the same weights; the fingerprint checks it).
+            import tensorflow as tf
+
+            with tf.device(device):
+                if launcher is not None and device == launcher.device:  # the plan's devices are distinct
+                    model, fp = launcher.model, launcher.fingerprint
+                    self.reused_launcher_model = True
+                else:
+                    model = load_model(cfg.model)
+                    fp = model_fingerprint(model)
+                if getattr(self, "model_fingerprint", fp) != fp:
+                    raise RuntimeError(f"the model copy for {device} has other weights than the first copy")
+                self.model_fingerprint = fp
+                graph, self.specs = trace_and_select(cfg, model)
+                self.input_shapes = graph.input_shapes
+                return Extractor(extractor_model(graph, self.specs), jit_compile=cfg.batching.jit_compile)
+
+        with precision(cfg.batching.precision):
+            launcher = _launcher_model(run_id)  # compares the policy in force
+            self.extractor = ExtractorPool(build, self.device_plan)
+        stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
+        self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
+        self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
+        self.schema = output_schema(self.specs, column_types(cfg.input))
+        self.writer = make_writer(cfg.output, self.schema)
+        self.layout = OutputLayout(cfg.output.path, run_id)
+
+    def process(self, shard: Shard, on_batch=None) -> ShardResult:
+        """Extract and write one shard; return its result (also stored as its marker).
+
+        A shard whose marker exists (a resumed run) is not processed again. Otherwise its
+        staged files are removed first and rewritten under the same names, so a retried
+        bundle replaces what an earlier attempt left instead of adding to it. A record
+        whose key repeats an earlier record of the shard becomes a `duplicate_key` dead
+        letter; repeats across shards are found at commit (`commit.commit_run`).
+        """
+        done = self.layout.read_marker(shard.id)
+        if done is not None and tuple(done.get("paths", ())) == shard.paths:
+            return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
+        self.layout.clear_shard(shard.id)
+        t0 = time.perf_counter()
+        stats = {"rows": 0}
+        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
+        # the rest of the shard's time is the writer (encoding, compression, I/O).
+        timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
+        end: list[ShardEnd] = []
+        first_seen: dict[bytes, int] = {}  # key → index of the record that wrote it
+        kept_hash: list[np.ndarray] = []
+        kept_index: list[np.ndarray] = []
+        dupes: list[Failure] = []
+
+        def batches() -> Iterable[pa.RecordBatch]:
+            t = time.perf_counter()
+            for batch, so_far in read_shard(
+                shard, self.cfg.input, self.input_shapes, self.preprocess,
+                self.batch_size, self.cfg.input.max_examples_per_shard,
+            ):
+                tb = time.perf_counter()
+                timing["input_wait"] += tb - t
+                if batch is None:
+                    end.append(so_far)
+                    return
+                batch = _drop_repeated_keys(batch, first_seen, dupes)
+                if batch is None:
+                    t = time.perf_counter()
+                    continue
+                kept_hash.append(batch.columns.pop("__key_hash__"))
+                kept_index.append(batch.index)
+                tb = time.perf_counter()
+                outputs = self.extractor(batch.inputs)
+                tm = time.perf_counter()
+                timing["model"] += tm - tb
+                stats["rows"] += len(batch)
+                if on_batch:
+                    on_batch(len(batch), tm - tb)
+                rb = to_record_batch(self.schema, batch.columns, outputs)
+                t = time.perf_counter()
+                timing["to_arrow"] += t - tm
+                yield rb
+                t = time.perf_counter()
+
+        # The run id is in the name: a reader that listed an older output and opens its files
+        # after the swap finds them gone instead of reading this run's data under old names.
+        basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), basename)
+        (shard_end,) = end
+        failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
+        self.layout.write_keys(
+            shard.id,
+            np.concatenate(kept_hash) if kept_hash else np.zeros(0, KEY_HASH_DTYPE),
+            np.concatenate(kept_index) if kept_index else np.zeros(0, np.int64),
+        )
+        err = shard_end.shard_error
+        seconds = round(time.perf_counter() - t0, 3)
+        timing["write_and_other"] = seconds - sum(timing.values())
+        result = ShardResult(
+            shard=shard.id,
+            paths=tuple(shard.paths),
+            bytes_in=shard.size,
+            read=shard_end.records,
+            rows=sum(f.rows for f in files),
+            dead_letters=len(failures),
+            dead_reasons=count_reasons([f.reason for f in failures]),
+            shard_errors=({"reason": err.reason, "detail": err.detail, "path": err.key},) if err else (),
+            files=tuple({"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files),
+            model_fingerprint=self.model_fingerprint,
+            seconds=seconds,
+            timing={k: round(v, 3) for k, v in timing.items()},
+        )
+        if result.rows != stats["rows"]:
+            raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result.rows}")
+        dead = [*failures, *([err] if err else [])]
+        if dead:
+            write_dead_letters(self.layout.dead_file(shard.id), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
+        self.layout.write_marker(shard.id, result.to_dict())
+        return result
+
+
+@dataclasses.dataclass
+class LauncherModel:
+    """A model the launcher loaded for its checks, as a worker in the same process may
+    take it: with its fingerprint, the Keras dtype policy it was built under, and the
+    device its variables were placed on (TensorFlow's default then). `release()` lets the
+    launcher's reference go once no in-process worker can want it."""
+
+    model: Any
+    fingerprint: str
+    policy: str
+    device: str
+
+    def release(self) -> None:
+        self.model = None
+
+    @classmethod
+    def capture(cls, model, fingerprint: str) -> LauncherModel:
+        import keras
+
+        from .devices import discover_gpus, plan_devices
+
+        device = plan_devices(discover_gpus()).devices[0]  # where TensorFlow placed it by default
+        return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device)
+
+
+# The launcher's models, by run id. An in-process runner (DirectRunner's FnApiRunner in
+# in_memory or multi_threading mode, a LOOPBACK portable runner) runs the worker in the
+# launcher's own process, where loading the model a second time only costs start-up time
+# (1 s for ResNet50). Workers in other processes find this empty and load their own.
+_LAUNCHER_MODELS: dict[str, LauncherModel] = {}
+
+
+@contextlib.contextmanager
+def offer_launcher_model(run_id: str, model: LauncherModel | None):
+    """While the block runs, a worker of run `run_id` in this process takes `model` as its
+    copy for `model.device` instead of loading one, if it runs under the same dtype policy."""
+    if model is not None and model.model is not None:
+        _LAUNCHER_MODELS[run_id] = model
+    try:
+        yield
+    finally:
+        _LAUNCHER_MODELS.pop(run_id, None)
+
+
+def _launcher_model(run_id: str) -> LauncherModel | None:
+    """The launcher's model for this run, if this process has it and it was built under
+    the dtype policy this worker set (`batching.precision`)."""
+    import keras
+
+    entry = _LAUNCHER_MODELS.get(run_id)
+    return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
+
+
+def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
+    """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
+    (unreduced outputs of a big model can be tens of MB per example)."""
+    return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
+
+
+KEY_HASH_DTYPE = "S16"
+
+
+def key_hashes(keys: np.ndarray) -> np.ndarray:
+    """128-bit BLAKE2b of each key (bytes or str), as `S16`: stable across processes; used to
+    find keys repeated across shards at commit without holding the keys themselves. At
+    128 bits, a false match among 10^12 keys has a probability below 10^-14."""
+    import hashlib
+
+    return np.array(
+        [hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=16).digest() for k in keys],
+        dtype=KEY_HASH_DTYPE,
+    ).reshape(len(keys))
+
+
+def _drop_repeated_keys(batch, first_seen: dict[bytes, int], dupes: list[Failure]):
+    """The batch without records whose key an earlier record of the shard had (those become
+    `duplicate_key` failures; compared by the keys themselves, not hashes); None if
+    nothing is left. Adds `__key_hash__` to the columns."""
+    import tensorflow as tf
+
+    keys = batch.columns["key"]
+    hashes = key_hashes(keys)
+    keep = np.ones(len(hashes), bool)
+    for j, (k, i) in enumerate(zip(keys.tolist(), batch.index.tolist())):
+        first = first_seen.setdefault(k, i)
+        if first != i:
+            keep[j] = False
+            k = keys[j].decode("utf-8", "replace") if isinstance(keys[j], bytes) else str(keys[j])
+            dupes.append(Failure(i, k, "dedupe", "duplicate_key", f"key {k!r} was already written by record {first} of this shard"))
+    if keep.all():
+        batch.columns["__key_hash__"] = hashes
+        return batch
+    if not keep.any():
+        return None
+    columns = {k: v[keep] for k, v in batch.columns.items()}
+    columns["__key_hash__"] = hashes[keep]
+    inputs = {n: tf.boolean_mask(v, keep) for n, v in batch.inputs.items()}
+    return type(batch)(batch.index[keep], columns, inputs)
