@@ -114,6 +114,20 @@ def test_import_layerbeam_loads_neither_tensorflow_nor_beam():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_run_and_extract_stay_functions_after_their_modules_are_imported():
+    """`layerbeam.run`/`extract` are functions and the names of their modules; importing
+    the module first (as the CLI and the tests do) must not hide the function."""
+    code = (
+        "from layerbeam.run import run_job\n"
+        "from layerbeam.extract import _keys\n"
+        "import layerbeam\n"
+        "layerbeam.list_layers\n"
+        "print(layerbeam.run.__module__, layerbeam.extract.__module__, layerbeam.list_layers.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["layerbeam.run", "layerbeam.extract", "layerbeam.extract"], out.stderr
+
+
 def _imports(path: Path, package: str) -> list[str]:
     """Absolute module names `path` imports; relative imports resolved against `package`."""
     names = []
@@ -152,9 +166,11 @@ def test_the_import_check_sees_relative_imports_that_leave_the_library(tmp_path)
     assert _imports(mod, "layerbeam.transforms") == ["layerbeam", "layerbeam.run", "layerbeam.transforms.schema"]
 
 
+@pytest.mark.slow
 def test_a_users_pipeline_py_and_transforms_py_do_not_shadow_layerbeam(png_dataset, tiny_model, tmp_path):
     """A user's folder with its own pipeline.py and transforms.py runs a job in
-    multi_processing mode (workers are fresh processes started in that folder)."""
+    multi_processing mode (the worker is a fresh process started in that folder, where
+    `import pipeline` would find the user's module)."""
     folder, _, _ = png_dataset
     project = tmp_path / "project"
     project.mkdir()
@@ -164,7 +180,7 @@ def test_a_users_pipeline_py_and_transforms_py_do_not_shadow_layerbeam(png_datas
     (project / "job.yaml").write_text(yaml.safe_dump(tiny_config(f"{folder}/*.tfrecord", str(out), tiny_model)))
     (project / "script.py").write_text(
         "import layerbeam\n"
-        "m = layerbeam.run('job.yaml', beam_args=['--direct_running_mode=multi_processing', '--direct_num_workers=2'])\n"
+        "m = layerbeam.run('job.yaml', beam_args=['--direct_running_mode=multi_processing', '--direct_num_workers=1'])\n"
         "print('rows', m['counts']['rows_written'])\n"
     )
     proc = subprocess.run([sys.executable, "script.py"], cwd=project, capture_output=True, text=True, timeout=300)
@@ -423,7 +439,6 @@ def test_extract_layers_then_write_layers_equals_extract(tiny_model, images, tmp
 # --------------------------------------------------------------------------- packaging and README
 
 
-@pytest.mark.slow
 def test_the_wheel_holds_only_layerbeam(tmp_path):
     """`python -m build --wheel` (from a copy of the tracked files, so the checkout stays clean)."""
     src = tmp_path / "src"
