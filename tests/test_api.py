@@ -415,6 +415,19 @@ def test_write_layers_commits_an_output_that_reads_back_equal(tmp_path):
         layerbeam.WriteLayers(str(out))
 
 
+def test_write_layers_of_nothing_commits_an_empty_output(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    import layerbeam
+
+    with TestPipeline() as p:
+        _ = p | beam.Create([]) | layerbeam.WriteLayers(str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["counts"]["records_read"] == 0
+    back = layerbeam.read(str(tmp_path / "out"))
+    assert back.num_rows == 0 and back.column_names == ["key"]
+
+
 def test_extract_layers_then_write_layers_equals_extract(tiny_model, images, tmp_path):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline

@@ -340,7 +340,15 @@ def _save_temporarily(owner, model) -> str:
 
 # --------------------------------------------------------------------------- WriteLayers
 
-_COLUMN_TYPES = {"i": "int64", "u": "int64", "b": "int64", "f": "float32", "U": "string", "S": "string", "O": "string"}
+def _column_type(v) -> str:
+    """The Arrow type name of a scalar value of a WriteLayers dict; "?" for anything else."""
+    if isinstance(v, (bool, int, np.integer, np.bool_)):
+        return "int64"
+    if isinstance(v, (float, np.floating)):
+        return "float32"
+    if isinstance(v, (str, bytes, np.str_, np.bytes_)):
+        return "string"
+    return "?"
 
 
 def _signature(element) -> tuple:
@@ -351,8 +359,7 @@ def _signature(element) -> tuple:
         if isinstance(v, np.ndarray):
             sig.append((str(name), "tensor", "float16" if v.dtype == np.float16 else "float32", tuple(int(d) for d in v.shape)))
         else:
-            kind = np.asarray(v).dtype.kind
-            sig.append((str(name), "column", _COLUMN_TYPES.get(kind, "?"), ()))
+            sig.append((str(name), "column", _column_type(v), ()))
     return tuple(sig)
 
 
@@ -376,7 +383,7 @@ def _layout_of(signature: tuple, partition_by: Sequence[str]):
     for name, kind, typ, shape in signature:
         if kind == "column":
             if typ == "?":
-                raise ConfigError(f"WriteLayers: column {name!r} holds values that are not ints, floats or strings; give numpy arrays for tensors and scalars for columns")
+                raise ConfigError(f"WriteLayers: {name!r} holds values that are neither numpy arrays (tensor columns) nor ints, floats or strings (plain columns); convert them")
             cols[name] = arrow[typ]
         else:
             specs.append(OutputSpec(name=name, path=name, layer_type="", reduce="none", dtype=typ, shape=shape))
@@ -432,7 +439,7 @@ class _WriteBucketDoFn(beam.DoFn):
         columns = {name: np.array([v[name] for _, v in keep], dtype=object if typ == "string" else typ) for name, kind, typ, _ in chosen if kind == "column"}
         if "string" in {typ for _, kind, typ, _ in chosen if kind == "column"}:
             columns = {n: np.array([_key_text(x) for x in a], dtype=object) if a.dtype == object else a for n, a in columns.items()}
-        outputs = {s.name: np.stack([v[s.name] for _, v in keep]) if keep else np.zeros((0, *s.shape), s.dtype) for s in specs}
+        outputs = {s.name: np.stack([v[s.name] for _, v in keep]).astype(s.dtype, copy=False) if keep else np.zeros((0, *s.shape), s.dtype) for s in specs}
         layout = OutputLayout(self._spec.path, self._run_id)
         result = write_rows(
             layout, make_writer(self._spec, schema), schema, f"b{bucket:05d}", [k for k, _ in keep], columns, outputs, "",
