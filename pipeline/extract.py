@@ -86,7 +86,9 @@ def extract(
     """The selected layer outputs of every example, as a table or a committed output.
 
     What you pass is what the model sees (as float32): apply your model's preprocessing
-    first (e.g. `keras.applications.mobilenet_v2.preprocess_input`).
+    first (e.g. `keras.applications.mobilenet_v2.preprocess_input`). Every output is held
+    in memory until the end (also with `output=`): for more than fits, run a job
+    (`layerbeam.run`) or use `ExtractLayers` + `WriteLayers` in a Beam pipeline.
 
     Args:
         model: a `keras.Model` (used as is), a `.keras`/`.h5` path,

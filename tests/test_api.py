@@ -372,12 +372,61 @@ def test_extract_layers_on_an_in_memory_two_input_model_and_its_one_line_failure
     want = {i: {"a": ref[0][i].mean(axis=(0, 1)), "b": ref[1][i].mean(axis=(0, 1))} for i in range(4)}
     transform = layerbeam.ExtractLayers(model, select=[{"layer": branch_a.name, "as": "a"}, {"layer": branch_b.name, "as": "b"}])
     assert [s.name for s in transform.outputs] == ["a", "b"] and transform.input_shapes == {a_name: (28, 28, 1), b_name: (28, 28, 1)}
-    with TestPipeline() as p:
-        got = p | beam.Create([(i, {a_name: xa[i], b_name: xb[i]}) for i in range(4)]) | transform
-        assert_that(got, _CloseTo(want))
+    p = TestPipeline()
+    got = p | beam.Create([(i, {a_name: xa[i], b_name: xb[i]}) for i in range(4)]) | transform
+    assert_that(got, _CloseTo(want))
+    result = p.run()
+    result.wait_until_finish()
+    # RunInference's own metrics, under layerbeam's namespace
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter().with_namespace("layerbeam"))["counters"]}
+    assert counters.get("num_inferences") == 4, counters
     with pytest.raises(Exception, match=r"element 7: input .* has shape \(3,\), but the model takes \(28, 28, 1\).*with_exception_handling"):
         with TestPipeline() as p:
             _ = p | beam.Create([(7, {a_name: np.zeros(3), b_name: xb[0]})]) | layerbeam.ExtractLayers(model, select=branch_a.name)
+
+
+def _check_finite_layer():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="layerbeam_tests")
+    class CheckFinite(keras.layers.Layer):
+        """Raises at inference on a non-finite value (a model failing on some batches)."""
+
+        def call(self, x):
+            import tensorflow as tf
+
+            return tf.debugging.check_numerics(x, "activation is not finite")
+
+    return CheckFinite
+
+
+def test_extract_layers_turns_a_failed_batch_into_dead_letters(tmp_path):
+    import apache_beam as beam
+    import keras
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((4,), name="x")
+    dense = keras.layers.Dense(3, name="dense")(inp)
+    model = keras.Model(inp, _check_finite_layer()(name="check")(dense))
+    model.save(tmp_path / "m.keras")
+    xs = np.random.default_rng(2).random((4, 4)).astype(np.float32)
+    elements = [(f"k{i}", xs[i]) for i in range(4)] + [("nan", np.full(4, np.nan, np.float32))]
+    ref = keras.Model(model.inputs, model.get_layer("dense").output).predict(xs, verbose=0)
+    want = {f"k{i}": {"dense": ref[i]} for i in range(4)}
+    with TestPipeline() as p:
+        outputs, dead = (
+            p
+            | beam.Create(elements)
+            | layerbeam.ExtractLayers(str(tmp_path / "m.keras"), select="check", batch_size=1).with_exception_handling()
+        )
+        assert_that(outputs | beam.MapTuple(lambda k, v: (k, {"dense": v["check"]})), _CloseTo(want), label="Outputs")
+        assert_that(dead, _DeadLetters({"nan": ("inference_failed", "activation is not finite")}), label="DeadLetters")
 
 
 def test_extract_layers_refuses_a_selector_that_matches_nothing_when_built(tiny_model):

@@ -191,8 +191,10 @@ def _short(x: Any) -> str:
 def _failed_batch(failure):
     """RunInference's failed batch `([(key, example) ...], (type, repr, traceback))` → one
     dead letter per element."""
-    batch, (_, _, tb) = failure
-    detail = (tb[-1] if tb else "inference failed").strip().splitlines()[-1][:300]
+    batch, (exc_type, _, tb) = failure
+    last = (tb[-1] if tb else "").strip()  # "module.Type: message …", the traceback's last entry
+    first = last.splitlines()[0] if last else "inference failed"
+    detail = f"{getattr(exc_type, '__name__', exc_type)}: {first.split(': ', 1)[-1]}"[:300]
     for key, _ in batch:
         yield key, {"stage": "inference", "reason": "inference_failed", "detail": detail}
 

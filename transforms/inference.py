@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .extractor import Extractor, extractor_model
 from .layers import ModelGraph, SelectSpec
 from .models import ModelSpec, load_model, model_fingerprint
@@ -80,7 +80,10 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         inputs = {n: np.stack([ex[n] for ex in batch]) for n in model.input_names}
-        out = model(inputs)
+        try:
+            out = model(inputs)
+        except Exception as e:  # TensorFlow's OpErrors bury the cause under a node trace
+            raise RuntimeError(f"the model failed on a batch of {len(batch)}: {_cause(e)}") from e
         # One copy per example: a view would keep the whole batch's array alive downstream.
         return [PredictionResult(ex, {k: v[i].copy() for k, v in out.items()}) for i, ex in enumerate(batch)]
 
@@ -92,3 +95,14 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
 
     def __repr__(self) -> str:
         return f"LayerModelHandler({self._model.source!r}, select={list(self._layers.select)!r})"
+
+
+def _cause(e: BaseException) -> str:
+    """The line of an error that says what went wrong: for a TensorFlow graph execution
+    error, the line after the node's stack, not "Graph execution error:" or `[[node …]]`."""
+    lines = [ln for ln in str(getattr(e, "message", None) or e).splitlines() if ln.strip()]
+    said = [
+        ln.strip() for ln in lines
+        if not ln.startswith((" ", "\t")) and not ln.startswith(("Graph execution error", "Detected at node"))
+    ]
+    return (said[-1] if said else first_line(e))[:300]
