@@ -17,10 +17,22 @@ from apache_beam.utils import shared
 from .readers import Shard, match_shards
 from .shard import JobSpec, ShardProcessor, ShardResult
 
-__all__ = ["MatchShards", "ExtractShards"]
+__all__ = ["MatchShards", "ExtractShards", "examples_so_far"]
 
 _LOG = logging.getLogger("layerbeam")
 _NS = "layerbeam"
+
+
+# Examples extracted so far by workers in this process, by run id: the launcher's progress
+# display reads it when the runner runs its workers here (in_memory, multi_threading);
+# workers elsewhere leave it at 0 and the display counts finished shards' markers instead.
+_LIVE: dict[str, int] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def examples_so_far(run_id: str) -> int:
+    with _LIVE_LOCK:
+        return _LIVE.get(run_id, 0)
 
 
 class _ExtractShardDoFn(beam.DoFn):
@@ -62,6 +74,8 @@ class _ExtractShardDoFn(beam.DoFn):
 
         def on_batch(n, seconds):
             done.append((n, seconds, time.time()))
+            with _LIVE_LOCK:
+                _LIVE[self._run_id] = _LIVE.get(self._run_id, 0) + n
 
         result = self._processor.process(shard, on_batch=on_batch)
         for n, seconds, at in done:
