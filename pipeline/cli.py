@@ -31,6 +31,11 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        # No prefixes: `--max-shard` must not quietly mean --max-shards, nor take a Beam flag's place.
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, exit 2, as everywhere else
         raise _UsageError(f"{message}; see `{self.prog} --help`")
 

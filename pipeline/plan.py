@@ -124,7 +124,17 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
             graph, specs = trace_and_select(job, model)
             offered = LauncherModel.capture(model, model_fingerprint(model))
     except (ModelError, SelectionError) as e:
-        raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+        msg = str(e).replace("{model}", cfg.model.source)
+        if cfg.input.image_size and msg.startswith("tracing model"):
+            built = [tuple(t.shape[1:3]) for t in getattr(locals().get("model"), "inputs", [])]
+            fits = [list(b) for b in built if None not in b]
+            raise ConfigError(
+                f"input.image_size {list(cfg.input.image_size)} does not fit the model {cfg.model.source!r}"
+                + (f", which was built for {fits[0]}" if fits else "")
+                + f" (Keras: {first_line(e).split(' failed: ', 1)[-1][:200]}); "
+                + (f"set input.image_size: {fits[0]} or remove it" if fits else "remove input.image_size")
+            ) from None
+        raise ConfigError(msg) from None
     row_columns = column_types(job.input)
     for spec in specs:
         if spec.name in row_columns:

@@ -126,6 +126,10 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
+    if progress and _is_local_runner(runner):  # the final state, from the manifest (the markers went with the staging)
+        c = manifest["counts"]
+        progress(Progress(shards_done=plan.shards, shards=plan.shards, examples_done=c["records_read"], examples=plan.estimated_examples,
+                          dead_letters=c["dead_letters"], seconds=seconds))
     manifest["_metrics"] = metrics
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
@@ -184,7 +188,6 @@ class _Watcher:
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join(timeout=5)
-            self._report()  # the final state
 
     def _loop(self) -> None:
         while not self._stop.wait(0.5):

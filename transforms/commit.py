@@ -18,6 +18,7 @@ import datetime as _dt
 from collections import Counter
 import hashlib
 import json
+import math
 import os
 import posixpath
 import time
@@ -243,7 +244,7 @@ def check_outcome(counts: Mapping, max_fraction: float | None) -> None:
         raise OutcomeError(
             f"{dead:,} of {read:,} records ({dead / read:.1%}) became dead letters, over output.max_dead_letter_fraction = {max_fraction:g} "
             f"({top}{whole}); nothing was published, finished shards are kept. Fix the input or config, or accept them: "
-            f"--max-dead-letter-fraction {min(1.0, round(dead / read + 0.005, 2)):g} (the same command resumes)",
+            f"--max-dead-letter-fraction {min(1.0, math.ceil(dead / read * 1000 - 1e-9) / 1000):g} (the same command resumes)",
             dict(counts),
         )
 

@@ -189,6 +189,8 @@ def arrow_dataset(path: str | Output) -> Any:
     out = _as_output(path)
     if out.format == "tfrecord":
         return ds.dataset(to_arrow(out))
+    if not out.files:  # an empty output: no file to take the schema from
+        return ds.dataset(_empty(out.columns))
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None
