@@ -365,24 +365,33 @@ def test_statistics_equal_numpy_over_the_read_back_table(job):
 
 
 def test_nan_and_inf_are_counted_and_flagged_in_the_summary(job, tmp_path):
-    """A model that emits NaN/Inf (log of a negative, divide by zero) is flagged."""
+    """A model that emits Inf (overflow) and NaN (Inf - Inf) is flagged in the summary."""
     import keras
 
     root, model, cfg, *_ = job
     inp = keras.Input((32, 32, 3), name="image")
     x = keras.layers.Conv2D(2, 3, name="conv1")(inp)
-    y = keras.layers.Activation("log", name="log")(x)  # log of negatives: NaN; of zero: -Inf
-    keras.Model(inp, y).save(tmp_path / "nan.keras")
+    big = keras.layers.Rescaling(1e30, name="big")(keras.layers.Rescaling(1e30)(x))  # |x| > 3e-22 overflows to ±Inf
+    nan = keras.layers.Subtract(name="nan")([big, big])  # Inf - Inf = NaN, the rest 0
+    keras.Model(inp, [big, nan]).save(tmp_path / "nan.keras")
     out = tmp_path / "out"
-    r = run_cli(["run", str(cfg(out, **{"model.source": str(tmp_path / "nan.keras"), "layers.select": [{"layer": "log", "reduce": "none"}]})), "-q"])
+    select = [{"layer": "big", "reduce": "none"}, {"layer": "nan", "reduce": "none"}]
+    r = run_cli(["run", str(cfg(out, **{"model.source": str(tmp_path / "nan.keras"), "layers.select": select})), "-q"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"warning: output 'log' holds [\d,]+ NaN and [\d,]+ Inf values", r.stdout), r.stdout
+    assert re.search(r"warning: output 'big' holds [\d,]+ NaN and [1-9][\d,]* Inf values", r.stdout), r.stdout
+    assert re.search(r"warning: output 'nan' holds [1-9][\d,]* NaN and [\d,]+ Inf values", r.stdout), r.stdout
     import layerbeam
 
-    v = layerbeam.read(str(out)).column("log").combine_chunks().to_numpy_ndarray().ravel()
-    s = read_manifest(out)["statistics"]["log"]
-    assert s["nan"] == np.isnan(v).sum() > 0 and s["inf"] == np.isinf(v).sum()
-    assert s["mean"] == pytest.approx(v[np.isfinite(v)].astype(np.float64).mean())
+    t = layerbeam.read(str(out))
+    stats = read_manifest(out)["statistics"]
+    for name in ("big", "nan"):
+        v = t.column(name).combine_chunks().to_numpy_ndarray().ravel()
+        s = stats[name]
+        assert s["nan"] == np.isnan(v).sum() and s["inf"] == np.isinf(v).sum() and s["nan"] + s["inf"] > 0
+        finite = v[np.isfinite(v)].astype(np.float64)
+        assert s["count"] == v.size and s["zero_fraction"] == pytest.approx((v == 0).mean())
+        if finite.size:
+            assert s["mean"] == pytest.approx(finite.mean()) and s["max"] == finite.max()
 
 
 def test_show_plot_draws_one_panel_per_output(job, tmp_path):
