@@ -318,6 +318,15 @@ class _progress_display:
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         )
+        # Log lines (one per shard) go through the display's console, above the live line,
+        # instead of tearing it.
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        self.saved = root.handlers[:]
+        handler = RichHandler(console=self.bar.console, show_path=False, show_level=False, log_time_format="%H:%M:%S")
+        handler.setLevel(min((h.level for h in self.saved), default=logging.INFO))
+        root.handlers = [handler]
         return self.update
 
     def update(self, p) -> None:
@@ -338,8 +347,10 @@ class _progress_display:
         self.bar.update(self.task, completed=min(done, total) if total else done, total=max(total or 0, done), what=what)
 
     def __exit__(self, *exc):
-        if self.bar is not None and self.task is not None:
-            self.bar.stop()
+        if self.bar is not None:
+            logging.getLogger().handlers = self.saved
+            if self.task is not None:
+                self.bar.stop()
         return False
 
 
