@@ -436,6 +436,8 @@ def _show(args) -> int:
     from .transforms.readback import head, open_output
 
     out = open_output(args.output)
+    if out.format == "tfrecord" and args.rows > 0:
+        _import_tensorflow_quietly()  # reading TFRecord rows imports TensorFlow: its start-up lines stay out
     m = out.manifest
     st = out.storage
     console = _console()

@@ -290,10 +290,12 @@ def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
     out = _norm(cfg.output.path)
     staging = f"{out}.layerbeam-staging"
     pattern = _norm(cfg.input.pattern)
+    if not any(ch in pattern for ch in "*?["):  # a folder: read as match_shards reads it
+        pattern += "/**" if cfg.input.format == "images" else "/*"
     static = pattern
     for ch in "*?[":
         static = static.split(ch, 1)[0]
-    root = static if not any(ch in pattern for ch in "*?[") else static.rsplit("/", 1)[0]
+    root = static.rsplit("/", 1)[0]
     fix = "choose an output.path outside the input (e.g. a sibling folder)"
     for target in (out, staging):
         if target == root or root.startswith(target + "/"):

@@ -405,3 +405,11 @@ def test_show_plot_draws_one_panel_per_output(job, tmp_path):
     img = Image.open(png)
     img.verify()
     assert img.format == "PNG" and img.size[0] > img.size[1] > 200  # two panels side by side
+
+
+def test_show_on_a_tfrecord_output_keeps_tensorflow_quiet(three_formats):
+    out, _ = three_formats["tfrecord"]
+    r = run_cli(["show", str(out), "--rows", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not _NATIVE.search(r.stderr), r.stderr
+    assert "first 2 rows" in r.stdout and "statistics" in r.stdout
