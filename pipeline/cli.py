@@ -142,7 +142,7 @@ def _setup_logging(args) -> None:
     libraries' own log (TensorFlow, absl, Beam's workers) only with -v."""
     verbose = getattr(args, "verbose", 0)
     level = args.log_level or ("DEBUG" if verbose else "WARNING" if getattr(args, "quiet", False) else "INFO")
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "fsspec", "gcsfs", "urllib3", "google"):
         # Beam logs a failing transform's traceback at ERROR before the exception reaches
         # the CLI, which prints it in one line: without -v the libraries stay silent.
