@@ -242,13 +242,12 @@ def _run(args, beam_args: list[str]) -> int:
     try:
         plan = prepare(cfg, plan_only=args.plan_only)
     except OverCapError as e:
-        if not args.quiet:
-            _print_plan(console, e.plan, human)  # show what is too big before refusing
+        _print_plan(console, e.plan, human)  # show what is too big before refusing (even with -q: it is the reason)
         if args.plan_only:  # a plan never refuses: it says what a run would refuse
             console.print(f"a run would refuse: {e}", markup=False)
             return 0
         raise
-    if not args.quiet:
+    if args.plan_only or not args.quiet:  # with --plan-only the plan is the summary
         _print_plan(console, plan, human)
     if args.plan_only:
         if plan.output_problem:
