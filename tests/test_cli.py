@@ -90,20 +90,23 @@ def test_every_record_a_dead_letter_fails_without_success_and_names_the_reason(j
 def test_too_many_dead_letters_fail_keep_their_shards_and_resume_with_a_higher_limit(job, tmp_path):
     root, model, cfg, *_ = job
     bad = [example({"image/encoded": b"not an image", "image/key": f"bad{i}", "image/class/label": 0}) for i in range(3)]
-    good = [example({"image/encoded": encode_png(im), "image/key": f"g{i}", "image/class/label": 1}) for i, im in enumerate(photo_crops(7, 32))]
-    write_tfrecords(tmp_path / "data", [good[:4], good[4:] + bad])
+    good = [example({"image/encoded": encode_png(im), "image/key": f"g{i}", "image/class/label": 1}) for i, im in enumerate(photo_crops(9, 32))]
+    paths = write_tfrecords(tmp_path / "data", [good[:4], good[4:7] + bad, good[7:]])
+    paths[2].write_bytes(paths[2].read_bytes()[:-40])  # its last record loses its end: a shard error
     out = tmp_path / "out"
     c = cfg(out, **{"input.pattern": str(tmp_path / "data/*.tfrecord")})
     r = run_cli(["run", str(c)])
     line = _errors(r, 1)[0]
-    assert "3 of 10 records (30.0%) became dead letters, over output.max_dead_letter_fraction = 0.1" in line, line
-    assert "--max-dead-letter-fraction 0.3 " in line
+    assert "3 of 11 records (27.3%) became dead letters, over output.max_dead_letter_fraction = 0.1" in line, line
+    assert "1 shard error, e.g. corrupt_shard in" in line and "--max-dead-letter-fraction 0.273 " in line, line
     assert re.search(r"^  \w+: e\.g\. 'bad0'", r.stderr, re.M), r.stderr
     assert not (out / "_SUCCESS").exists()
     (run_dir,) = [p for p in (tmp_path / "out.layerbeam-staging").iterdir() if p.is_dir()]
-    assert len(list((run_dir / "shards").glob("*.done.json"))) == 2  # kept for the resumed run
-    r = run_cli(["run", str(c), "-q", "--max-dead-letter-fraction", "0.3"])
+    assert len(list((run_dir / "shards").glob("*.done.json"))) == 3  # kept for the resumed run
+    r = run_cli(["run", str(c), "-q", "--max-dead-letter-fraction", "0.273"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("done · 8 rows, 3 dead letters, 1 shard errors, from 11 records"), r.stdout  # shard errors in the summary
+    assert re.search(r"^shard error in .*part-00002.tfrecord: corrupt_shard: .*\(1 records kept\)$", r.stdout, re.M), r.stdout
     m = read_manifest(out)
     assert m["run_id"] == run_dir.name and m["counts"]["dead_letters"] == 3  # the same run, resumed
 
