@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,7 @@ from .readers import ReadSpec, Shard, ShardEnd, read_shard
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import OutputLayout
 
-__all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "read_ahead", "key_hashes", "KEY_HASH_DTYPE"]
+__all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +161,7 @@ class ShardProcessor:
         t0 = time.perf_counter()
         stats = {"rows": 0}
         # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
-        # the rest of the shard's time is the writer (encoding, compression, I/O) where it
-        # did not overlap with them (they run ahead of it on their own thread).
+        # the rest of the shard's time is the writer (encoding, compression, I/O).
         timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
         end: list[ShardEnd] = []
         first_seen: dict[bytes, int] = {}  # key → index of the record that wrote it
@@ -205,7 +202,7 @@ class ShardProcessor:
         # The run id is in the name: a reader that listed an older output and opens its files
         # after the swap finds them gone instead of reading this run's data under old names.
         basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
-        files = self.writer.write_shard(read_ahead(batches(), 2), self.layout.shard_dir(shard.id), basename)
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), basename)
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         self.layout.write_keys(
@@ -290,57 +287,6 @@ def _launcher_model(run_id: str) -> LauncherModel | None:
 
     entry = _LAUNCHER_MODELS.get(run_id)
     return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
-
-
-def read_ahead(items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """`items`, produced by a thread of their own up to `depth` ahead of the consumer.
-
-    The shard's batches (read, extract, convert) are produced on this thread while the
-    writer encodes and writes the ones before: without it the writer pulls each batch
-    itself and the model waits for every write. An exception on either side ends both:
-    the producer's is raised here, and a consumer that stops early stops the producer.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce():
-        it = iter(items)
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((done, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put((done, e))
-        finally:
-            if hasattr(it, "close"):
-                it.close()  # a generator's own cleanup (e.g. read_shard's local copies) runs now
-
-    thread = threading.Thread(target=produce, name="layerbeam-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = q.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        thread.join()
 
 
 def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
