@@ -3,8 +3,6 @@ and the compiled extractor that runs it. Plain Keras and TensorFlow, no Beam."""
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,8 +11,6 @@ import numpy as np
 from .layers import ModelGraph, OutputSpec, _reduced
 
 __all__ = ["extractor_model", "Extractor"]
-
-_LOG = logging.getLogger("layerbeam")
 
 
 def extractor_model(graph: ModelGraph, specs: Sequence[OutputSpec]):
@@ -48,29 +44,6 @@ class Extractor:
             return model(args if len(args) > 1 else args[0], training=False)
 
         self._fn = tf.function(run, input_signature=signature, jit_compile=jit_compile, reduce_retracing=True)
-        self._warm_up: threading.Thread | None = None
-
-    def start_warm_up(self) -> None:
-        """Trace the function and run it once on one example of zeros, in a background thread.
-
-        Tracing is Python work of about 2.6 s for MobileNetV2 (py-spy) that the first batch
-        would otherwise wait for; started when the worker is built, it overlaps with tf.data
-        opening the first shard and decoding its first batch. A concurrent first call waits
-        on the function's own trace lock and reuses the trace (the fixed input signature
-        makes it the only one). A failure here is left for the first real call to raise.
-        """
-        import tensorflow as tf
-
-        zeros = {n: tf.zeros((1, *s.shape[1:]), tf.float32) for n, s in zip(self.input_names, self._fn.input_signature[0].values())}
-
-        def warm():
-            try:
-                self._fn(zeros)
-            except Exception as e:  # noqa: BLE001 - the first real call reports it with its batch
-                _LOG.debug("extractor warm-up failed: %s", e)
-
-        self._warm_up = threading.Thread(target=warm, name="layerbeam-warm-up", daemon=True)
-        self._warm_up.start()
 
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         out = self._fn({n: inputs[n] for n in self.input_names})

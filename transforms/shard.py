@@ -131,9 +131,7 @@ class ShardProcessor:
                 self.model_fingerprint = fp
                 graph, self.specs = trace_and_select(cfg, model)
                 self.input_shapes = graph.input_shapes
-                extractor = Extractor(extractor_model(graph, self.specs), jit_compile=cfg.batching.jit_compile)
-                extractor.start_warm_up()  # traced while the first shard opens and decodes
-                return extractor
+                return Extractor(extractor_model(graph, self.specs), jit_compile=cfg.batching.jit_compile)
 
         with precision(cfg.batching.precision):
             launcher = _launcher_model(run_id)  # compares the policy in force
