@@ -275,13 +275,18 @@ def _extract_layers(a) -> dict:
 
     out = f"{a.work}/out"
     s = SCENARIOS[a.scenario]
+    # A saved file, not `keras.applications.<Name>`: built twice in one process (launcher,
+    # then the in-process worker), Keras names the second copy's input `input_layer_1`,
+    # which the launcher's element conversion does not know (seen with main at a87f8b1).
+    source = f"{a.work}/model.keras"
+    _plain_model_base(a.scenario).save(source)
     t0 = time.perf_counter()
     with beam.Pipeline(runner=FnApiRunner()) as p:
         _ = (
             p
             | beam.io.ReadFromTFRecord(f"{a.data}/*.tfrecord")
             | "Decode" >> beam.Map(decode)
-            | layerbeam.ExtractLayers(f"keras.applications.{s['source']}", select=s["select"], batch_size=a.batch_size, input_shape=(SIZE, SIZE, 3))
+            | layerbeam.ExtractLayers(source, select=s["select"], batch_size=a.batch_size)
             | layerbeam.WriteLayers(out, overwrite=True)
         )
     secs = time.perf_counter() - t0
