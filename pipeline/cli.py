@@ -209,6 +209,8 @@ def _print_plan(console, plan, human) -> None:
     for s in plan.outputs:
         t.add_row(s.name, s.path if s.path != s.name else "", s.reduce, "×".join(map(str, s.shape)) or "scalar", s.dtype, human(plan.stored_bytes(s)))
     console.print(t)
+    for name, how in getattr(plan, "reading", ()):
+        console.print(f"input {name}: {how}", markup=False)
     est = plan.estimated_examples
     proj = plan.projected_bytes
     console.print(

@@ -19,6 +19,7 @@ from .transforms.errors import ConfigError
 __all__ = [
     "ConfigError",
     "InputConfig",
+    "TensorInputConfig",
     "ModelConfig",
     "OutputSpecConfig",
     "LayersConfig",
@@ -39,12 +40,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TensorDType = Literal["float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string"]
+
+
+class TensorInputConfig(_Strict):
+    """One model input read as a tensor (not an encoded image) from a feature."""
+
+    feature: str = Field(..., description="the feature (TFRecord) holding the values")
+    dtype: TensorDType | None = Field(None, description="dtype the values are read as (default: the model input's); cast to the model input's dtype after reading")
+    shape: tuple[int | None, ...] | None = Field(None, description="shape per example, without the batch axis; null marks a variable size, padded per batch (default: the model input's)")
+    encoding: Literal["list", "raw"] = Field("list", description="list: a float_list/int64_list/bytes_list feature holding the values row-major; raw: one bytes value holding the tensor's raw little-endian bytes (tf.io.decode_raw)")
+    pad_value: float | int | str = Field(0, description="value variable-size inputs are padded with, per batch, to the longest example")
+
+
 class InputConfig(_Strict):
     pattern: str = Field(..., description="file pattern of the input shards: a glob over local paths, gs://, or any fsspec URL (memory://, s3:// …)")
     format: Literal["tfrecord", "images"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name")
     compression: Literal["", "GZIP", "ZLIB"] = Field("", description="TFRecord compression")
     image_feature: str = Field("image/encoded", description="bytes feature holding the encoded image (single-input models)")
-    inputs: dict[str, str] = Field(default_factory=dict, description="multi-input models: model input name → bytes feature holding that input's encoded image")
+    inputs: dict[str, str | TensorInputConfig] = Field(default_factory=dict, description="model input name → a feature name (an encoded image, decoded, resized and preprocessed) or a tensor {feature, dtype, shape, encoding, pad_value} (numbers, token ids, strings)")
     key_feature: str | None = Field(None, description="bytes/string feature used as the row key; default: '<shard file name>:<record index>' (images: the file path)")
     label_feature: str | None = Field(None, description="int64 or bytes feature copied to the 'label' column (images: the folder name)")
     label_type: Literal["int64", "string"] = Field("int64", description="type of label_feature")
@@ -65,6 +79,7 @@ class ModelConfig(_Strict):
     input_shape: tuple[int, ...] | None = Field(None, description="input shape without the batch axis, for applications and Sequential models built without an Input")
     seed: int = Field(0, description="random seed applied before building, so random weights are the same on every worker")
     safe_mode: bool = Field(True, description="load .keras files in Keras safe mode (refuses Lambda layers with Python code); set false only for files you trust")
+    custom_objects: tuple[str, ...] | dict[str, str] = Field((), description="custom classes the model needs: modules to import (whose keras.saving.register_keras_serializable classes register themselves), or {ClassName: 'module:attr'}; workers import them too")
 
 
 class OutputSpecConfig(_Strict):

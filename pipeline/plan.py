@@ -44,6 +44,7 @@ class Plan:
     input_bytes: int
     estimated_examples: int | None
     inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    reading: tuple = ()  # ((model input, how it is read and preprocessed), …) for the size plan
     # The model the checks loaded (`transforms.shard.LauncherModel`); a worker that runs in
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -83,8 +84,9 @@ def prepare(cfg: JobConfig) -> Plan:
     """
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
-    from .transforms.models import load_model, model_fingerprint, preprocess_fn
+    from .transforms.models import describe_preprocess, load_model, model_fingerprint, preprocess_fn
     from .transforms.readers import check_inputs, estimate_examples, match_shards
+    from .transforms.readers.tensors import describe
     from .transforms.shard import LauncherModel
 
     job = to_spec(cfg)
@@ -118,10 +120,13 @@ def prepare(cfg: JobConfig) -> Plan:
                 f"rename the output with {{layer: {spec.path}, as: <another name>}}"
             )
     try:
-        check_inputs(job.input, graph.input_shapes)
-        preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
+        plans = check_inputs(job.input, graph.input_shapes, graph.input_dtypes)
+        if any(p.kind == "image" for p in plans.values()):
+            preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
     except (ValueError, ModelError) as e:
         raise ConfigError(str(e)) from None
+    how = describe_preprocess(cfg.input.preprocess, cfg.model.source)
+    reading = tuple((n, describe(p, how)) for n, p in plans.items())
     fp = offered.fingerprint
     config = config_to_dict(cfg)
     run_id = _run_id(config, fp, shards)
@@ -137,6 +142,7 @@ def prepare(cfg: JobConfig) -> Plan:
         input_bytes=total,
         estimated_examples=estimate_examples(job.input, shards),
         inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        reading=reading,
         launcher_model=offered,
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:

@@ -3,15 +3,18 @@
 The reader contract. Each input kind is a module (`tfrecord`, `images`) with:
 
 * `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths);
-* `parser(shard, spec, input_shapes, preprocess)`: a tf.data map function
+* `parser(shard, spec, plans, preprocess)`: a tf.data map function
   `(index, (item, is_sentinel, bytes_so_far)) → {"__input__<name>": tensor, "key": …,
   label/passthrough columns}` (`_common.tagged` adds the bookkeeping);
-* `explain(shard, spec, input_shapes, preprocess, parse, local_paths, missing)`: one
+* `explain(shard, spec, plans, preprocess, parse, local_paths, missing)`: one
   `Failure` per record that failed inside tf.data, read again one by one (bad path only);
 * `check_end(shard, spec, local_path, consumed)`: `(shard-level Failure or None, records
   readable)` once the shard's items are consumed;
-* `check_inputs(spec, input_shapes)`: raise ValueError when the config cannot feed the
+* `check_inputs(spec, plans)`: raise ValueError when the config cannot feed the
   model (run by the launcher before any work);
+
+`plans` are the `tensors.InputPlan`s of the model's inputs: what each input is (an encoded
+image or a tensor), its feature, shape and dtype, already checked against the model.
 * `FRAMED`: whether items carry TFRecord framing bytes (for the size check).
 
 Decoding happens inside tf.data (parallel, in C++), never per element in Python. A record
@@ -30,8 +33,9 @@ import numpy as np
 from .._fs import LocalBridge, fsspec_fs
 from ..deadletters import Failure
 from ._common import without_autotune
+from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "plan_inputs", "estimate_examples"]
 
 KINDS = ("tfrecord", "images")
 
@@ -44,7 +48,7 @@ class ReadSpec:
     format: str = "tfrecord"
     compression: str = ""
     image_feature: str = "image/encoded"
-    inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name → feature, or a tensor mapping
     key_feature: str | None = None
     label_feature: str | None = None
     label_type: str = "int64"
@@ -142,9 +146,17 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
     return out
 
 
-def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ValueError, with the fix, when `spec` cannot feed a model with these inputs."""
-    _kind(spec.format).check_inputs(spec, input_shapes)
+def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple], input_dtypes: Mapping[str, str] | None = None) -> dict[str, InputPlan]:
+    """The input plans; raise ValueError, with the fix, when `spec` cannot feed a model with
+    these inputs (rank, dtype, fixed sizes; see `tensors.plan_inputs`)."""
+    kind = _kind(spec.format)
+    if spec.format == "images":
+        from .images import single_image_input
+
+        single_image_input(input_shapes)
+    plans = plan_inputs(spec, input_shapes, input_dtypes)
+    kind.check_inputs(spec, plans)
+    return plans
 
 
 def read_shard(
@@ -154,6 +166,7 @@ def read_shard(
     preprocess,
     batch_size: int,
     max_examples: int | None = None,
+    input_dtypes: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Batch | None, Any]]:
     """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
 
@@ -166,10 +179,13 @@ def read_shard(
     Args:
         shard: the shard.
         cfg: the `ReadSpec`.
-        input_shapes: model input name → (H, W, C) the images are resized to.
-        preprocess: float32 (B?, H, W, C) 0..255 → model input; runs inside tf.data.
+        input_shapes: model input name → shape (images: (H, W, C) they are resized to;
+            None for sizes padded per batch).
+        preprocess: float32 (B?, H, W, C) 0..255 → model input; runs inside tf.data
+            (image inputs only; None when there are none).
         batch_size: examples per batch.
         max_examples: read at most this many records of the shard.
+        input_dtypes: model input name → dtype (default float32 for all).
     """
     import tensorflow as tf
 
@@ -179,7 +195,8 @@ def read_shard(
         raw = kind.dataset(bridge.paths, cfg)
         if max_examples:
             raw = raw.take(max_examples)
-        parse = kind.parser(shard, cfg, input_shapes, preprocess)
+        plans = plan_inputs(cfg, input_shapes, input_dtypes)
+        parse = kind.parser(shard, cfg, plans, preprocess)
         # A sentinel after the last record carries the record count (its index) and the
         # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
         # so records that fail at the very end are still counted, and a file that stops
@@ -200,7 +217,16 @@ def read_shard(
         ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
         ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = without_autotune(ds.ignore_errors().batch(batch_size).prefetch(2))
+        ds = ds.ignore_errors()
+        if needs_padding(plans):
+            # Variable sizes (token sequences) are padded to the longest example of each
+            # batch with the input's pad_value; other columns keep their defaults.
+            pads = {f"__input__{n}": tf.constant(p.pad_value, p.dtype) for n, p in plans.items() if p.kind == "tensor"}
+            values = {k: pads.get(k, tf.zeros([], v.dtype) if v.dtype != tf.string else tf.constant("")) for k, v in ds.element_spec.items()}
+            ds = ds.padded_batch(batch_size, padding_values=values)
+        else:
+            ds = ds.batch(batch_size)
+        ds = without_autotune(ds.prefetch(2))
         seen = 0
         got: list[np.ndarray] = []
         for el in ds:
@@ -225,7 +251,7 @@ def read_shard(
                     # it is the shard-level dead letter, not a record.
                     total = min(total, readable)
                 missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
-                failures = kind.explain(shard, cfg, input_shapes, preprocess, parse, bridge.paths, missing) if len(missing) else ()
+                failures = kind.explain(shard, cfg, plans, preprocess, parse, bridge.paths, missing) if len(missing) else ()
                 yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
             seen += len(index)

@@ -23,8 +23,10 @@ def dataset(paths, spec):
     return tf.data.Dataset.from_tensor_slices(list(paths))
 
 
-def check_inputs(spec, input_shapes) -> None:
-    single_image_input(input_shapes)
+def check_inputs(spec, plans) -> None:
+    name, _ = single_image_input({n: p.shape for n, p in plans.items()})
+    if plans[name].kind != "image":
+        raise ValueError(f"input.format 'images' reads image files, but model input {name!r} is configured as a tensor; write the tensors as TFRecord features")
 
 
 def check_end(shard, spec, local_path, consumed):
@@ -37,10 +39,10 @@ def estimate_examples(spec, shards, budget: int = 2000) -> int:
     return sum(min(len(s.paths), cap) if cap else len(s.paths) for s in shards)
 
 
-def parser(shard, cfg, input_shapes, preprocess):
+def parser(shard, cfg, plans, preprocess):
     import tensorflow as tf
 
-    return _image_file_parser(cfg, input_shapes, preprocess, tf.constant(list(shard.paths)))
+    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant(list(shard.paths)))
 
 
 def decode_image(data, shape, cfg, preprocess):
@@ -164,12 +166,12 @@ def classify_image(data: bytes, channels: int = 3) -> tuple[str, str] | None:
     return None
 
 
-def explain(shard, cfg, input_shapes, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
+def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
     """One `Failure` per missing file, read again one by one (bad path only)."""
     import tensorflow as tf
 
     out: list[Failure] = []
-    channels = next(iter(input_shapes.values()))[-1]
+    channels = next(iter(plans.values())).shape[-1]
     for i in missing.tolist():
         key = shard.paths[i]
         try:
