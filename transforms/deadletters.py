@@ -27,6 +27,9 @@ REASONS = {
     "decode_failed": "decoding or preprocessing failed for another reason (see the detail)",
     "duplicate_key": "the record's key was already written by an earlier record of this run",
     "corrupt_shard": "a TFRecord file is corrupt or truncated part-way; the records before the damage are kept",
+    "corrupt_record": "a TFRecord record's data CRC does not match (its framing is intact, so the records after it are read)",
+    "invalid_utf8": "a string the output stores as text (key, string label or passthrough) is not valid UTF-8",
+    "image_too_large": "the image's header declares more pixels than input.max_image_pixels allows",
 }
 
 

@@ -25,6 +25,7 @@ caller can turn it into a dead letter: every record read is accounted for.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -57,6 +58,7 @@ class ReadSpec:
     channels: int = 3
     resize_method: str = "bilinear"
     preprocess: str = "auto"
+    max_image_pixels: int | None = 50_000_000
     files_per_shard: int = 512
     max_shards: int | None = None
     max_examples_per_shard: int | None = None
@@ -191,10 +193,21 @@ def read_shard(
 
     kind = _kind(cfg.format)
     bridge = LocalBridge(shard.paths)
+    repaired = None
     try:
-        raw = kind.dataset(bridge.paths, cfg)
+        paths = bridge.paths
+        framing, index_map = None, None
+        if kind.FRAMED and not cfg.compression and os.path.isfile(paths[0]):
+            from . import framing as framing_mod
+
+            framing = framing_mod.scan(paths[0])
+            if not framing.clean:
+                repaired, index_map = framing_mod.repair(paths[0], framing)
+                paths = [repaired]
+        raw = kind.dataset(paths, cfg)
         if max_examples:
-            raw = raw.take(max_examples)
+            # In a repaired copy, the records whose original index is under the cap.
+            raw = raw.take(max_examples if index_map is None else int((index_map < max_examples).sum()))
         plans = plan_inputs(cfg, input_shapes, input_dtypes)
         parse = kind.parser(shard, cfg, plans, preprocess)
         # A sentinel after the last record carries the record count (its index) and the
@@ -216,6 +229,12 @@ def read_shard(
 
         ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
         ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
+        if index_map is not None:
+            # A repaired copy holds the intact records only: give each its original index
+            # (the sentinel's is the record count, damaged records included).
+            count = min(framing.records, max_examples) if max_examples else framing.records
+            originals = tf.constant(np.append(index_map[index_map < count], count), tf.int64)
+            ds = ds.map(lambda i, item: (tf.gather(originals, i), item))
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors()
         if needs_padding(plans):
@@ -245,13 +264,27 @@ def read_shard(
                     yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
                 done = np.concatenate(got) if got else np.zeros(0, np.int64)
                 shard_error = None
-                if framed and not (max_examples and total >= max_examples):
+                corrupt: list[Failure] = []
+                if framing is not None and not framing.clean:
+                    corrupt = framing_failures(shard, framing, max_examples)
+                    if framing.skipped:
+                        shard_error = Failure(None, shard.paths[0], "read", "corrupt_shard", framing.summary())
+                elif framed and not (max_examples and total >= max_examples):
                     shard_error, readable = kind.check_end(shard, cfg, bridge.paths[0], int(consumed[is_sentinel][0]))
                     # The read error itself took an index (the last before the sentinel);
                     # it is the shard-level dead letter, not a record.
                     total = min(total, readable)
+                if max_examples:
+                    total = min(total, max_examples)
                 missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
-                failures = kind.explain(shard, cfg, plans, preprocess, parse, bridge.paths, missing) if len(missing) else ()
+                missing = np.setdiff1d(missing, np.array([f.index for f in corrupt], np.int64))
+                failures = list(corrupt)
+                if len(missing):
+                    if index_map is not None:
+                        failures += _explain_repaired(kind, shard, cfg, plans, preprocess, parse, paths, index_map, missing)
+                    else:
+                        failures += kind.explain(shard, cfg, plans, preprocess, parse, bridge.paths, missing)
+                failures.sort(key=lambda f: f.index)
                 yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
             seen += len(index)
@@ -260,6 +293,35 @@ def read_shard(
         raise RuntimeError(f"shard {shard.id} ended without its sentinel record; this is a bug")
     finally:
         bridge.close()
+        if repaired:
+            os.unlink(repaired)
+
+
+def framing_failures(shard: Shard, framing, max_examples: int | None = None) -> list[Failure]:
+    """One `corrupt_record` dead letter per record whose data CRC fails (framing intact)."""
+    import posixpath
+
+    base = posixpath.basename(shard.paths[0])
+    return [
+        Failure(i, f"{base}:{i}", "read", "corrupt_record", f"data CRC mismatch in the {n}-byte record at byte offset {off}: its bytes are damaged")
+        for i, off, n in framing.bad_data
+        if not max_examples or i < max_examples
+    ]
+
+
+def _explain_repaired(kind, shard, cfg, plans, preprocess, parse, paths, index_map, missing) -> list[Failure]:
+    """`kind.explain` on the repaired copy, whose record positions differ from the original
+    indices: ask by position, answer by index."""
+    position = {int(i): k for k, i in enumerate(index_map)}
+    import posixpath
+
+    base = posixpath.basename(shard.paths[0])
+    asked = np.array([position[int(i)] for i in missing], np.int64)
+    out = []
+    for f, i in zip(kind.explain(shard, cfg, plans, preprocess, parse, paths, asked), missing.tolist()):
+        key = f"{base}:{i}" if f.key == f"{base}:{f.index}" else f.key
+        out.append(dataclasses.replace(f, index=i, key=key))
+    return out
 
 
 def estimate_examples(spec: ReadSpec, shards, budget: int = 2000) -> int | None:

@@ -45,10 +45,57 @@ def parser(shard, cfg, plans, preprocess):
     return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant(list(shard.paths)))
 
 
+def _u(data, start: int, n: int, little: bool):
+    """The unsigned integer of `n` bytes at `start` of a scalar string tensor."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
+    order = tf.range(n, dtype=tf.int64) if little else tf.range(n - 1, -1, -1, dtype=tf.int64)
+    return tf.reduce_sum(b * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+
+
+def header_pixels(data):
+    """width × height declared by a JPEG, PNG, GIF or BMP header (-1 for other formats or
+    too-short data), read without decoding: the pixel cap is checked before any buffer of
+    that size is allocated."""
+    import tensorflow as tf
+
+    n = tf.strings.length(data)
+    head = tf.strings.substr(data, 0, 8)
+
+    def jpeg():
+        hw = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return hw[0] * hw[1]
+
+    branches = [
+        (tf.logical_and(tf.equal(head, b"\x89PNG\r\n\x1a\n"), n >= 24), lambda: _u(data, 16, 4, False) * _u(data, 20, 4, False)),
+        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), lambda: _u(data, 6, 2, True) * _u(data, 8, 2, True)),
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), lambda: tf.abs(_bmp_signed(data, 18)) * tf.abs(_bmp_signed(data, 22))),
+        (tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff"), jpeg),
+    ]
+    out = tf.constant(-1, tf.int64)
+    for cond, fn in reversed(branches):
+        out = tf.cond(cond, fn, lambda o=out: o)
+    return out
+
+
+def _bmp_signed(data, start):
+    import tensorflow as tf
+
+    v = _u(data, start, 4, True)
+    return tf.where(v >= 2**31, v - 2**32, v)
+
+
 def decode_image(data, shape, cfg, preprocess):
     import tensorflow as tf
 
     h, w, c = shape
+    cap = getattr(cfg, "max_image_pixels", None)
+    if cap:
+        pixels = header_pixels(data)
+        check = tf.debugging.assert_less_equal(pixels, tf.constant(cap, tf.int64), message="image_too_large")
+        with tf.control_dependencies([check]):
+            data = tf.identity(data)
     img = tf.io.decode_image(data, channels=c, dtype=tf.uint8, expand_animations=False)
     img = tf.image.resize(img, (h, w), method=cfg.resize_method)
     img = tf.ensure_shape(tf.cast(img, tf.float32), (h, w, c))
@@ -133,18 +180,41 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
     return False
 
 
-def classify_image(data: bytes, channels: int = 3) -> tuple[str, str] | None:
+def _py_header_pixels(data: bytes, fmt: str | None) -> int | None:
+    """Python twin of `header_pixels` for the bad path."""
+    if fmt == "PNG" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if fmt == "GIF" and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little") * int.from_bytes(data[8:10], "little")
+    if fmt == "BMP" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], "little", signed=True)) * abs(int.from_bytes(data[22:26], "little", signed=True))
+    if fmt == "JPEG":
+        import tensorflow as tf
+
+        try:
+            h, w, _ = tf.image.extract_jpeg_shape(data).numpy().tolist()
+            return h * w
+        except tf.errors.OpError:
+            return None
+    return None
+
+
+def classify_image(data: bytes, channels: int = 3, max_pixels: int | None = None) -> tuple[str, str] | None:
     """(reason, detail) for image bytes tf.io.decode_image refuses; None if they decode.
 
     Args:
         data: the encoded image.
         channels: channels it is decoded to.
+        max_pixels: the pixel cap (`input.max_image_pixels`), checked from the header.
     """
     import tensorflow as tf
 
     if not data:
         return "empty_image", "the image is 0 bytes"
     fmt = _sniff(data)
+    pixels = _py_header_pixels(data, fmt) if max_pixels else None
+    if pixels is not None and pixels > max_pixels:
+        return "image_too_large", f"{fmt} header declares {pixels:,} pixels, over input.max_image_pixels = {max_pixels:,}; raise the cap knowingly or shrink the image"
     if fmt is None:
         try:
             from PIL import Image
@@ -180,7 +250,7 @@ def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarr
         except OSError as e:
             out.append(Failure(i, key, "read", "unreadable_file", f"{e.strerror or first_line(e)}"))
             continue
-        bad = classify_image(data, channels)
+        bad = classify_image(data, channels, getattr(cfg, "max_image_pixels", None))
         if bad and bad[0] == "empty_image":
             bad = ("empty_image", "the file is empty (0 bytes)")
         out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(local_paths[i])))

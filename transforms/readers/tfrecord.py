@@ -3,6 +3,7 @@ and row columns."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..deadletters import Failure
 from ..errors import first_line
 from ._common import explain_by_retry, tagged, without_autotune
 from .images import classify_image, decode_image
+from .framing import count_records
 from .tensors import decode_tensor, dummy, list_kind, tensor_parse_spec
 
 __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "feature_map"]
@@ -50,6 +52,11 @@ def _tfrecord_parser(cfg, plans, preprocess, shard_base):
     for name, typ in cfg.passthrough.items():
         spec[name] = tf.io.FixedLenFeature([], tf.as_dtype(typ))
 
+    def utf8(value):
+        # Output string columns are UTF-8 text: invalid bytes fail the record here (a
+        # dead letter, `invalid_utf8`) instead of failing the shard's Arrow conversion.
+        return tf.strings.unicode_transcode(value, "UTF-8", "UTF-8", errors="strict")
+
     def decode(p, value):
         return decode_image(value, p.shape, cfg, preprocess) if p.kind == "image" else decode_tensor(value, p)
 
@@ -59,11 +66,11 @@ def _tfrecord_parser(cfg, plans, preprocess, shard_base):
         def real():
             ex = tf.io.parse_single_example(record, spec)
             out = {f"__input__{n}": decode(p, ex[p.feature]) for n, p in plans.items()}
-            out["key"] = ex[cfg.key_feature] if cfg.key_feature else tf.strings.join([shard_base, tf.strings.as_string(index)], ":")
+            out["key"] = utf8(ex[cfg.key_feature]) if cfg.key_feature else tf.strings.join([shard_base, tf.strings.as_string(index)], ":")
             if cfg.label_feature:
-                out["label"] = ex[cfg.label_feature]
-            for name in cfg.passthrough:
-                out[name] = ex[name]
+                out["label"] = utf8(ex[cfg.label_feature]) if cfg.label_type == "string" else ex[cfg.label_feature]
+            for name, typ in cfg.passthrough.items():
+                out[name] = utf8(ex[name]) if typ == "string" else ex[name]
             return out
 
         def fake():
@@ -107,7 +114,7 @@ def _explain_record(record: bytes, index: int, base: str, cfg, plans, parse) -> 
     if cfg.key_feature and cfg.key_feature in feats and feats[cfg.key_feature].WhichOneof("kind") == "bytes_list":
         values = feats[cfg.key_feature].bytes_list.value
         if len(values) == 1:
-            key = values[0].decode("utf-8", "replace")
+            key = values[0].decode("utf-8", "backslashreplace")
     for name, kind, count in _needed_features(cfg, plans):
         if name not in feats:
             have = ", ".join(sorted(feats)[:8]) or "none"
@@ -117,10 +124,19 @@ def _explain_record(record: bytes, index: int, base: str, cfg, plans, parse) -> 
             return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} is a {got}, the config reads a {kind}")
         n = len(getattr(feats[name], kind).value)
         if count is not None and n != count:
-            return Failure(index, key, "decode", "wrong_feature_length", f"feature {name!r} holds {n} values, the config reads exactly {count}")
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} holds {n} values, the config reads exactly {count}")
+    texts = [cfg.key_feature] if cfg.key_feature else []
+    texts += [cfg.label_feature] if cfg.label_feature and cfg.label_type == "string" else []
+    texts += [n for n, typ in cfg.passthrough.items() if typ == "string"]
+    for name in texts:
+        raw = feats[name].bytes_list.value[0]
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Failure(index, key, "decode", "invalid_utf8", f"feature {name!r} holds {raw[:40]!r}, not UTF-8 text ({e.reason} at byte {e.start})")
     for input_name, p in plans.items():
         if p.kind == "image":
-            bad = classify_image(feats[p.feature].bytes_list.value[0], p.shape[-1])
+            bad = classify_image(feats[p.feature].bytes_list.value[0], p.shape[-1], getattr(cfg, "max_image_pixels", None))
             if bad:
                 return Failure(index, key, "decode", bad[0], f"feature {p.feature!r}: {bad[1]}")
     return explain_by_retry(index, key, parse, tf.constant(record))
@@ -195,9 +211,15 @@ def estimate_examples(cfg, shards, budget: int = 2000) -> int | None:
         bridge = LocalBridge(shard.paths[:1])
         try:
             n = 0
-            for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.compression or None).take(left + 1):
-                n += 1
-                nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
+            if not cfg.compression and os.path.isfile(bridge.paths[0]):
+                # Headers walked in Python: TensorFlow never sees an unchecked length here.
+                # A damaged file counts its records up to the damage (the read counts the rest).
+                n, size, _ = count_records(bridge.paths[0], left)
+                nbytes += size
+            else:
+                for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.compression or None).take(left + 1):
+                    n += 1
+                    nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
         except tf.errors.OpError:
             return None
         finally:
