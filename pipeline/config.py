@@ -68,6 +68,7 @@ class InputConfig(_Strict):
     resize_method: Literal["bilinear", "nearest", "bicubic", "area", "lanczos3"] = Field("bilinear", description="tf.image.resize method")
     preprocess: str = Field("auto", description="'auto' (the keras.applications module's preprocess_input, else none), 'none' (float 0..255), 'scale' (0..1), 'tf' (-1..1), 'caffe', 'torch', or 'module:function'")
     max_image_pixels: int | None = Field(50_000_000, ge=1, description="images whose header declares more pixels (width × height) become image_too_large dead letters before decoding (JPEG, PNG, GIF, BMP); null: no cap")
+    exif_orientation: bool = Field(True, description="turn JPEG images as their EXIF orientation tag says (phone photos), as PIL's ImageOps.exif_transpose does; false: pixels as stored")
     files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work")
     max_shards: int | None = Field(None, ge=1, description="smoke runs: process only the first N shards (sorted by path)")
     max_examples_per_shard: int | None = Field(None, ge=1, description="smoke runs: read at most N records of each shard")

@@ -140,3 +140,57 @@ def test_images_over_the_pixel_cap_are_dead_letters_before_decoding(setup):
     manifest, dead, keys = _run(root, model, "pixels_capped", data, **{"input.max_image_pixels": 1000})
     assert keys == [] and sorted(d["reason"] for d in dead) == ["image_too_large", "image_too_large"]
     assert manifest["counts"]["records_read"] == 2
+
+
+def _jpeg_with_orientation(img: np.ndarray, orientation: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _exif_transposed(data: bytes, orientation: int) -> np.ndarray:
+    """PIL's ImageOps.exif_transpose (the reference) on TensorFlow's decoded pixels."""
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im = Image.fromarray(tf.io.decode_jpeg(data, channels=3).numpy())
+    im.info["exif"] = exif.tobytes()
+    return np.asarray(ImageOps.exif_transpose(im))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_equals_pil_exif_transpose(orientation):
+    import tensorflow as tf
+
+    from layerbeam.transforms.readers.images import apply_orientation, exif_orientation
+
+    img = photo_crops(1, 40, seed=2)[0][:24]  # not square: turns swap height and width
+    data = _jpeg_with_orientation(img, orientation)
+    assert int(exif_orientation(tf.constant(data))) == orientation
+    got = apply_orientation(tf.io.decode_jpeg(data, channels=3), exif_orientation(tf.constant(data))).numpy()
+    np.testing.assert_array_equal(got, _exif_transposed(data, orientation))
+
+
+def test_exif_orientation_is_applied_through_the_pipeline_unless_turned_off(setup):
+    import tensorflow as tf
+
+    from tests.tiny import reference
+
+    root, model, _ = setup
+    img = photo_crops(1, SIZE, seed=6)[0]
+    data = _jpeg_with_orientation(img, 6)
+    rec = example({"image/encoded": data, "image/key": "phone", "image/class/label": 1})
+    for on in (True, False):
+        name = f"exif_{on}"
+        _run(root, model, name, frame(rec), **{"input.exif_orientation": on})
+        got = ds.dataset(str(root / f"{name}-out"), format="parquet").to_table().column("conv1").combine_chunks().to_numpy_ndarray()
+        pixels = _exif_transposed(data, 6) if on else tf.io.decode_jpeg(data, channels=3).numpy()
+        np.testing.assert_allclose(got, reference(model, "conv1", pixels[None]), rtol=1e-5, atol=1e-5)

@@ -59,6 +59,7 @@ class ReadSpec:
     resize_method: str = "bilinear"
     preprocess: str = "auto"
     max_image_pixels: int | None = 50_000_000
+    exif_orientation: bool = True
     files_per_shard: int = 512
     max_shards: int | None = None
     max_examples_per_shard: int | None = None

@@ -86,6 +86,64 @@ def _bmp_signed(data, start):
     return tf.where(v >= 2**31, v - 2**32, v)
 
 
+_EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most 64 KB
+
+
+def exif_orientation(data):
+    """The EXIF orientation (1..8) of JPEG bytes, 1 when absent or unreadable; TensorFlow
+    ops only (runs inside tf.data). Finds the first `Exif\0\0` in the first 64 KB, reads
+    the TIFF byte order and IFD0, and the value of tag 0x0112."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _EXIF_SCAN), tf.uint8), tf.int64)
+    n = tf.shape(b, out_type=tf.int64)[0]
+    pattern = [0x45, 0x78, 0x69, 0x66, 0x00, 0x00]  # "Exif\0\0"
+    m = n - len(pattern)
+    hit = tf.ones([tf.maximum(m, 0)], tf.bool)
+    for k, v in enumerate(pattern):
+        hit = tf.logical_and(hit, tf.equal(b[k : k + tf.maximum(m, 0)], v))
+    found = tf.where(hit)[:, 0]
+
+    def at(i, size, little):
+        i = tf.clip_by_value(i, 0, tf.maximum(n - size, 0))
+        order = tf.range(size, dtype=tf.int64)
+        order = tf.where(little, order, size - 1 - order)
+        return tf.reduce_sum(tf.gather(b, i + tf.range(size, dtype=tf.int64)) * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+
+    def read():
+        t = found[0] + 6  # the TIFF header
+        little = tf.equal(b[tf.minimum(t, n - 1)], 0x49)  # "II"
+        ifd = t + at(t + 4, 4, little)
+        count = tf.minimum(at(ifd, 2, little), 64)
+        entries = ifd + 2 + 12 * tf.range(count)
+        tags = tf.map_fn(lambda e: at(e, 2, little), entries)
+        values = tf.map_fn(lambda e: at(e + 8, 2, little), entries)
+        match = tf.where(tf.equal(tags, 0x0112))[:, 0]
+        value = tf.cond(tf.size(match) > 0, lambda: tf.gather(values, match[0]), lambda: tf.constant(1, tf.int64))
+        return tf.where((value >= 1) & (value <= 8), value, 1)
+
+    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(tf.logical_and(jpeg, tf.size(found) > 0), read, lambda: tf.constant(1, tf.int64))
+
+
+def apply_orientation(img, orientation):
+    """Turn an (H, W, C) image as EXIF orientation 1..8 says (as PIL's exif_transpose)."""
+    import tensorflow as tf
+
+    flip_lr, flip_ud, transpose = tf.image.flip_left_right, tf.image.flip_up_down, tf.image.transpose
+    branches = [
+        lambda: img,  # 1
+        lambda: flip_lr(img),  # 2: mirrored
+        lambda: tf.image.rot90(img, 2),  # 3: upside down
+        lambda: flip_ud(img),  # 4
+        lambda: transpose(img),  # 5
+        lambda: tf.image.rot90(img, 3),  # 6: turned 90° (phones held upright)
+        lambda: tf.image.rot90(transpose(img), 2),  # 7: transverse
+        lambda: tf.image.rot90(img, 1),  # 8
+    ]
+    return tf.switch_case(tf.cast(orientation - 1, tf.int32), branches)
+
+
 def decode_image(data, shape, cfg, preprocess):
     import tensorflow as tf
 
@@ -97,6 +155,8 @@ def decode_image(data, shape, cfg, preprocess):
         with tf.control_dependencies([check]):
             data = tf.identity(data)
     img = tf.io.decode_image(data, channels=c, dtype=tf.uint8, expand_animations=False)
+    if getattr(cfg, "exif_orientation", False):
+        img = apply_orientation(img, exif_orientation(data))
     img = tf.image.resize(img, (h, w), method=cfg.resize_method)
     img = tf.ensure_shape(tf.cast(img, tf.float32), (h, w, c))
     return tf.cast(preprocess(img), tf.float32)
