@@ -85,7 +85,7 @@ def prepare(cfg: JobConfig) -> Plan:
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
     from .transforms.models import describe_preprocess, load_model, model_fingerprint, preprocess_fn
-    from .transforms.readers import check_inputs, estimate_examples, match_shards
+    from .transforms.readers import check_inputs, check_shards, estimate_examples, match_shards
     from .transforms.readers.tensors import describe
     from .transforms.shard import LauncherModel
 
@@ -121,6 +121,7 @@ def prepare(cfg: JobConfig) -> Plan:
             )
     try:
         plans = check_inputs(job.input, graph.input_shapes, graph.input_dtypes)
+        check_shards(job.input, shards)
         if any(p.kind == "image" for p in plans.values()):
             preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
     except (ValueError, ModelError) as e:

@@ -36,9 +36,9 @@ from ..deadletters import Failure
 from ._common import without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "plan_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
-KINDS = ("tfrecord", "images")
+KINDS = ("tfrecord", "images", "parquet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,10 @@ def _kind(fmt: str):
         from . import images
 
         return images
+    if fmt == "parquet":
+        from . import parquet
+
+        return parquet
     raise ValueError(f"input.format {fmt!r} has no reader; use one of {', '.join(KINDS)}")
 
 
@@ -140,7 +144,7 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
     files = sorted((p, int(i.get("size") or 0)) for p, i in infos.items() if i.get("type") != "directory")
     local = "://" not in pattern or pattern.startswith("file://")
     name = (lambda p: p) if local else fs.unstrip_protocol
-    if fmt == "tfrecord":
+    if fmt in ("tfrecord", "parquet"):
         return [Shard(f"s{i:05d}", (name(p),), s) for i, (p, s) in enumerate(files)]
     out = []
     for k in range(0, len(files), files_per_shard):
@@ -160,6 +164,14 @@ def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple], input_dtypes
     plans = plan_inputs(spec, input_shapes, input_dtypes)
     kind.check_inputs(spec, plans)
     return plans
+
+
+def check_shards(spec: ReadSpec, shards: list[Shard]) -> None:
+    """Raise ValueError, with the fix, when the input files cannot give what `spec` reads
+    (a Parquet column that is missing or of an unreadable type); checked on the first shard."""
+    check = getattr(_kind(spec.format), "check_shards", None)
+    if check is not None and shards:
+        check(spec, shards[0])
 
 
 def read_shard(
@@ -216,7 +228,7 @@ def read_shard(
         # so records that fail at the very end are still counted, and a file that stops
         # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
         # noticed: its records do not add up to its size.
-        sentinel = tf.data.Dataset.from_tensors((tf.zeros([], raw.element_spec.dtype), tf.constant(True)))
+        sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
         framed = kind.FRAMED
 
         def running_bytes(total, item):
@@ -296,6 +308,14 @@ def read_shard(
         bridge.close()
         if repaired:
             os.unlink(repaired)
+
+
+def _placeholder(spec):
+    """A value of an item's `TensorSpec` (unknown sizes 0): the sentinel's item."""
+    import tensorflow as tf
+
+    shape = [0 if d is None else d for d in spec.shape]
+    return tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
 
 
 def framing_failures(shard: Shard, framing, max_examples: int | None = None) -> list[Failure]:

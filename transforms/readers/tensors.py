@@ -166,6 +166,8 @@ def decode_tensor(value, plan: InputPlan):
     elif isinstance(value, tf.SparseTensor):
         default = "" if plan.read_dtype == "string" else 0
         value = tf.reshape(tf.sparse.to_dense(value, default_value=tf.cast(default, value.dtype)), target)
+    else:  # a column's values (a scalar or a flat list), row-major
+        value = tf.reshape(value, target)
     if plan.dtype != "string" and value.dtype != tf.as_dtype(plan.dtype):
         value = tf.cast(value, plan.dtype)
     return tf.ensure_shape(value, plan.shape)

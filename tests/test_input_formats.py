@@ -1,0 +1,104 @@
+"""Input formats behind the reader contract: a Parquet table (a Hugging Face-style image
+struct column, numeric and list columns) gives the same rows as the same examples read
+from TFRecord; bad rows become dead letters with reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from layerbeam.config import load_config
+from tests.conftest import encode_png, photo_crops, write_tfrecords
+from tests.test_inputs import _example2_config, _tf_example, example2  # noqa: F401  (fixture)
+from tests.tiny import SIZE, save_tiny_model, tiny_config
+
+
+def _rows(out) -> dict:
+    t = ds.dataset(str(out), format="parquet").to_table()
+    keys = t.column("key").to_pylist()
+    return {c: dict(zip(keys, t.column(c).combine_chunks().to_numpy_ndarray() if isinstance(t.column(c).type, pa.FixedShapeTensorType) else t.column(c).to_pylist())) for c in t.column_names if c != "key"}
+
+
+def _run(raw):
+    from layerbeam.run import run_job
+
+    return run_job(load_config(raw=raw))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    model = save_tiny_model(root / "tiny.keras")
+    pngs = [encode_png(im) for im in photo_crops(7, SIZE, seed=12)]
+    keys = [f"img{i}" for i in range(7)]
+    return root, model, pngs, keys
+
+
+def test_parquet_image_struct_column_equals_tfrecord(images):
+    root, model, pngs, keys = images
+    recs = [_tf_example({"image": png, "id": k, "label": np.array([i % 3], np.int64), "score": np.array([i / 10], np.float32)}) for i, (png, k) in enumerate(zip(pngs, keys))]
+    write_tfrecords(root / "tfr", [recs[:4], recs[4:]])
+    table = pa.table({
+        "image": pa.array([{"bytes": p, "path": f"{k}.png"} for p, k in zip(pngs, keys)], pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "id": keys,
+        "label": pa.array([i % 3 for i in range(7)], pa.int64()),
+        "score": pa.array([i / 10 for i in range(7)], pa.float32()),
+    })
+    (root / "pq").mkdir()
+    pq.write_table(table.slice(0, 3), root / "pq" / "a.parquet")
+    pq.write_table(table.slice(3), root / "pq" / "b.parquet", row_group_size=2)
+    common = {"input.key_feature": "id", "input.label_feature": "label", "input.image_feature": "image", "input.passthrough": {"score": "float32"}}
+    _run(tiny_config(f"{root}/tfr/*.tfrecord", str(root / "out_tfr"), model, **common))
+    manifest = _run(tiny_config(f"{root}/pq/*.parquet", str(root / "out_pq"), model, **common, **{"input.format": "parquet"}))
+    assert manifest["counts"]["records_read"] == manifest["counts"]["rows_written"] == 7
+    a, b = _rows(root / "out_tfr"), _rows(root / "out_pq")
+    assert sorted(b["conv1"]) == sorted(keys)
+    for k in keys:
+        np.testing.assert_array_equal(b["conv1"][k], a["conv1"][k])
+        assert b["label"][k] == a["label"][k] and b["score"][k] == pytest.approx(a["score"][k])
+
+
+def test_parquet_list_column_into_a_vector_model_equals_tfrecord(example2, tmp_path):
+    root, _, _, x, keys = example2
+    pq.write_table(pa.table({"x": pa.array(x.tolist(), pa.list_(pa.float32())), "id": keys}), tmp_path / "x.parquet")
+    cfg = _example2_config(example2, tmp_path / "out", {"feature": "x", "dtype": "float32", "shape": [10]})
+    _run(cfg)
+    cfg = _example2_config(example2, tmp_path / "out_pq", {"feature": "x", "dtype": "float32", "shape": [10]})
+    cfg["input"].update(pattern=str(tmp_path / "x.parquet"), format="parquet")
+    _run(cfg)
+    a, b = _rows(tmp_path / "out"), _rows(tmp_path / "out_pq")
+    for name in ("dense", "dense_1", "dense_2"):
+        for k in keys:
+            np.testing.assert_array_equal(b[name][k], a[name][k])
+
+
+def test_parquet_bad_rows_are_dead_letters_with_reasons(images):
+    root, model, pngs, keys = images
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    values = [{"bytes": pngs[0], "path": "a"}, None, {"bytes": b"not an image at all", "path": "c"}, {"bytes": None, "path": "d"}, {"bytes": pngs[1], "path": "e"}]
+    table = pa.table({"image": pa.array(values, struct), "id": ["ok0", "null_row", "text", "null_bytes", "ok1"]})
+    (root / "badpq").mkdir()
+    pq.write_table(table, root / "badpq" / "bad.parquet")
+    manifest = _run(tiny_config(f"{root}/badpq/*.parquet", str(root / "out_bad"), model, **{"input.format": "parquet", "input.image_feature": "image", "input.key_feature": "id", "input.label_feature": None}))
+    c = manifest["counts"]
+    assert c["records_read"] == 5 and c["rows_written"] == 2 and c["dead_letters"] == 3
+    dead = {d["key"]: d["reason"] for d in pq.read_table(root / "out_bad" / "_dead_letters").to_pylist()}
+    assert dead == {"null_row": "null_value", "text": "not_an_image", "null_bytes": "null_value"}
+
+
+def test_parquet_missing_column_is_refused_before_any_work(images, tmp_path):
+    import yaml
+
+    from tests.conftest import run_cli
+    from tests.test_errors import _one_line_error
+
+    root, model, pngs, _ = images
+    pq.write_table(pa.table({"picture": [pngs[0]]}), tmp_path / "t.parquet")
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(tiny_config(str(tmp_path / "t.parquet"), str(tmp_path / "out"), model, **{"input.format": "parquet", "input.image_feature": "image", "input.key_feature": None, "input.label_feature": None})))
+    line = _one_line_error(run_cli(["run", str(p)]))
+    assert "column 'image' is not in" in line and "picture" in line, line
+    assert not (tmp_path / "out").exists()
