@@ -55,7 +55,7 @@ class TensorInputConfig(_Strict):
 
 class InputConfig(_Strict):
     pattern: str = Field(..., description="file pattern of the input shards: a glob over local paths, gs://, or any fsspec URL (memory://, s3:// …)")
-    format: Literal["tfrecord", "images", "parquet"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name; parquet: tables, one file per shard, columns mapped like features")
+    format: Literal["tfrecord", "images", "parquet", "webdataset"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name; parquet: tables, one file per shard, columns mapped like features; webdataset: .tar shards, members grouped by basename, extensions mapped like features")
     compression: Literal["", "GZIP", "ZLIB"] = Field("", description="TFRecord compression")
     image_feature: str = Field("image/encoded", description="bytes feature holding the encoded image (single-input models)")
     inputs: dict[str, str | TensorInputConfig] = Field(default_factory=dict, description="model input name → a feature name (an encoded image, decoded, resized and preprocessed) or a tensor {feature, dtype, shape, encoding, pad_value} (numbers, token ids, strings)")

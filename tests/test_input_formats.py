@@ -102,3 +102,46 @@ def test_parquet_missing_column_is_refused_before_any_work(images, tmp_path):
     line = _one_line_error(run_cli(["run", str(p)]))
     assert "column 'image' is not in" in line and "picture" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tar_shards_equal_tfrecord_and_bad_samples_are_dead_letters(images, tmp_path):
+    import json
+
+    root, model, pngs, keys = images
+    members = []
+    for i, (png, k) in enumerate(zip(pngs, keys)):
+        members += [(f"train/{k}.png", png), (f"train/{k}.cls", str(i % 3).encode()), (f"train/{k}.json", json.dumps({"i": i}).encode())]
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "shard-000000.tar", members[:12])
+    # Shard 2: the rest, a sample without its image, one whose .png is text.
+    bad = [("train/noimg.cls", b"1"), ("train/noimg.json", b"{}"), ("train/text.png", b"hello"), ("train/text.cls", b"2"), ("train/text.json", b"{}")]
+    _tar(tmp_path / "wds" / "shard-000001.tar", members[12:] + bad)
+    # The TFRecord twin, keyed like the tar samples.
+    recs = [_tf_example({"image": png, "id": f"train/{k}", "label": np.array([i % 3], np.int64), "meta": json.dumps({"i": i})}) for i, (png, k) in enumerate(zip(pngs, keys))]
+    write_tfrecords(tmp_path / "tfr", [recs])
+    _run(tiny_config(f"{tmp_path}/tfr/*.tfrecord", str(tmp_path / "out_tfr"), model, **{"input.key_feature": "id", "input.label_feature": "label", "input.image_feature": "image", "input.passthrough": {"meta": "string"}}))
+    manifest = _run(tiny_config(
+        f"{tmp_path}/wds/*.tar", str(tmp_path / "out_wds"), model,
+        **{"input.format": "webdataset", "input.key_feature": None, "input.image_feature": "png", "input.label_feature": "cls", "input.passthrough": {"json": "string"}},
+    ))
+    c = manifest["counts"]
+    assert c["records_read"] == 9 and c["rows_written"] == 7 and c["dead_letters"] == 2
+    a, b = _rows(tmp_path / "out_tfr"), _rows(tmp_path / "out_wds")
+    assert sorted(b["conv1"]) == sorted(f"train/{k}" for k in keys)
+    for k in b["conv1"]:
+        np.testing.assert_array_equal(b["conv1"][k], a["conv1"][k])
+        assert b["label"][k] == a["label"][k] and b["json"][k] == a["meta"][k]
+    dead = {d["key"]: (d["reason"], d["detail"]) for d in pq.read_table(tmp_path / "out_wds" / "_dead_letters").to_pylist()}
+    assert dead["train/noimg"][0] == "missing_member" and ".png" in dead["train/noimg"][1]
+    assert dead["train/text"][0] == "not_an_image"

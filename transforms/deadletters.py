@@ -29,6 +29,7 @@ REASONS = {
     "corrupt_shard": "a TFRecord file is corrupt or truncated part-way; the records before the damage are kept",
     "corrupt_record": "a TFRecord record's data CRC does not match (its framing is intact, so the records after it are read)",
     "invalid_utf8": "a string the output stores as text (key, string label or passthrough) is not valid UTF-8",
+    "missing_member": "a WebDataset sample lacks a member (file extension) the run reads",
     "null_value": "a Parquet column the run reads is null in this row",
     "image_too_large": "the image's header declares more pixels than input.max_image_pixels allows",
 }

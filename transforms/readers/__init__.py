@@ -38,7 +38,7 @@ from .tensors import InputPlan, needs_padding, plan_inputs
 
 __all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
-KINDS = ("tfrecord", "images", "parquet")
+KINDS = ("tfrecord", "images", "parquet", "webdataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,10 @@ def _kind(fmt: str):
         from . import parquet
 
         return parquet
+    if fmt == "webdataset":
+        from . import webdataset
+
+        return webdataset
     raise ValueError(f"input.format {fmt!r} has no reader; use one of {', '.join(KINDS)}")
 
 
@@ -144,7 +148,7 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
     files = sorted((p, int(i.get("size") or 0)) for p, i in infos.items() if i.get("type") != "directory")
     local = "://" not in pattern or pattern.startswith("file://")
     name = (lambda p: p) if local else fs.unstrip_protocol
-    if fmt in ("tfrecord", "parquet"):
+    if fmt in ("tfrecord", "parquet", "webdataset"):
         return [Shard(f"s{i:05d}", (name(p),), s) for i, (p, s) in enumerate(files)]
     out = []
     for k in range(0, len(files), files_per_shard):
