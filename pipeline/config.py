@@ -55,7 +55,7 @@ class TensorInputConfig(_Strict):
 
 class InputConfig(_Strict):
     pattern: str = Field(..., description="file pattern of the input shards: a glob over local paths, gs://, or any fsspec URL (memory://, s3:// …)")
-    format: Literal["tfrecord", "images", "parquet", "webdataset"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name; parquet: tables, one file per shard, columns mapped like features; webdataset: .tar shards, members grouped by basename, extensions mapped like features")
+    format: Literal["tfrecord", "images", "parquet", "webdataset", "tfds"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name; parquet: tables, one file per shard, columns mapped like features; webdataset: .tar shards, members grouped by basename, extensions mapped like features; tfds: a prepared TFDS dataset (tfds_name, tfds_split; pattern = its data_dir)")
     compression: Literal["", "GZIP", "ZLIB"] = Field("", description="TFRecord compression")
     image_feature: str = Field("image/encoded", description="bytes feature holding the encoded image (single-input models)")
     inputs: dict[str, str | TensorInputConfig] = Field(default_factory=dict, description="model input name → a feature name (an encoded image, decoded, resized and preprocessed) or a tensor {feature, dtype, shape, encoding, pad_value} (numbers, token ids, strings)")
@@ -69,6 +69,8 @@ class InputConfig(_Strict):
     preprocess: str = Field("auto", description="'auto' (the keras.applications module's preprocess_input, else none), 'none' (float 0..255), 'scale' (0..1), 'tf' (-1..1), 'caffe', 'torch', or 'module:function'")
     max_image_pixels: int | None = Field(50_000_000, ge=1, description="images whose header declares more pixels (width × height) become image_too_large dead letters before decoding (JPEG, PNG, GIF, BMP); null: no cap")
     exif_orientation: bool = Field(True, description="turn JPEG images as their EXIF orientation tag says (phone photos), as PIL's ImageOps.exif_transpose does; false: pixels as stored")
+    tfds_name: str | None = Field(None, description="tfds format: the dataset's name as TFDS knows it (name, name/config, name:version); input.pattern is its data_dir, where it is already prepared")
+    tfds_split: str = Field("train", description="tfds format: the split to read (train, test, …)")
     files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work")
     max_shards: int | None = Field(None, ge=1, description="smoke runs: process only the first N shards (sorted by path)")
     max_examples_per_shard: int | None = Field(None, ge=1, description="smoke runs: read at most N records of each shard")
@@ -154,6 +156,12 @@ class JobConfig(_Strict):
                     f"input.{set_[0]} is set, but input.format 'images' reads plain image files, which have no features "
                     "(the key is the file path and the label the folder name); remove it or write TFRecord examples"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tfds_has_a_name(self):
+        if self.input.format == "tfds" and not self.input.tfds_name:
+            raise ValueError("input.format is 'tfds' but input.tfds_name is not set; name the prepared dataset (e.g. mnist) and set input.pattern to its data_dir")
         return self
 
     @model_validator(mode="after")

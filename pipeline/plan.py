@@ -96,7 +96,7 @@ def prepare(cfg: JobConfig) -> Plan:
     # would reserve the whole device for the rest of the run.
     discover_gpus()
     try:
-        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard)
+        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=job.input)
     except (OSError, ValueError) as e:
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {e}; check the path and your credentials") from None
     if not shards:

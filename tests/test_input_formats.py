@@ -145,3 +145,54 @@ def test_webdataset_tar_shards_equal_tfrecord_and_bad_samples_are_dead_letters(i
     dead = {d["key"]: (d["reason"], d["detail"]) for d in pq.read_table(tmp_path / "out_wds" / "_dead_letters").to_pylist()}
     assert dead["train/noimg"][0] == "missing_member" and ".png" in dead["train/noimg"][1]
     assert dead["train/text"][0] == "not_an_image"
+
+
+def _prepare_tfds(data_dir, file_format: str, images: list[np.ndarray]):
+    """A tiny TFDS dataset (image, label, id), prepared offline in `data_dir` (no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    if file_format == "array_record":
+        pytest.importorskip("array_record")
+
+    # Not registered: the reader finds the dataset from its files alone (dataset_info.json,
+    # features.json), as it would a dataset whose code is not installed.
+    class TinyPhotos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
+                "label": tfds.features.ClassLabel(num_classes=3),
+                "id": tfds.features.Text(),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, im in enumerate(images):
+                yield f"img{i}", {"image": im, "label": i % 3, "id": f"img{i}"}
+
+    TinyPhotos(data_dir=str(data_dir), file_format=file_format).download_and_prepare()
+
+
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_tfds_prepared_dataset_equals_tfrecord(images, tmp_path, file_format):
+    root, model, pngs, keys = images
+    arrays = photo_crops(7, SIZE, seed=12)
+    _prepare_tfds(tmp_path / "tfds", file_format, arrays)
+    recs = [_tf_example({"image": png, "id": k, "label": np.array([i % 3], np.int64)}) for i, (png, k) in enumerate(zip(pngs, keys))]
+    write_tfrecords(tmp_path / "tfr", [recs])
+    common = {"input.label_feature": "label", "input.image_feature": "image"}
+    _run(tiny_config(f"{tmp_path}/tfr/*.tfrecord", str(tmp_path / "out_tfr"), model, **common, **{"input.key_feature": "id"}))
+    tfds_cfg = {"input.format": "tfds", "input.tfds_name": "tiny_photos", "input.tfds_split": "train"}
+    manifest = _run(tiny_config(str(tmp_path / "tfds"), str(tmp_path / "out_tfds"), model, **common, **tfds_cfg, **{"input.key_feature": "id"}))
+    assert manifest["counts"]["records_read"] == manifest["counts"]["rows_written"] == 7
+    a, b = _rows(tmp_path / "out_tfr"), _rows(tmp_path / "out_tfds")
+    assert sorted(b["conv1"]) == sorted(keys)
+    for k in keys:
+        np.testing.assert_array_equal(b["conv1"][k], a["conv1"][k])
+        assert b["label"][k] == a["label"][k]
+    # Without a key feature, the key is TFDS's own id: <file name>__<index>.
+    _run(tiny_config(str(tmp_path / "tfds"), str(tmp_path / "out_ids"), model, **common, **tfds_cfg, **{"input.key_feature": None}))
+    ids = sorted(_rows(tmp_path / "out_ids")["conv1"])
+    assert ids == sorted(f"tiny_photos-train.{file_format}-00000-of-00001__{i}" for i in range(7))

@@ -38,7 +38,7 @@ from .tensors import InputPlan, needs_padding, plan_inputs
 
 __all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
-KINDS = ("tfrecord", "images", "parquet", "webdataset")
+KINDS = ("tfrecord", "images", "parquet", "webdataset", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,8 @@ class ReadSpec:
     channels: int = 3
     resize_method: str = "bilinear"
     preprocess: str = "auto"
+    tfds_name: str | None = None
+    tfds_split: str = "train"
     max_image_pixels: int | None = 50_000_000
     exif_orientation: bool = True
     files_per_shard: int = 512
@@ -82,6 +84,10 @@ def _kind(fmt: str):
         from . import webdataset
 
         return webdataset
+    if fmt == "tfds":
+        from . import tfds
+
+        return tfds
     raise ValueError(f"input.format {fmt!r} has no reader; use one of {', '.join(KINDS)}")
 
 
@@ -133,13 +139,20 @@ class ShardEnd:
     shard_error: Failure | None = None
 
 
-def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Shard]:
+def match_shards(pattern: str, fmt: str, files_per_shard: int = 512, spec: ReadSpec | None = None) -> list[Shard]:
     """Expand a pattern into shards, in sorted path order (deterministic ids).
 
     Args:
-        pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …).
-        fmt: 'tfrecord' (one shard per file) or 'images' (groups of `files_per_shard` files).
+        pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …);
+            for 'tfds', the data_dir.
+        fmt: 'tfrecord', 'parquet', 'webdataset' (one shard per file), 'images' (groups of
+            `files_per_shard` files), or 'tfds' (the split's files, from `spec`).
+        spec: the `ReadSpec` ('tfds' needs its dataset name and split).
     """
+    if fmt == "tfds":
+        from . import tfds
+
+        return tfds.shards(spec)
     fs, path = fsspec_fs(pattern)
     if not any(c in path for c in "*?["):
         if fs.isdir(path):
@@ -214,7 +227,7 @@ def read_shard(
     try:
         paths = bridge.paths
         framing, index_map = None, None
-        if kind.FRAMED and not cfg.compression and os.path.isfile(paths[0]):
+        if (kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED) and not cfg.compression and os.path.isfile(paths[0]):
             from . import framing as framing_mod
 
             framing = framing_mod.scan(paths[0])
@@ -233,7 +246,7 @@ def read_shard(
         # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
         # noticed: its records do not add up to its size.
         sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
-        framed = kind.FRAMED
+        framed = kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED
 
         def running_bytes(total, item):
             record, is_sentinel = item
