@@ -241,6 +241,11 @@ def _print_summary(console, manifest: dict, human) -> None:
         f"· {len(files)} files, {human(nbytes)} · {secs:.1f}s ({rate:.1f} examples/s)"
         + _loads_note(manifest.get("_metrics", {}))
     )
+    reasons = c.get("dead_letter_reasons") or {}
+    if reasons:
+        console.print("dead letters by reason: " + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items())) + " (in _dead_letters/)", markup=False)
+    for err in manifest.get("shard_errors") or ():  # unreadable bytes: not in records_read
+        console.print(f"shard {err.get('shard')} ({err.get('path')}): {err.get('reason')}: {err.get('detail')}", markup=False)
     console.print(f"output: {out}")
     console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it):")
     console.print(
