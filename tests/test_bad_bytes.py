@@ -197,3 +197,23 @@ def test_exif_orientation_is_applied_through_the_pipeline_unless_turned_off(setu
         got = ds.dataset(str(root / f"{name}-out"), format="parquet").to_table().column("conv1").combine_chunks().to_numpy_ndarray()
         pixels = _exif_transposed(data, 6) if on else tf.io.decode_jpeg(data, channels=3).numpy()
         np.testing.assert_allclose(got, reference(model, "conv1", pixels[None]), rtol=1e-5, atol=1e-5)
+
+
+def test_non_utf8_image_file_name_is_a_dead_letter_not_a_crash(setup, tmp_path):
+    import os
+
+    from layerbeam.run import run_job
+
+    root, model, _ = setup
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    a, b = photo_crops(2, SIZE, seed=10)
+    (folder / "good.png").write_bytes(encode_png(a))
+    with open(os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.png"), "wb") as f:
+        f.write(encode_png(b))
+    raw = tiny_config(str(tmp_path / "imgs"), str(tmp_path / "out"), model, **{"input.format": "images", "input.key_feature": None, "input.label_feature": None})
+    manifest = run_job(load_config(raw=raw))
+    c = manifest["counts"]
+    assert c["records_read"] == 2 and c["rows_written"] == 1 and c["dead_letter_reasons"] == {"invalid_utf8": 1}
+    (d,) = pq.read_table(tmp_path / "out" / "_dead_letters").to_pylist()
+    assert d["key"].endswith("/cat/bad\\xff.png") and "not UTF-8" in d["detail"]

@@ -17,10 +17,16 @@ __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs"
 FRAMED = False
 
 
+def _raw(path: str) -> bytes:
+    """A path's bytes: a file name that is not UTF-8 (held by Python as surrogate escapes)
+    reaches TensorFlow as the bytes the file system has."""
+    return path.encode("utf-8", "surrogateescape")
+
+
 def dataset(paths, spec):
     import tensorflow as tf
 
-    return tf.data.Dataset.from_tensor_slices(list(paths))
+    return tf.data.Dataset.from_tensor_slices([_raw(p) for p in paths])
 
 
 def check_inputs(spec, plans) -> None:
@@ -42,7 +48,7 @@ def estimate_examples(spec, shards, budget: int = 2000) -> int:
 def parser(shard, cfg, plans, preprocess):
     import tensorflow as tf
 
-    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant(list(shard.paths)))
+    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([_raw(p) for p in shard.paths]))
 
 
 def _u(data, start: int, n: int, little: bool):
@@ -187,7 +193,9 @@ def _image_file_parser(cfg, input_shapes, preprocess, originals):
         path, is_sentinel, nbytes = item
 
         def real():
-            original = originals[index]
+            # The key and label are text columns: a file name that is not UTF-8 fails here,
+            # as an `invalid_utf8` dead letter, not in the shard's Arrow conversion.
+            original = tf.strings.unicode_transcode(originals[index], "UTF-8", "UTF-8", errors="strict")
             parts = tf.strings.split(original, "/")
             return {
                 f"__input__{name}": decode_image(tf.io.read_file(path), shape, cfg, preprocess),
@@ -303,7 +311,10 @@ def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarr
     out: list[Failure] = []
     channels = next(iter(plans.values())).shape[-1]
     for i in missing.tolist():
-        key = shard.paths[i]
+        key = _raw(shard.paths[i]).decode("utf-8", "backslashreplace")
+        if key != shard.paths[i]:
+            out.append(Failure(i, key, "decode", "invalid_utf8", f"the file name {key!r} is not UTF-8 text, which the key and label columns hold; rename the file"))
+            continue
         try:
             with open(local_paths[i], "rb") as f:
                 data = f.read()
@@ -313,5 +324,5 @@ def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarr
         bad = classify_image(data, channels, getattr(cfg, "max_image_pixels", None))
         if bad and bad[0] == "empty_image":
             bad = ("empty_image", "the file is empty (0 bytes)")
-        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(local_paths[i])))
+        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(_raw(local_paths[i]))))
     return out
