@@ -4,7 +4,8 @@ A TFRecord file is a chain of `[length u64][masked crc32c(length) u32][data][mas
 crc32c(data) u32]`. TensorFlow trusts a length whose CRC is valid and allocates it (a header
 claiming 2^40 bytes takes the process down), and it stops reading a file at the first
 damaged record, dropping every intact record after it. So every uncompressed shard is walked
-here first (headers and data CRCs, with google-crc32c, about 1 GB/s): a clean file goes to
+here first (headers and data CRCs, with google-crc32c: measured 160 MB/s on this 2-core VM
+under load, where tf.data only counted the same file's records at 30 MB/s): a clean file goes to
 `tf.data.TFRecordDataset` untouched; a damaged one is replaced by a local copy holding only
 its intact records, with their original indices, and the damage is counted:
 
@@ -15,8 +16,9 @@ its intact records, with their original indices, and the damage is counted:
   (resynchronisation); records inside them cannot be counted, so their byte ranges are
   reported on the shard (`corrupt_shard`).
 
-Compressed files (GZIP/ZLIB) cannot be walked without decompressing them; they keep
-TensorFlow's own checks (see `tfrecord.check_end`).
+Compressed files (GZIP/ZLIB) cannot be walked without decompressing them, and files
+TensorFlow reads remotely itself (gs://) are not walked (it would read them twice over the
+network); both keep TensorFlow's own checks (see `tfrecord.check_end`).
 """
 
 from __future__ import annotations
