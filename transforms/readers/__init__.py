@@ -1,8 +1,10 @@
 """Readers: find input shards and read them through tf.data into decoded, batched examples.
 
-The reader contract. Each input kind is a module (`tfrecord`, `images`) with:
+The reader contract. Each input format is a module (`tfrecord`, `images`, `parquet`,
+`webdataset`, `tfds`) with:
 
-* `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths);
+* `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths, or dicts
+  of column values);
 * `parser(shard, spec, plans, preprocess)`: a tf.data map function
   `(index, (item, is_sentinel, bytes_so_far)) → {"__input__<name>": tensor, "key": …,
   label/passthrough columns}` (`_common.tagged` adds the bookkeeping);
@@ -15,7 +17,10 @@ The reader contract. Each input kind is a module (`tfrecord`, `images`) with:
 
 `plans` are the `tensors.InputPlan`s of the model's inputs: what each input is (an encoded
 image or a tensor), its feature, shape and dtype, already checked against the model.
-* `FRAMED`: whether items carry TFRecord framing bytes (for the size check).
+* `FRAMED`: whether items carry TFRecord framing bytes (for the size check and the
+  framing walk of `framing.py`); a module whose files differ has `is_framed(path)`;
+* optionally `check_shards(spec, shard)`: raise ValueError when the files lack what the
+  config reads (checked on the first shard before any work).
 
 Decoding happens inside tf.data (parallel, in C++), never per element in Python. A record
 that cannot be parsed or decoded is dropped by tf.data and reported by index, so the
@@ -227,7 +232,8 @@ def read_shard(
     try:
         paths = bridge.paths
         framing, index_map = None, None
-        if (kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED) and not cfg.compression and os.path.isfile(paths[0]):
+        framed = kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED
+        if framed and not cfg.compression and os.path.isfile(paths[0]):
             from . import framing as framing_mod
 
             framing = framing_mod.scan(paths[0])
@@ -246,7 +252,6 @@ def read_shard(
         # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
         # noticed: its records do not add up to its size.
         sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
-        framed = kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED
 
         def running_bytes(total, item):
             record, is_sentinel = item
