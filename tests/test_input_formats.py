@@ -12,7 +12,7 @@ import pytest
 
 from layerbeam.config import load_config
 from tests.conftest import encode_png, photo_crops, write_tfrecords
-from tests.test_inputs import _example2_config, _tf_example, example2  # noqa: F401  (fixture)
+from tests.test_inputs import _example2_config, _tf_example, example2, example2_layer_names  # noqa: F401  (fixture)
 from tests.tiny import SIZE, save_tiny_model, tiny_config
 
 
@@ -70,7 +70,7 @@ def test_parquet_list_column_into_a_vector_model_equals_tfrecord(example2, tmp_p
     cfg["input"].update(pattern=str(tmp_path / "x.parquet"), format="parquet")
     _run(cfg)
     a, b = _rows(tmp_path / "out"), _rows(tmp_path / "out_pq")
-    for name in ("dense", "dense_1", "dense_2"):
+    for name in example2_layer_names(example2[1])[1:4]:  # the three Dense layers
         for k in keys:
             np.testing.assert_array_equal(b[name][k], a[name][k])
 
