@@ -259,6 +259,8 @@ def _empty(cols: Sequence[dict]) -> pa.Table:
 
 
 def _parquet_batches(out: Output, names: list[str]) -> Iterator[pa.Table]:
+    if not out.files:  # an output of no rows has no data files (a dataset of none has no columns)
+        return
     dataset = arrow_dataset(out)
     for batch in dataset.to_batches(columns=names, use_threads=False):
         yield pa.Table.from_batches([batch])
