@@ -94,7 +94,7 @@ def test_a_header_claiming_2_to_the_40_bytes_does_not_reach_tensorflow(setup, tm
     r = run_cli(["run", str(p)])
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     said = " ".join(r.stdout.split())  # the console wraps long lines
-    assert "5 rows, 0 dead letters, from 5 records" in said
+    assert "5 rows, 0 dead letters" in said and "from 5 records" in said
     assert "corrupt_shard: kept the 5 records that are intact" in said and f"the header claims {1 << 40} bytes" in said
     keys = sorted(ds.dataset(str(tmp_path / "out"), format="parquet").to_table().column("key").to_pylist())
     assert keys == ["k0", "k1", "k3", "k4", "k5"]
