@@ -45,6 +45,7 @@ def _run(root, model, name, data: bytes, **overrides):
 
     (root / name).mkdir()
     (root / name / "part-00000.tfrecord").write_bytes(data)
+    overrides.setdefault("output.max_dead_letter_fraction", 1.0)  # these runs are mostly bad records on purpose
     raw = tiny_config(f"{root}/{name}/*.tfrecord", f"{root}/{name}-out", model, **overrides)
     manifest = run_job(load_config(raw=raw))
     dead = pq.read_table(root / f"{name}-out" / "_dead_letters").to_pylist() if manifest["counts"]["dead_letters"] or manifest["shard_errors"] else []
@@ -131,18 +132,20 @@ def test_images_over_the_pixel_cap_are_dead_letters_before_decoding(setup):
     import zlib
 
     giant = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\x00" * 64
+    tiny = encode_png(photo_crops(1, 20, seed=8)[0])  # 400 pixels, under both caps
     records = [
         example({"image/encoded": giant, "image/key": "giant", "image/class/label": 1}),
         example({"image/encoded": png, "image/key": "small", "image/class/label": 1}),
+        example({"image/encoded": tiny, "image/key": "tiny", "image/class/label": 1}),
     ]
     data = b"".join(frame(r) for r in records)
     manifest, dead, keys = _run(root, model, "pixels", data)
-    assert keys == ["small"]
+    assert keys == ["small", "tiny"]
     (d,) = dead
     assert d["reason"] == "image_too_large" and "400,000,000 pixels" in d["detail"]
     manifest, dead, keys = _run(root, model, "pixels_capped", data, **{"input.max_image_pixels": 1000})
-    assert keys == [] and sorted(d["reason"] for d in dead) == ["image_too_large", "image_too_large"]
-    assert manifest["counts"]["records_read"] == 2
+    assert keys == ["tiny"] and sorted(d["reason"] for d in dead) == ["image_too_large", "image_too_large"]
+    assert manifest["counts"]["records_read"] == 3
 
 
 def _jpeg_with_orientation(img: np.ndarray, orientation: int) -> bytes:
@@ -211,7 +214,7 @@ def test_non_utf8_image_file_name_is_a_dead_letter_not_a_crash(setup, tmp_path):
     (folder / "good.png").write_bytes(encode_png(a))
     with open(os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.png"), "wb") as f:
         f.write(encode_png(b))
-    raw = tiny_config(str(tmp_path / "imgs"), str(tmp_path / "out"), model, **{"input.format": "images", "input.key_feature": None, "input.label_feature": None})
+    raw = tiny_config(str(tmp_path / "imgs"), str(tmp_path / "out"), model, **{"input.format": "images", "input.key_feature": None, "input.label_feature": None, "output.max_dead_letter_fraction": 1.0})
     manifest = run_job(load_config(raw=raw))
     c = manifest["counts"]
     assert c["records_read"] == 2 and c["rows_written"] == 1 and c["dead_letter_reasons"] == {"invalid_utf8": 1}

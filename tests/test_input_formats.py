@@ -25,6 +25,7 @@ def _rows(out) -> dict:
 def _run(raw):
     from layerbeam.run import run_job
 
+    raw.setdefault("output", {}).setdefault("max_dead_letter_fraction", 1.0)  # bad rows on purpose
     return run_job(load_config(raw=raw))
 
 
