@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,demo]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,demo,tfds]'
 	touch $(STAMP)
 
 install: $(STAMP)

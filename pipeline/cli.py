@@ -379,6 +379,8 @@ def _print_plan(console, plan, human) -> None:
     for s in plan.outputs:
         t.add_row(s.name, s.path if s.path != s.name else "", s.reduce, "×".join(map(str, s.shape)) or "scalar", s.dtype, human(plan.stored_bytes(s)))
     console.print(t)
+    for name, how in getattr(plan, "reading", ()):
+        console.print(f"input {name}: {how}", markup=False)
     est = plan.estimated_examples
     proj = plan.projected_bytes
     console.print(
@@ -413,6 +415,9 @@ def _print_summary(console, manifest: dict, human, quiet: bool = False) -> None:
         + _loads_note(manifest.get("_metrics", {})),
         markup=False,
     )
+    reasons = c.get("dead_letter_reasons") or {}
+    if reasons:
+        console.print("dead letters by reason: " + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items())) + " (in _dead_letters/)", markup=False)
     for name, (nan, inf) in bad.items():
         console.print(f"warning: output {name!r} holds {nan:,} NaN and {inf:,} Inf values; check the model and its preprocessing (`layerbeam show` has the statistics)", markup=False)
     for e in errs[:3]:

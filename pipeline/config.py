@@ -19,6 +19,7 @@ from .transforms.errors import ConfigError
 __all__ = [
     "ConfigError",
     "InputConfig",
+    "TensorInputConfig",
     "ModelConfig",
     "OutputSpecConfig",
     "LayersConfig",
@@ -39,12 +40,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TensorDType = Literal["float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string"]
+
+
+class TensorInputConfig(_Strict):
+    """One model input read as a tensor (not an encoded image) from a feature."""
+
+    feature: str = Field(..., description="the feature (TFRecord) holding the values")
+    dtype: TensorDType | None = Field(None, description="dtype the values are read as (default: the model input's); cast to the model input's dtype after reading")
+    shape: tuple[int | None, ...] | None = Field(None, description="shape per example, without the batch axis; null marks a variable size, padded per batch (default: the model input's)")
+    encoding: Literal["list", "raw"] = Field("list", description="list: a float_list/int64_list/bytes_list feature holding the values row-major; raw: one bytes value holding the tensor's raw little-endian bytes (tf.io.decode_raw)")
+    pad_value: float | int | str = Field(0, description="value variable-size inputs are padded with, per batch, to the longest example")
+
+
 class InputConfig(_Strict):
     pattern: str = Field(..., description="file pattern of the input shards: a glob over local paths, gs://, or any fsspec URL (memory://, s3:// …)")
-    format: Literal["tfrecord", "images"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name")
+    format: Literal["tfrecord", "images", "parquet", "webdataset", "tfds"] = Field("tfrecord", description="tfrecord: files of tf.train.Example; images: jpg/png files, label = parent folder name; parquet: tables, one file per shard, columns mapped like features; webdataset: .tar shards, members grouped by basename, extensions mapped like features; tfds: a prepared TFDS dataset (tfds_name, tfds_split; pattern = its data_dir)")
     compression: Literal["", "GZIP", "ZLIB"] = Field("", description="TFRecord compression")
     image_feature: str = Field("image/encoded", description="bytes feature holding the encoded image (single-input models)")
-    inputs: dict[str, str] = Field(default_factory=dict, description="multi-input models: model input name → bytes feature holding that input's encoded image")
+    inputs: dict[str, str | TensorInputConfig] = Field(default_factory=dict, description="model input name → a feature name (an encoded image, decoded, resized and preprocessed) or a tensor {feature, dtype, shape, encoding, pad_value} (numbers, token ids, strings)")
     key_feature: str | None = Field(None, description="bytes/string feature used as the row key; default: '<shard file name>:<record index>' (images: the file path)")
     label_feature: str | None = Field(None, description="int64 or bytes feature copied to the 'label' column (images: the folder name)")
     label_type: Literal["int64", "string"] = Field("int64", description="type of label_feature")
@@ -53,6 +67,10 @@ class InputConfig(_Strict):
     channels: int = Field(3, ge=1, le=4, description="channels images are decoded to")
     resize_method: Literal["bilinear", "nearest", "bicubic", "area", "lanczos3"] = Field("bilinear", description="tf.image.resize method")
     preprocess: str = Field("auto", description="'auto' (the keras.applications module's preprocess_input, else none), 'none' (float 0..255), 'scale' (0..1), 'tf' (-1..1), 'caffe', 'torch', or 'module:function'")
+    max_image_pixels: int | None = Field(50_000_000, ge=1, description="images whose header declares more pixels (width × height) become image_too_large dead letters before decoding (JPEG, PNG, GIF, BMP); null: no cap")
+    exif_orientation: bool = Field(True, description="turn JPEG images as their EXIF orientation tag says (phone photos), as PIL's ImageOps.exif_transpose does; false: pixels as stored")
+    tfds_name: str | None = Field(None, description="tfds format: the dataset's name as TFDS knows it (name, name/config, name:version); input.pattern is its data_dir, where it is already prepared")
+    tfds_split: str = Field("train", description="tfds format: the split to read (train, test, …)")
     files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work")
     max_shards: int | None = Field(None, ge=1, description="smoke runs: process only the first N shards (sorted by path)")
     max_examples_per_shard: int | None = Field(None, ge=1, description="smoke runs: read at most N records of each shard")
@@ -65,6 +83,7 @@ class ModelConfig(_Strict):
     input_shape: tuple[int, ...] | None = Field(None, description="input shape without the batch axis, for applications and Sequential models built without an Input")
     seed: int = Field(0, description="random seed applied before building, so random weights are the same on every worker")
     safe_mode: bool = Field(True, description="load .keras files in Keras safe mode (refuses Lambda layers with Python code); set false only for files you trust")
+    custom_objects: tuple[str, ...] | dict[str, str] = Field((), description="custom classes the model needs: modules to import (whose keras.saving.register_keras_serializable classes register themselves), or {ClassName: 'module:attr'}; workers import them too")
 
 
 class OutputSpecConfig(_Strict):
@@ -138,6 +157,12 @@ class JobConfig(_Strict):
                     f"input.{set_[0]} is set, but input.format 'images' reads plain image files, which have no features "
                     "(the key is the file path and the label the folder name); remove it or write TFRecord examples"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tfds_has_a_name(self):
+        if self.input.format == "tfds" and not self.input.tfds_name:
+            raise ValueError("input.format is 'tfds' but input.tfds_name is not set; name the prepared dataset (e.g. mnist) and set input.pattern to its data_dir")
         return self
 
     @model_validator(mode="after")

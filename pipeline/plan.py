@@ -44,6 +44,7 @@ class Plan:
     input_bytes: int
     estimated_examples: int | None
     inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    reading: tuple = ()  # ((model input, how it is read and preprocessed), …) for the size plan
     # A smoke run (`input.max_shards` below the shard count, or `max_examples_per_shard`):
     # its manifest says `sample`, and it never replaces a full output.
     sample: bool = False
@@ -94,8 +95,9 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     """
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
-    from .transforms.models import load_model, model_fingerprint, preprocess_fn
-    from .transforms.readers import check_inputs, estimate_examples, match_shards
+    from .transforms.models import describe_preprocess, load_model, model_fingerprint, preprocess_fn
+    from .transforms.readers import check_inputs, check_shards, estimate_examples, match_shards
+    from .transforms.readers.tensors import describe
     from .transforms.shard import LauncherModel
 
     job = to_spec(cfg)
@@ -105,7 +107,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     # would reserve the whole device for the rest of the run.
     discover_gpus()
     try:
-        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard)
+        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=job.input)
     except Exception as e:  # noqa: BLE001 - any client's failure (auth, network, bucket) is the user's to fix
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {type(e).__name__}: {first_line(e)}; check the path, the network and your credentials") from None
     if not shards:
@@ -143,10 +145,14 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
                 f"rename the output with {{layer: {spec.path}, as: <another name>}}"
             )
     try:
-        check_inputs(job.input, graph.input_shapes)
-        preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
+        plans = check_inputs(job.input, graph.input_shapes, graph.input_dtypes)
+        check_shards(job.input, shards)
+        if any(p.kind == "image" for p in plans.values()):
+            preprocess_fn(cfg.input.preprocess, cfg.model.source)  # resolved here, not first on a worker
     except (ValueError, ModelError) as e:
         raise ConfigError(str(e)) from None
+    how = describe_preprocess(cfg.input.preprocess, cfg.model.source)
+    reading = tuple((n, describe(p, how)) for n, p in plans.items())
     fp = offered.fingerprint
     config = config_to_dict(cfg)
     run_id = _run_id(config, fp, shards)
@@ -162,6 +168,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         input_bytes=total,
         estimated_examples=estimate_examples(job.input, shards),
         inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        reading=reading,
         launcher_model=offered,
         sample=len(shards) < len(all_shards) or cfg.input.max_examples_per_shard is not None,
         shards_total=len(all_shards),

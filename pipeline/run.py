@@ -60,7 +60,7 @@ def build_pipeline(pipeline, plan: Plan):
 
     cfg = plan.config
     shards = pipeline | "MatchShards" >> MatchShards(
-        cfg["input"]["pattern"], cfg["input"]["format"], cfg["input"]["files_per_shard"], cfg["input"]["max_shards"]
+        cfg["input"]["pattern"], cfg["input"]["format"], cfg["input"]["files_per_shard"], cfg["input"]["max_shards"], spec=plan.spec.input
     )  # Shard(id, paths, size)
     results = shards | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
     return (

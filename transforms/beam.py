@@ -126,11 +126,12 @@ class _Holder:
 
 
 @beam.ptransform_fn
-def MatchShards(pbegin: beam.pvalue.PBegin, pattern: str, fmt: str, files_per_shard: int = 512, max_shards: int | None = None):
-    """PBegin → PCollection[Shard]: the pattern is expanded on a worker, not the launcher."""
+def MatchShards(pbegin: beam.pvalue.PBegin, pattern: str, fmt: str, files_per_shard: int = 512, max_shards: int | None = None, spec=None):
+    """PBegin → PCollection[Shard]: the pattern is expanded on a worker, not the launcher
+    (`spec`, the `ReadSpec`, names a TFDS dataset's name and split)."""
 
     def expand(p):
-        shards = match_shards(p, fmt, files_per_shard)
+        shards = match_shards(p, fmt, files_per_shard, spec=spec)
         return shards[:max_shards] if max_shards else shards
 
     return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)

@@ -45,6 +45,12 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
+def _text(s: str) -> str:
+    """`s` as UTF-8 text: bytes that are not (file names Python holds as surrogate escapes)
+    are written as `\\xff` escapes instead of failing the table."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def dead_letter_table(failures: Sequence[Failure], paths: Sequence[str], per_file: bool) -> pa.Table:
     """The dead-letter rows of one shard.
 
@@ -54,15 +60,15 @@ def dead_letter_table(failures: Sequence[Failure], paths: Sequence[str], per_fil
         per_file: each record is its own file (image folders): its `shard` column is that
             file, else the shard's (first) file.
     """
-    where = [paths[f.index] if per_file and f.index is not None else paths[0] for f in failures]
+    where = [_text(paths[f.index] if per_file and f.index is not None else paths[0]) for f in failures]
     return pa.table(
         {
-            "key": [f.key for f in failures],
+            "key": [_text(f.key) for f in failures],
             "shard": where,
             "index": [f.index for f in failures],
             "stage": [f.stage for f in failures],
             "reason": [f.reason for f in failures],
-            "detail": [f.detail for f in failures],
+            "detail": [_text(f.detail) for f in failures],
         },
         schema=DEAD_LETTER_SCHEMA,
     )

@@ -36,7 +36,7 @@ class Extractor:
         self.model = model
         self.input_names = [str(t.name) for t in model.inputs]
         signature = [
-            {n: tf.TensorSpec((None, *t.shape[1:]), tf.float32, name=n) for n, t in zip(self.input_names, model.inputs)}
+            {n: tf.TensorSpec((None, *t.shape[1:]), tf.as_dtype(t.dtype or "float32"), name=n) for n, t in zip(self.input_names, model.inputs)}
         ]
 
         def run(inputs):

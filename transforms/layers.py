@@ -195,13 +195,14 @@ class ModelGraph:
             image size than the model declares.
     """
 
-    def __init__(self, model, input_shapes: Sequence[Sequence[int]] | None = None):
+    def __init__(self, model, input_shapes: Sequence[Sequence[int]] | None = None, variable: Iterable[str] = ()):
         import keras
 
         self.model = model
-        names, shapes = self._input_signature(model, input_shapes)
+        names, shapes = self._input_signature(model, input_shapes, set(variable))
         self.input_names = names
-        self.inputs = [keras.Input(shape=tuple(s), name=n, dtype="float32") for n, s in zip(names, shapes)]
+        # Inputs keep the model's dtypes: token ids stay integers, strings stay strings.
+        self.inputs = [keras.Input(shape=tuple(s), name=n, dtype=d) for n, s, d in zip(names, shapes, _model_dtypes(model, len(names)))]
         try:
             self.traced = trace_model(model, self.inputs)
         except SubclassedModelError as e:
@@ -210,7 +211,7 @@ class ModelGraph:
             raise ModelError(f"tracing model {model.name!r} on inputs {dict(zip(names, shapes))} failed: {first_line(e)}") from None
 
     @staticmethod
-    def _input_signature(model, input_shapes):
+    def _input_signature(model, input_shapes, variable=frozenset()):
         try:
             model_inputs = list(model.inputs)
         except (AttributeError, ValueError):
@@ -228,7 +229,7 @@ class ModelGraph:
                 "set model.input_shape (e.g. [224, 224, 3]) or input.image_size"
             )
         for n, s in zip(names, shapes):
-            if any(d is None for d in s):
+            if any(d is None for d in s) and n not in variable:
                 raise ModelError(
                     f"model input {n!r} has shape {s} with unknown sizes; set input.image_size "
                     "(e.g. [224, 224]) so every output has a fixed size"
@@ -236,8 +237,14 @@ class ModelGraph:
         return names, shapes
 
     @property
-    def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(int(d) for d in t.shape[1:]) for n, t in zip(self.input_names, self.inputs)}
+    def input_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """Model input → shape without the batch axis (None: a size padded per batch)."""
+        return {n: tuple(None if d is None else int(d) for d in t.shape[1:]) for n, t in zip(self.input_names, self.inputs)}
+
+    @property
+    def input_dtypes(self) -> dict[str, str]:
+        """Model input → dtype name (float32, int32, string …)."""
+        return {n: str(t.dtype) for n, t in zip(self.input_names, self.inputs)}
 
     def paths(self) -> list[str]:
         return [t.path for t in self.traced]
@@ -394,6 +401,18 @@ class ModelGraph:
         )
 
 
+def _model_dtypes(model, n: int) -> list[str]:
+    try:
+        return [str(t.dtype or "float32") for t in model.inputs]
+    except (AttributeError, ValueError):
+        return ["float32"] * n
+
+
+def _tensor_inputs(cfg) -> list[str]:
+    """Inputs configured as tensors (`input.inputs.<name>: {feature, …}`), not images."""
+    return [n for n, v in (cfg.input.inputs or {}).items() if not isinstance(v, str)]
+
+
 def trace_and_select(cfg, model):
     """(`ModelGraph`, `OutputSpec`s): the model traced at the configured input shape and the
     outputs `cfg.layers` selects. The launcher's checks and every worker build it this way.
@@ -401,7 +420,7 @@ def trace_and_select(cfg, model):
     Raises:
         ModelError, SelectionError: as `ModelGraph` and `ModelGraph.select` do.
     """
-    graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model))
+    graph = ModelGraph(model, input_shapes=_input_shapes(cfg, model), variable=_tensor_inputs(cfg))
     specs = graph.select(
         list(cfg.layers.select),
         exclude=cfg.layers.exclude,
@@ -422,8 +441,14 @@ def _input_shapes(cfg, model) -> list[tuple[int, ...]] | None:
         inputs = []
     if cfg.input.image_size:
         h, w = cfg.input.image_size
+        tensors = set(_tensor_inputs(cfg))
         if inputs:
-            return [(h, w, int(t.shape[-1]) if t.shape[-1] is not None else cfg.input.channels) for t in inputs]
+            # image_size is for image inputs; tensor inputs keep the model's own shape.
+            return [
+                tuple(t.shape[1:]) if _input_name(t) in tensors
+                else (h, w, int(t.shape[-1]) if t.shape[-1] is not None else cfg.input.channels)
+                for t in inputs
+            ]
         return [(h, w, cfg.input.channels)]
     if cfg.model.input_shape:
         return [tuple(cfg.model.input_shape)]

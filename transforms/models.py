@@ -15,7 +15,9 @@ import numpy as np
 from ._fs import local_copy
 from .errors import ModelError, first_line
 
-__all__ = ["ModelSpec", "load_model", "resolve_model", "model_fingerprint", "preprocess_fn"]
+__all__ = ["ModelSpec", "load_model", "resolve_model", "custom_objects", "model_fingerprint", "preprocess_fn", "describe_preprocess", "PREPROCESS_CHOICES"]
+
+PREPROCESS_CHOICES = "none, scale, tf, caffe, torch or module:function"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ModelSpec:
     input_shape: tuple[int, ...] | None = None
     seed: int = 0
     safe_mode: bool = True
+    custom_objects: tuple[str, ...] | Mapping[str, str] = ()
 
 
 def load_model(cfg) -> Any:
@@ -43,7 +46,49 @@ def load_model(cfg) -> Any:
     import keras
 
     src = cfg.source
+    objects = custom_objects(cfg.custom_objects)
     keras.utils.set_random_seed(cfg.seed)
+    with keras.saving.custom_object_scope(objects):
+        return _load(cfg, src, objects)
+
+
+def custom_objects(spec) -> dict[str, Any]:
+    """Import what `model.custom_objects` names: a list of modules (their
+    `register_keras_serializable` classes register themselves on import) or
+    `{Name: "module:attr"}`; returns the name → object mapping (empty for modules).
+
+    Raises:
+        ModelError: a module or attribute cannot be imported.
+    """
+    out: dict[str, Any] = {}
+    items = spec.items() if isinstance(spec, Mapping) else ((None, m) for m in spec)
+    for name, target in items:
+        module_name, _, attr = str(target).partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+            if attr:
+                obj = getattr(obj, attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(
+                f"model.custom_objects {target!r}: cannot import it ({first_line(e)}); "
+                "make the module importable on the launcher and the workers (pip install it or add it to PYTHONPATH)"
+            ) from None
+        if name is not None:
+            out[str(name)] = obj
+    return out
+
+
+def _unknown_class(msg: str) -> str | None:
+    """The class name in Keras's 'could not locate class' deserialization errors."""
+    import re
+
+    m = re.search(r"(?:Could not locate (?:class|function)|Unknown (?:layer|object|class)(?: type)?:?)\s*'?([A-Za-z_][\w.>]*)'?", msg)
+    return m.group(1) if m else None
+
+
+def _load(cfg, src: str, objects: Mapping[str, Any]):
+    import keras
+
     if src.startswith("keras.applications."):
         name = src.split(".", 2)[2]
         fn = getattr(keras.applications, name, None)
@@ -101,11 +146,17 @@ def load_model(cfg) -> Any:
                 "if you trust this file set model.safe_mode=false (or pass --unsafe-model)"
             )
         try:
-            return keras.saving.load_model(local, compile=False, safe_mode=cfg.safe_mode)
+            return keras.saving.load_model(local, compile=False, safe_mode=cfg.safe_mode, custom_objects=dict(objects) or None)
         except FileNotFoundError:
             raise ModelError(f"model.source {src!r} does not exist; give the path of a saved model file") from None
         except Exception as e:  # Keras raises several types for unsafe or corrupt files
             msg = first_line(e)
+            cls = _unknown_class(str(e))
+            if cls:
+                raise ModelError(
+                    f"model.source {src!r} uses the class {cls!r}, which is not registered; name the module that defines it "
+                    f"in model.custom_objects (e.g. [my_package.layers]) or map it: {{{cls}: 'module:attr'}}"
+                ) from None
             if "safe_mode" in msg or "Lambda" in msg or "lambda" in msg:
                 raise ModelError(
                     f"model.source {src!r} contains a Lambda layer with Python code, which safe mode refuses; "
@@ -225,7 +276,12 @@ def preprocess_fn(name: str, model_source: str):
             fn = getattr(keras.applications, model_source.split(".", 2)[2])
             mod = importlib.import_module(fn.__module__)
             return getattr(mod, "preprocess_input")
-        return lambda x: x
+        # Raw 0..255 pixels into a model trained on other values give plausible-looking,
+        # wrong outputs: the user says which scaling the model expects.
+        raise ModelError(
+            f"input.preprocess 'auto' knows the preprocessing of keras.applications models only, and {model_source!r} is not one; "
+            f"set input.preprocess to the one the model was trained with: {PREPROCESS_CHOICES}"
+        )
     if name == "none":
         return lambda x: x
     if name == "scale":
@@ -241,3 +297,16 @@ def preprocess_fn(name: str, model_source: str):
         except (ImportError, AttributeError) as e:
             raise ModelError(f"input.preprocess {name!r}: cannot import it ({first_line(e)})") from None
     raise ModelError(f"input.preprocess {name!r} is unknown; use auto, none, scale, tf, caffe, torch or module:function")
+
+
+def describe_preprocess(name: str, model_source: str) -> str:
+    """What `preprocess_fn(name, model_source)` does, in words (for the size plan)."""
+    if name == "auto" and model_source.startswith("keras.applications."):
+        return f"auto: {model_source.split('.', 2)[2]}'s preprocess_input"
+    return {
+        "none": "none (float 0..255)",
+        "scale": "scale (x/255, 0..1)",
+        "tf": "tf (-1..1)",
+        "caffe": "caffe (BGR, ImageNet means subtracted)",
+        "torch": "torch (0..1, ImageNet mean/std)",
+    }.get(name, name)

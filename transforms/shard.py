@@ -19,7 +19,7 @@ from .deadletters import Failure, count_reasons, dead_letter_table, write_dead_l
 from .formats import WriteSpec, make_writer
 from .layers import SelectSpec, trace_and_select
 from .models import ModelSpec
-from .readers import ReadSpec, Shard, ShardEnd, read_shard
+from .readers import ReadSpec, Shard, ShardEnd, check_inputs, read_shard
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import OutputLayout
 from .stats import ShardStats
@@ -133,6 +133,7 @@ class ShardProcessor:
                 self.model_fingerprint = fp
                 graph, self.specs = trace_and_select(cfg, model)
                 self.input_shapes = graph.input_shapes
+                self.input_dtypes = graph.input_dtypes
                 return Extractor(extractor_model(graph, self.specs), jit_compile=cfg.batching.jit_compile)
 
         with precision(cfg.batching.precision):
@@ -140,7 +141,9 @@ class ShardProcessor:
             self.extractor = ExtractorPool(build, self.device_plan)
         stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
-        self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
+        plans = check_inputs(cfg.input, self.input_shapes, self.input_dtypes)
+        images = any(p.kind == "image" for p in plans.values())  # preprocessing is for images only
+        self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source) if images else None
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
         self.layout = OutputLayout(cfg.output.path, run_id)
@@ -174,7 +177,7 @@ class ShardProcessor:
             t = time.perf_counter()
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
-                self.batch_size, self.cfg.input.max_examples_per_shard,
+                self.batch_size, self.cfg.input.max_examples_per_shard, self.input_dtypes,
             ):
                 tb = time.perf_counter()
                 timing["input_wait"] += tb - t

@@ -1,18 +1,26 @@
 """Readers: find input shards and read them through tf.data into decoded, batched examples.
 
-The reader contract. Each input kind is a module (`tfrecord`, `images`) with:
+The reader contract. Each input format is a module (`tfrecord`, `images`, `parquet`,
+`webdataset`, `tfds`) with:
 
-* `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths);
-* `parser(shard, spec, input_shapes, preprocess)`: a tf.data map function
+* `dataset(paths, spec)`: a tf.data dataset of raw items (records, file paths, or dicts
+  of column values);
+* `parser(shard, spec, plans, preprocess)`: a tf.data map function
   `(index, (item, is_sentinel, bytes_so_far)) → {"__input__<name>": tensor, "key": …,
   label/passthrough columns}` (`_common.tagged` adds the bookkeeping);
-* `explain(shard, spec, input_shapes, preprocess, parse, local_paths, missing)`: one
+* `explain(shard, spec, plans, preprocess, parse, local_paths, missing)`: one
   `Failure` per record that failed inside tf.data, read again one by one (bad path only);
 * `check_end(shard, spec, local_path, consumed)`: `(shard-level Failure or None, records
   readable)` once the shard's items are consumed;
-* `check_inputs(spec, input_shapes)`: raise ValueError when the config cannot feed the
+* `check_inputs(spec, plans)`: raise ValueError when the config cannot feed the
   model (run by the launcher before any work);
-* `FRAMED`: whether items carry TFRecord framing bytes (for the size check).
+
+`plans` are the `tensors.InputPlan`s of the model's inputs: what each input is (an encoded
+image or a tensor), its feature, shape and dtype, already checked against the model.
+* `FRAMED`: whether items carry TFRecord framing bytes (for the size check and the
+  framing walk of `framing.py`); a module whose files differ has `is_framed(path)`;
+* optionally `check_shards(spec, shard)`: raise ValueError when the files lack what the
+  config reads (checked on the first shard before any work).
 
 Decoding happens inside tf.data (parallel, in C++), never per element in Python. A record
 that cannot be parsed or decoded is dropped by tf.data and reported by index, so the
@@ -22,6 +30,7 @@ caller can turn it into a dead letter: every record read is accounted for.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -30,10 +39,11 @@ import numpy as np
 from .._fs import LocalBridge, fsspec_fs
 from ..deadletters import Failure
 from ._common import without_autotune
+from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
-KINDS = ("tfrecord", "images")
+KINDS = ("tfrecord", "images", "parquet", "webdataset", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +54,7 @@ class ReadSpec:
     format: str = "tfrecord"
     compression: str = ""
     image_feature: str = "image/encoded"
-    inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name → feature, or a tensor mapping
     key_feature: str | None = None
     label_feature: str | None = None
     label_type: str = "int64"
@@ -53,6 +63,10 @@ class ReadSpec:
     channels: int = 3
     resize_method: str = "bilinear"
     preprocess: str = "auto"
+    tfds_name: str | None = None
+    tfds_split: str = "train"
+    max_image_pixels: int | None = 50_000_000
+    exif_orientation: bool = True
     files_per_shard: int = 512
     max_shards: int | None = None
     max_examples_per_shard: int | None = None
@@ -67,6 +81,18 @@ def _kind(fmt: str):
         from . import images
 
         return images
+    if fmt == "parquet":
+        from . import parquet
+
+        return parquet
+    if fmt == "webdataset":
+        from . import webdataset
+
+        return webdataset
+    if fmt == "tfds":
+        from . import tfds
+
+        return tfds
     raise ValueError(f"input.format {fmt!r} has no reader; use one of {', '.join(KINDS)}")
 
 
@@ -118,13 +144,20 @@ class ShardEnd:
     shard_error: Failure | None = None
 
 
-def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Shard]:
+def match_shards(pattern: str, fmt: str, files_per_shard: int = 512, spec: ReadSpec | None = None) -> list[Shard]:
     """Expand a pattern into shards, in sorted path order (deterministic ids).
 
     Args:
-        pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …).
-        fmt: 'tfrecord' (one shard per file) or 'images' (groups of `files_per_shard` files).
+        pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …);
+            for 'tfds', the data_dir.
+        fmt: 'tfrecord', 'parquet', 'webdataset' (one shard per file), 'images' (groups of
+            `files_per_shard` files), or 'tfds' (the split's files, from `spec`).
+        spec: the `ReadSpec` ('tfds' needs its dataset name and split).
     """
+    if fmt == "tfds":
+        from . import tfds
+
+        return tfds.shards(spec)
     fs, path = fsspec_fs(pattern)
     if not any(c in path for c in "*?["):
         if fs.isdir(path):
@@ -133,7 +166,7 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
     files = sorted((p, int(i.get("size") or 0)) for p, i in infos.items() if i.get("type") != "directory")
     local = "://" not in pattern or pattern.startswith("file://")
     name = (lambda p: p) if local else fs.unstrip_protocol
-    if fmt == "tfrecord":
+    if fmt in ("tfrecord", "parquet", "webdataset"):
         return [Shard(f"s{i:05d}", (name(p),), s) for i, (p, s) in enumerate(files)]
     out = []
     for k in range(0, len(files), files_per_shard):
@@ -142,9 +175,25 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512) -> list[Sha
     return out
 
 
-def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ValueError, with the fix, when `spec` cannot feed a model with these inputs."""
-    _kind(spec.format).check_inputs(spec, input_shapes)
+def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple], input_dtypes: Mapping[str, str] | None = None) -> dict[str, InputPlan]:
+    """The input plans; raise ValueError, with the fix, when `spec` cannot feed a model with
+    these inputs (rank, dtype, fixed sizes; see `tensors.plan_inputs`)."""
+    kind = _kind(spec.format)
+    if spec.format == "images":
+        from .images import single_image_input
+
+        single_image_input(input_shapes)
+    plans = plan_inputs(spec, input_shapes, input_dtypes)
+    kind.check_inputs(spec, plans)
+    return plans
+
+
+def check_shards(spec: ReadSpec, shards: list[Shard]) -> None:
+    """Raise ValueError, with the fix, when the input files cannot give what `spec` reads
+    (a Parquet column that is missing or of an unreadable type); checked on the first shard."""
+    check = getattr(_kind(spec.format), "check_shards", None)
+    if check is not None and shards:
+        check(spec, shards[0])
 
 
 def read_shard(
@@ -154,6 +203,7 @@ def read_shard(
     preprocess,
     batch_size: int,
     max_examples: int | None = None,
+    input_dtypes: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Batch | None, Any]]:
     """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
 
@@ -166,27 +216,42 @@ def read_shard(
     Args:
         shard: the shard.
         cfg: the `ReadSpec`.
-        input_shapes: model input name → (H, W, C) the images are resized to.
-        preprocess: float32 (B?, H, W, C) 0..255 → model input; runs inside tf.data.
+        input_shapes: model input name → shape (images: (H, W, C) they are resized to;
+            None for sizes padded per batch).
+        preprocess: float32 (B?, H, W, C) 0..255 → model input; runs inside tf.data
+            (image inputs only; None when there are none).
         batch_size: examples per batch.
         max_examples: read at most this many records of the shard.
+        input_dtypes: model input name → dtype (default float32 for all).
     """
     import tensorflow as tf
 
     kind = _kind(cfg.format)
     bridge = LocalBridge(shard.paths)
+    repaired = None
     try:
-        raw = kind.dataset(bridge.paths, cfg)
+        paths = bridge.paths
+        framing, index_map = None, None
+        framed = kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED
+        if framed and not cfg.compression and os.path.isfile(paths[0]):
+            from . import framing as framing_mod
+
+            framing = framing_mod.scan(paths[0])
+            if not framing.clean:
+                repaired, index_map = framing_mod.repair(paths[0], framing)
+                paths = [repaired]
+        raw = kind.dataset(paths, cfg)
         if max_examples:
-            raw = raw.take(max_examples)
-        parse = kind.parser(shard, cfg, input_shapes, preprocess)
+            # In a repaired copy, the records whose original index is under the cap.
+            raw = raw.take(max_examples if index_map is None else int((index_map < max_examples).sum()))
+        plans = plan_inputs(cfg, input_shapes, input_dtypes)
+        parse = kind.parser(shard, cfg, plans, preprocess)
         # A sentinel after the last record carries the record count (its index) and the
         # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
         # so records that fail at the very end are still counted, and a file that stops
         # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
         # noticed: its records do not add up to its size.
-        sentinel = tf.data.Dataset.from_tensors((tf.zeros([], raw.element_spec.dtype), tf.constant(True)))
-        framed = kind.FRAMED
+        sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
 
         def running_bytes(total, item):
             record, is_sentinel = item
@@ -199,8 +264,23 @@ def read_shard(
 
         ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
         ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
+        if index_map is not None:
+            # A repaired copy holds the intact records only: give each its original index
+            # (the sentinel's is the record count, damaged records included).
+            count = min(framing.records, max_examples) if max_examples else framing.records
+            originals = tf.constant(np.append(index_map[index_map < count], count), tf.int64)
+            ds = ds.map(lambda i, item: (tf.gather(originals, i), item))
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = without_autotune(ds.ignore_errors().batch(batch_size).prefetch(2))
+        ds = ds.ignore_errors()
+        if needs_padding(plans):
+            # Variable sizes (token sequences) are padded to the longest example of each
+            # batch with the input's pad_value; other columns keep their defaults.
+            pads = {f"__input__{n}": tf.constant(p.pad_value, p.dtype) for n, p in plans.items() if p.kind == "tensor"}
+            values = {k: pads.get(k, tf.zeros([], v.dtype) if v.dtype != tf.string else tf.constant("")) for k, v in ds.element_spec.items()}
+            ds = ds.padded_batch(batch_size, padding_values=values)
+        else:
+            ds = ds.batch(batch_size)
+        ds = without_autotune(ds.prefetch(2))
         seen = 0
         got: list[np.ndarray] = []
         for el in ds:
@@ -219,13 +299,27 @@ def read_shard(
                     yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
                 done = np.concatenate(got) if got else np.zeros(0, np.int64)
                 shard_error = None
-                if framed and not (max_examples and total >= max_examples):
+                corrupt: list[Failure] = []
+                if framing is not None and not framing.clean:
+                    corrupt = framing_failures(shard, framing, max_examples)
+                    if framing.skipped:
+                        shard_error = Failure(None, shard.paths[0], "read", "corrupt_shard", framing.summary())
+                elif framed and not (max_examples and total >= max_examples):
                     shard_error, readable = kind.check_end(shard, cfg, bridge.paths[0], int(consumed[is_sentinel][0]))
                     # The read error itself took an index (the last before the sentinel);
                     # it is the shard-level dead letter, not a record.
                     total = min(total, readable)
+                if max_examples:
+                    total = min(total, max_examples)
                 missing = np.setdiff1d(np.arange(total, dtype=np.int64), done)
-                failures = kind.explain(shard, cfg, input_shapes, preprocess, parse, bridge.paths, missing) if len(missing) else ()
+                missing = np.setdiff1d(missing, np.array([f.index for f in corrupt], np.int64))
+                failures = list(corrupt)
+                if len(missing):
+                    if index_map is not None:
+                        failures += _explain_repaired(kind, shard, cfg, plans, preprocess, parse, paths, index_map, missing)
+                    else:
+                        failures += kind.explain(shard, cfg, plans, preprocess, parse, bridge.paths, missing)
+                failures.sort(key=lambda f: f.index)
                 yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
             seen += len(index)
@@ -234,6 +328,43 @@ def read_shard(
         raise RuntimeError(f"shard {shard.id} ended without its sentinel record; this is a bug")
     finally:
         bridge.close()
+        if repaired:
+            os.unlink(repaired)
+
+
+def _placeholder(spec):
+    """A value of an item's `TensorSpec` (unknown sizes 0): the sentinel's item."""
+    import tensorflow as tf
+
+    shape = [0 if d is None else d for d in spec.shape]
+    return tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
+
+
+def framing_failures(shard: Shard, framing, max_examples: int | None = None) -> list[Failure]:
+    """One `corrupt_record` dead letter per record whose data CRC fails (framing intact)."""
+    import posixpath
+
+    base = posixpath.basename(shard.paths[0])
+    return [
+        Failure(i, f"{base}:{i}", "read", "corrupt_record", f"data CRC mismatch in the {n}-byte record at byte offset {off}: its bytes are damaged")
+        for i, off, n in framing.bad_data
+        if not max_examples or i < max_examples
+    ]
+
+
+def _explain_repaired(kind, shard, cfg, plans, preprocess, parse, paths, index_map, missing) -> list[Failure]:
+    """`kind.explain` on the repaired copy, whose record positions differ from the original
+    indices: ask by position, answer by index."""
+    position = {int(i): k for k, i in enumerate(index_map)}
+    import posixpath
+
+    base = posixpath.basename(shard.paths[0])
+    asked = np.array([position[int(i)] for i in missing], np.int64)
+    out = []
+    for f, i in zip(kind.explain(shard, cfg, plans, preprocess, parse, paths, asked), missing.tolist()):
+        key = f"{base}:{i}" if f.key == f"{base}:{f.index}" else f.key
+        out.append(dataclasses.replace(f, index=i, key=key))
+    return out
 
 
 def estimate_examples(spec: ReadSpec, shards, budget: int = 2000) -> int | None:

@@ -17,14 +17,22 @@ __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs"
 FRAMED = False
 
 
+def _raw(path: str) -> bytes:
+    """A path's bytes: a file name that is not UTF-8 (held by Python as surrogate escapes)
+    reaches TensorFlow as the bytes the file system has."""
+    return path.encode("utf-8", "surrogateescape")
+
+
 def dataset(paths, spec):
     import tensorflow as tf
 
-    return tf.data.Dataset.from_tensor_slices(list(paths))
+    return tf.data.Dataset.from_tensor_slices([_raw(p) for p in paths])
 
 
-def check_inputs(spec, input_shapes) -> None:
-    single_image_input(input_shapes)
+def check_inputs(spec, plans) -> None:
+    name, _ = single_image_input({n: p.shape for n, p in plans.items()})
+    if plans[name].kind != "image":
+        raise ValueError(f"input.format 'images' reads image files, but model input {name!r} is configured as a tensor; write the tensors as TFRecord features")
 
 
 def check_end(shard, spec, local_path, consumed):
@@ -37,17 +45,124 @@ def estimate_examples(spec, shards, budget: int = 2000) -> int:
     return sum(min(len(s.paths), cap) if cap else len(s.paths) for s in shards)
 
 
-def parser(shard, cfg, input_shapes, preprocess):
+def parser(shard, cfg, plans, preprocess):
     import tensorflow as tf
 
-    return _image_file_parser(cfg, input_shapes, preprocess, tf.constant(list(shard.paths)))
+    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([_raw(p) for p in shard.paths]))
+
+
+def _u(data, start: int, n: int, little: bool):
+    """The unsigned integer of `n` bytes at `start` of a scalar string tensor."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
+    order = tf.range(n, dtype=tf.int64) if little else tf.range(n - 1, -1, -1, dtype=tf.int64)
+    return tf.reduce_sum(b * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+
+
+def header_pixels(data):
+    """width × height declared by a JPEG, PNG, GIF or BMP header (-1 for other formats or
+    too-short data), read without decoding: the pixel cap is checked before any buffer of
+    that size is allocated."""
+    import tensorflow as tf
+
+    n = tf.strings.length(data)
+    head = tf.strings.substr(data, 0, 8)
+
+    def jpeg():
+        hw = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return hw[0] * hw[1]
+
+    branches = [
+        (tf.logical_and(tf.equal(head, b"\x89PNG\r\n\x1a\n"), n >= 24), lambda: _u(data, 16, 4, False) * _u(data, 20, 4, False)),
+        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), lambda: _u(data, 6, 2, True) * _u(data, 8, 2, True)),
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), lambda: tf.abs(_bmp_signed(data, 18)) * tf.abs(_bmp_signed(data, 22))),
+        (tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff"), jpeg),
+    ]
+    out = tf.constant(-1, tf.int64)
+    for cond, fn in reversed(branches):
+        out = tf.cond(cond, fn, lambda o=out: o)
+    return out
+
+
+def _bmp_signed(data, start):
+    import tensorflow as tf
+
+    v = _u(data, start, 4, True)
+    return tf.where(v >= 2**31, v - 2**32, v)
+
+
+_EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most 64 KB
+
+
+def exif_orientation(data):
+    """The EXIF orientation (1..8) of JPEG bytes, 1 when absent or unreadable; TensorFlow
+    ops only (runs inside tf.data). Finds the first `Exif\0\0` in the first 64 KB, reads
+    the TIFF byte order and IFD0, and the value of tag 0x0112."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _EXIF_SCAN), tf.uint8), tf.int64)
+    n = tf.shape(b, out_type=tf.int64)[0]
+    pattern = [0x45, 0x78, 0x69, 0x66, 0x00, 0x00]  # "Exif\0\0"
+    m = n - len(pattern)
+    hit = tf.ones([tf.maximum(m, 0)], tf.bool)
+    for k, v in enumerate(pattern):
+        hit = tf.logical_and(hit, tf.equal(b[k : k + tf.maximum(m, 0)], v))
+    found = tf.where(hit)[:, 0]
+
+    def at(i, size, little):
+        i = tf.clip_by_value(i, 0, tf.maximum(n - size, 0))
+        order = tf.range(size, dtype=tf.int64)
+        order = tf.where(little, order, size - 1 - order)
+        return tf.reduce_sum(tf.gather(b, i + tf.range(size, dtype=tf.int64)) * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+
+    def read():
+        t = found[0] + 6  # the TIFF header
+        little = tf.equal(b[tf.minimum(t, n - 1)], 0x49)  # "II"
+        ifd = t + at(t + 4, 4, little)
+        count = tf.minimum(at(ifd, 2, little), 64)
+        entries = ifd + 2 + 12 * tf.range(count)
+        tags = tf.map_fn(lambda e: at(e, 2, little), entries)
+        values = tf.map_fn(lambda e: at(e + 8, 2, little), entries)
+        match = tf.where(tf.equal(tags, 0x0112))[:, 0]
+        value = tf.cond(tf.size(match) > 0, lambda: tf.gather(values, match[0]), lambda: tf.constant(1, tf.int64))
+        return tf.where((value >= 1) & (value <= 8), value, 1)
+
+    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(tf.logical_and(jpeg, tf.size(found) > 0), read, lambda: tf.constant(1, tf.int64))
+
+
+def apply_orientation(img, orientation):
+    """Turn an (H, W, C) image as EXIF orientation 1..8 says (as PIL's exif_transpose)."""
+    import tensorflow as tf
+
+    flip_lr, flip_ud, transpose = tf.image.flip_left_right, tf.image.flip_up_down, tf.image.transpose
+    branches = [
+        lambda: img,  # 1
+        lambda: flip_lr(img),  # 2: mirrored
+        lambda: tf.image.rot90(img, 2),  # 3: upside down
+        lambda: flip_ud(img),  # 4
+        lambda: transpose(img),  # 5
+        lambda: tf.image.rot90(img, 3),  # 6: turned 90° (phones held upright)
+        lambda: tf.image.rot90(transpose(img), 2),  # 7: transverse
+        lambda: tf.image.rot90(img, 1),  # 8
+    ]
+    return tf.switch_case(tf.cast(orientation - 1, tf.int32), branches)
 
 
 def decode_image(data, shape, cfg, preprocess):
     import tensorflow as tf
 
     h, w, c = shape
+    cap = getattr(cfg, "max_image_pixels", None)
+    if cap:
+        pixels = header_pixels(data)
+        check = tf.debugging.assert_less_equal(pixels, tf.constant(cap, tf.int64), message="image_too_large")
+        with tf.control_dependencies([check]):
+            data = tf.identity(data)
     img = tf.io.decode_image(data, channels=c, dtype=tf.uint8, expand_animations=False)
+    if getattr(cfg, "exif_orientation", False):
+        img = apply_orientation(img, exif_orientation(data))
     img = tf.image.resize(img, (h, w), method=cfg.resize_method)
     img = tf.ensure_shape(tf.cast(img, tf.float32), (h, w, c))
     return tf.cast(preprocess(img), tf.float32)
@@ -78,7 +193,9 @@ def _image_file_parser(cfg, input_shapes, preprocess, originals):
         path, is_sentinel, nbytes = item
 
         def real():
-            original = originals[index]
+            # The key and label are text columns: a file name that is not UTF-8 fails here,
+            # as an `invalid_utf8` dead letter, not in the shard's Arrow conversion.
+            original = tf.strings.unicode_transcode(originals[index], "UTF-8", "UTF-8", errors="strict")
             parts = tf.strings.split(original, "/")
             return {
                 f"__input__{name}": decode_image(tf.io.read_file(path), shape, cfg, preprocess),
@@ -131,18 +248,41 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
     return False
 
 
-def classify_image(data: bytes, channels: int = 3) -> tuple[str, str] | None:
+def _py_header_pixels(data: bytes, fmt: str | None) -> int | None:
+    """Python twin of `header_pixels` for the bad path."""
+    if fmt == "PNG" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if fmt == "GIF" and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little") * int.from_bytes(data[8:10], "little")
+    if fmt == "BMP" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], "little", signed=True)) * abs(int.from_bytes(data[22:26], "little", signed=True))
+    if fmt == "JPEG":
+        import tensorflow as tf
+
+        try:
+            h, w, _ = tf.image.extract_jpeg_shape(data).numpy().tolist()
+            return h * w
+        except tf.errors.OpError:
+            return None
+    return None
+
+
+def classify_image(data: bytes, channels: int = 3, max_pixels: int | None = None) -> tuple[str, str] | None:
     """(reason, detail) for image bytes tf.io.decode_image refuses; None if they decode.
 
     Args:
         data: the encoded image.
         channels: channels it is decoded to.
+        max_pixels: the pixel cap (`input.max_image_pixels`), checked from the header.
     """
     import tensorflow as tf
 
     if not data:
         return "empty_image", "the image is 0 bytes"
     fmt = _sniff(data)
+    pixels = _py_header_pixels(data, fmt) if max_pixels else None
+    if pixels is not None and pixels > max_pixels:
+        return "image_too_large", f"{fmt} header declares {pixels:,} pixels, over input.max_image_pixels = {max_pixels:,}; raise the cap knowingly or shrink the image"
     if fmt is None:
         try:
             from PIL import Image
@@ -164,22 +304,25 @@ def classify_image(data: bytes, channels: int = 3) -> tuple[str, str] | None:
     return None
 
 
-def explain(shard, cfg, input_shapes, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
+def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
     """One `Failure` per missing file, read again one by one (bad path only)."""
     import tensorflow as tf
 
     out: list[Failure] = []
-    channels = next(iter(input_shapes.values()))[-1]
+    channels = next(iter(plans.values())).shape[-1]
     for i in missing.tolist():
-        key = shard.paths[i]
+        key = _raw(shard.paths[i]).decode("utf-8", "backslashreplace")
+        if key != shard.paths[i]:
+            out.append(Failure(i, key, "decode", "invalid_utf8", f"the file name {key!r} is not UTF-8 text, which the key and label columns hold; rename the file"))
+            continue
         try:
             with open(local_paths[i], "rb") as f:
                 data = f.read()
         except OSError as e:
             out.append(Failure(i, key, "read", "unreadable_file", f"{e.strerror or first_line(e)}"))
             continue
-        bad = classify_image(data, channels)
+        bad = classify_image(data, channels, getattr(cfg, "max_image_pixels", None))
         if bad and bad[0] == "empty_image":
             bad = ("empty_image", "the file is empty (0 bytes)")
-        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(local_paths[i])))
+        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(_raw(local_paths[i]))))
     return out

@@ -3,8 +3,8 @@ and row columns."""
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -12,6 +12,8 @@ from ..deadletters import Failure
 from ..errors import first_line
 from ._common import explain_by_retry, tagged, without_autotune
 from .images import classify_image, decode_image
+from .framing import count_records
+from .tensors import decode_tensor, dummy, list_kind, tensor_parse_spec
 
 __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "feature_map"]
 
@@ -24,59 +26,55 @@ def dataset(paths, spec):
     return tf.data.TFRecordDataset(list(paths), compression_type=spec.compression or None, buffer_size=8 << 20)
 
 
-def check_inputs(spec, input_shapes) -> None:
-    feature_map(spec, input_shapes)
+def check_inputs(spec, plans) -> None:
+    """Every kind of input is read from TFRecord features: nothing more to check."""
 
 
-def feature_map(cfg, input_shapes) -> dict[str, str]:
-    """model input name → feature holding its encoded image."""
-    if cfg.inputs:
-        missing = [n for n in input_shapes if n not in cfg.inputs]
-        if missing:
-            raise ValueError(
-                f"input.inputs maps {sorted(cfg.inputs)}, but the model's inputs are {list(input_shapes)}; "
-                f"add a feature for {missing}"
-            )
-        return {n: cfg.inputs[n] for n in input_shapes}
-    if len(input_shapes) > 1:
-        raise ValueError(
-            f"the model has {len(input_shapes)} inputs {list(input_shapes)}; map each to a feature "
-            "with input.inputs: {input_name: feature}"
-        )
-    return {next(iter(input_shapes)): cfg.image_feature}
+def feature_map(plans) -> dict[str, str]:
+    """model input name → the feature holding it."""
+    return {n: p.feature for n, p in plans.items()}
 
 
-def parser(shard, cfg, input_shapes, preprocess):
-    return _tfrecord_parser(cfg, input_shapes, preprocess, feature_map(cfg, input_shapes), posixpath.basename(shard.paths[0]))
+def parser(shard, cfg, plans, preprocess):
+    return _tfrecord_parser(cfg, plans, preprocess, posixpath.basename(shard.paths[0]))
 
 
-def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
+def _tfrecord_parser(cfg, plans, preprocess, shard_base):
     import tensorflow as tf
 
-    spec = {f: tf.io.FixedLenFeature([], tf.string) for f in set(features.values())}
+    spec = {}
+    for p in plans.values():
+        spec[p.feature] = tf.io.FixedLenFeature([], tf.string) if p.kind == "image" else tensor_parse_spec(p)
     if cfg.key_feature:
         spec[cfg.key_feature] = tf.io.FixedLenFeature([], tf.string)
     if cfg.label_feature:
         spec[cfg.label_feature] = tf.io.FixedLenFeature([], tf.as_dtype(cfg.label_type))
     for name, typ in cfg.passthrough.items():
         spec[name] = tf.io.FixedLenFeature([], tf.as_dtype(typ))
-    dummy = {n: tf.zeros(s, tf.float32) for n, s in input_shapes.items()}
+
+    def utf8(value):
+        # Output string columns are UTF-8 text: invalid bytes fail the record here (a
+        # dead letter, `invalid_utf8`) instead of failing the shard's Arrow conversion.
+        return tf.strings.unicode_transcode(value, "UTF-8", "UTF-8", errors="strict")
+
+    def decode(p, value):
+        return decode_image(value, p.shape, cfg, preprocess) if p.kind == "image" else decode_tensor(value, p)
 
     def parse(index, item):
         record, is_sentinel, nbytes = item
 
         def real():
             ex = tf.io.parse_single_example(record, spec)
-            out = {f"__input__{n}": decode_image(ex[f], input_shapes[n], cfg, preprocess) for n, f in features.items()}
-            out["key"] = ex[cfg.key_feature] if cfg.key_feature else tf.strings.join([shard_base, tf.strings.as_string(index)], ":")
+            out = {f"__input__{n}": decode(p, ex[p.feature]) for n, p in plans.items()}
+            out["key"] = utf8(ex[cfg.key_feature]) if cfg.key_feature else tf.strings.join([shard_base, tf.strings.as_string(index)], ":")
             if cfg.label_feature:
-                out["label"] = ex[cfg.label_feature]
-            for name in cfg.passthrough:
-                out[name] = ex[name]
+                out["label"] = utf8(ex[cfg.label_feature]) if cfg.label_type == "string" else ex[cfg.label_feature]
+            for name, typ in cfg.passthrough.items():
+                out[name] = utf8(ex[name]) if typ == "string" else ex[name]
             return out
 
         def fake():
-            out = {f"__input__{n}": v for n, v in dummy.items()}
+            out = {f"__input__{n}": dummy(p) for n, p in plans.items()}
             out["key"] = tf.constant("")
             if cfg.label_feature:
                 out["label"] = tf.zeros([], tf.as_dtype(cfg.label_type))
@@ -92,17 +90,17 @@ def _tfrecord_parser(cfg, input_shapes, preprocess, features, shard_base):
 _KINDS = {"int64": "int64_list", "float32": "float_list", "string": "bytes_list"}
 
 
-def _needed_features(cfg, features: Mapping[str, str]) -> list[tuple[str, str]]:
-    need = [(f, "bytes_list") for f in dict.fromkeys(features.values())]
+def _needed_features(cfg, plans) -> list[tuple[str, str, int | None]]:
+    need = [(p.feature, *list_kind(p)) for p in plans.values()]
     if cfg.key_feature:
-        need.append((cfg.key_feature, "bytes_list"))
+        need.append((cfg.key_feature, "bytes_list", 1))
     if cfg.label_feature:
-        need.append((cfg.label_feature, _KINDS[cfg.label_type]))
-    need += [(name, _KINDS[typ]) for name, typ in cfg.passthrough.items()]
+        need.append((cfg.label_feature, _KINDS[cfg.label_type], 1))
+    need += [(name, _KINDS[typ], 1) for name, typ in cfg.passthrough.items()]
     return need
 
 
-def _explain_record(record: bytes, index: int, base: str, cfg, input_shapes, parse) -> Failure:
+def _explain_record(record: bytes, index: int, base: str, cfg, plans, parse) -> Failure:
     import tensorflow as tf
     from google.protobuf.message import DecodeError
 
@@ -116,8 +114,8 @@ def _explain_record(record: bytes, index: int, base: str, cfg, input_shapes, par
     if cfg.key_feature and cfg.key_feature in feats and feats[cfg.key_feature].WhichOneof("kind") == "bytes_list":
         values = feats[cfg.key_feature].bytes_list.value
         if len(values) == 1:
-            key = values[0].decode("utf-8", "replace")
-    for name, kind in _needed_features(cfg, feature_map(cfg, input_shapes)):
+            key = values[0].decode("utf-8", "backslashreplace")
+    for name, kind, count in _needed_features(cfg, plans):
         if name not in feats:
             have = ", ".join(sorted(feats)[:8]) or "none"
             return Failure(index, key, "decode", "missing_feature", f"feature {name!r} is missing; the record has: {have}")
@@ -125,16 +123,26 @@ def _explain_record(record: bytes, index: int, base: str, cfg, input_shapes, par
         if got != kind:
             return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} is a {got}, the config reads a {kind}")
         n = len(getattr(feats[name], kind).value)
-        if n != 1:
-            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} holds {n} values, the config reads exactly one")
-    for input_name, name in feature_map(cfg, input_shapes).items():
-        bad = classify_image(feats[name].bytes_list.value[0], input_shapes[input_name][-1])
-        if bad:
-            return Failure(index, key, "decode", bad[0], f"feature {name!r}: {bad[1]}")
+        if count is not None and n != count:
+            return Failure(index, key, "decode", "wrong_feature_type", f"feature {name!r} holds {n} values, the config reads exactly {count}")
+    texts = [cfg.key_feature] if cfg.key_feature else []
+    texts += [cfg.label_feature] if cfg.label_feature and cfg.label_type == "string" else []
+    texts += [n for n, typ in cfg.passthrough.items() if typ == "string"]
+    for name in texts:
+        raw = feats[name].bytes_list.value[0]
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Failure(index, key, "decode", "invalid_utf8", f"feature {name!r} holds {raw[:40]!r}, not UTF-8 text ({e.reason} at byte {e.start})")
+    for input_name, p in plans.items():
+        if p.kind == "image":
+            bad = classify_image(feats[p.feature].bytes_list.value[0], p.shape[-1], getattr(cfg, "max_image_pixels", None))
+            if bad:
+                return Failure(index, key, "decode", bad[0], f"feature {p.feature!r}: {bad[1]}")
     return explain_by_retry(index, key, parse, tf.constant(record))
 
 
-def explain(shard, cfg, input_shapes, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
+def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarray) -> list[Failure]:
     """One `Failure` per missing index, read again record by record (bad path only)."""
     import tensorflow as tf
 
@@ -145,7 +153,7 @@ def explain(shard, cfg, input_shapes, preprocess, parse, local_paths, missing: n
     ds = ds.filter(lambda i, r: tf.reduce_any(tf.equal(i, wanted))).ignore_errors()
     found = {}
     for i, rec in ds:
-        found[int(i)] = _explain_record(rec.numpy(), int(i), base, cfg, input_shapes, parse)
+        found[int(i)] = _explain_record(rec.numpy(), int(i), base, cfg, plans, parse)
     for i in missing.tolist():
         out.append(found.get(i) or Failure(i, f"{base}:{i}", "read", "unreadable_file", "the record could not be read again to explain its failure"))
     return out
@@ -203,9 +211,15 @@ def estimate_examples(cfg, shards, budget: int = 2000) -> int | None:
         bridge = LocalBridge(shard.paths[:1])
         try:
             n = 0
-            for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.compression or None).take(left + 1):
-                n += 1
-                nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
+            if not cfg.compression and os.path.isfile(bridge.paths[0]):
+                # Headers walked in Python: TensorFlow never sees an unchecked length here.
+                # A damaged file counts its records up to the damage (the read counts the rest).
+                n, size, _ = count_records(bridge.paths[0], left)
+                nbytes += size
+            else:
+                for rec in tf.data.TFRecordDataset(bridge.paths, compression_type=cfg.compression or None).take(left + 1):
+                    n += 1
+                    nbytes += len(rec.numpy()) + 16  # 16 bytes of TFRecord framing per record
         except tf.errors.OpError:
             return None
         finally:
