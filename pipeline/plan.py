@@ -136,7 +136,7 @@ def prepare(cfg: JobConfig) -> Plan:
         shards=len(shards),
         input_bytes=total,
         estimated_examples=estimate_examples(job.input, shards),
-        inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        inputs=tuple((s.id, s.paths, s.size, s.version) for s in shards),
         launcher_model=offered,
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
@@ -162,7 +162,8 @@ def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
     """
     key = dict(config)
     key["output"] = {k: v for k, v in config["output"].items() if k != "overwrite"}
-    inputs = [[list(s.paths), s.size] for s in shards]
+    # the version is the store's content fingerprint: a same-size rewrite is another input
+    inputs = [[list(s.paths), s.size] + ([s.version] if getattr(s, "version", "") else []) for s in shards]
     return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -64,6 +64,8 @@ class ShardResult:
         model_fingerprint: the weights the worker computed with.
         seconds: wall time of the shard; `timing`: where it went.
         resumed: the shard was done by an earlier attempt (its marker was found).
+        attempt: the attempt that wrote the files (they are under `shards/<shard>/<attempt>/`).
+        input_version: the store's content fingerprint of the shard's inputs (`Shard.version`).
     """
 
     shard: str
@@ -79,6 +81,8 @@ class ShardResult:
     seconds: float = 0.0
     timing: Mapping[str, float] | None = None
     resumed: bool = False
+    attempt: str = ""
+    input_version: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -146,16 +150,17 @@ class ShardProcessor:
     def process(self, shard: Shard, on_batch=None) -> ShardResult:
         """Extract and write one shard; return its result (also stored as its marker).
 
-        A shard whose marker exists (a resumed run) is not processed again. Otherwise its
-        staged files are removed first and rewritten under the same names, so a retried
-        bundle replaces what an earlier attempt left instead of adding to it. A record
+        A shard whose marker exists for the same input files and content (a resumed run) is
+        not processed again. Otherwise this attempt writes under its own attempt id, so a
+        retried bundle or a zombie worker never touches another attempt's files; only the
+        attempt whose result reaches the commit is committed. A record
         whose key repeats an earlier record of the shard becomes a `duplicate_key` dead
         letter; repeats across shards are found at commit (`commit.commit_run`).
         """
         done = self.layout.read_marker(shard.id)
-        if done is not None and tuple(done.get("paths", ())) == shard.paths:
+        if done is not None and tuple(done.get("paths", ())) == shard.paths and done.get("input_version", "") == shard.version:
             return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
-        self.layout.clear_shard(shard.id)
+        attempt = self.layout.new_attempt()
         t0 = time.perf_counter()
         stats = {"rows": 0}
         # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
@@ -200,11 +205,12 @@ class ShardProcessor:
         # The run id is in the name: a reader that listed an older output and opens its files
         # after the swap finds them gone instead of reading this run's data under old names.
         basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
-        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), basename)
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id, attempt), basename)
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         self.layout.write_keys(
             shard.id,
+            attempt,
             np.concatenate(kept_hash) if kept_hash else np.zeros(0, KEY_HASH_DTYPE),
             np.concatenate(kept_index) if kept_index else np.zeros(0, np.int64),
         )
@@ -224,12 +230,14 @@ class ShardProcessor:
             model_fingerprint=self.model_fingerprint,
             seconds=seconds,
             timing={k: round(v, 3) for k, v in timing.items()},
+            attempt=attempt,
+            input_version=shard.version,
         )
         if result.rows != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result.rows}")
         dead = [*failures, *([err] if err else [])]
         if dead:
-            write_dead_letters(self.layout.dead_file(shard.id), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
+            write_dead_letters(self.layout.dead_file(shard.id, attempt), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
         self.layout.write_marker(shard.id, result.to_dict())
         return result
 
