@@ -42,8 +42,7 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
     what grows is the key hashes, which are written in full).
     """
     from layerbeam.transforms.readers import Shard
-    from layerbeam.transforms.shard import ShardResult, key_hashes
-    from layerbeam.transforms.staging import OutputLayout
+    from layerbeam.transforms.staging import OutputLayout, key_hashes
 
     layout = OutputLayout(out, run_id)
     fs = layout.fs
@@ -74,17 +73,29 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
         else:  # the RSS benchmark: `rows` distinct key hashes per shard, tiny files
             h = np.frombuffer(np.random.default_rng(i).bytes(16 * rows), dtype="S16")
             layout.write_keys(sid, attempt, h, np.arange(rows, dtype=np.int64))
-        r = ShardResult(sid, (f"in/{sid}.tfrecord",), 100, n, n, 0, {}, (), tuple(files), "fp", attempt=attempt).to_dict()
+        r = {"shard": sid, "paths": [f"in/{sid}.tfrecord"], "bytes_in": 100, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
+             "shard_errors": [], "files": files, "model_fingerprint": "fp", "seconds": 0.0, "timing": None, "resumed": False, "attempt": attempt, "input_version": ""}
         layout.write_marker(sid, r)
         results.append(r)
         listed.append(Shard(sid, (f"in/{sid}.tfrecord",), 100))
     return results, listed
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process so far (VmHWM), less its RSS once the imports were done:
+    what the step itself added."""
+    return round(_status_mb("VmHWM") - _BASE, 1)
+
+
+_BASE = 0.0
 
 
 def _child(args) -> None:
@@ -96,6 +107,8 @@ def _child(args) -> None:
         st = json.load(f)
     layout = OutputLayout(st["out"], st["run_id"])
     base = manifest_base(st["out"], st["run_id"])
+    global _BASE
+    _BASE = _status_mb("VmRSS")
     t = time.perf_counter()
     if args.child == "bucket":  # the largest dedupe bucket: its parts from every shard
         parts = []
@@ -107,6 +120,9 @@ def _child(args) -> None:
     elif args.child == "finalize":
         summaries = [commit.publish_shard(layout, r, ()) for r in st["results"]]  # a worker's step, timed apart
         rss_before = _peak_rss_mb()
+        _BASE = _status_mb("VmRSS")  # finalize alone; the summaries are its input
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
         t = time.perf_counter()
         commit.finalize(layout, summaries, base)
         print(json.dumps({"step": "finalize", "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before, "seconds": time.perf_counter() - t}))

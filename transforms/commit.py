@@ -179,7 +179,13 @@ class OutputLock:
                 pass
             self._held = None
         try:
-            left = [p for p in self.fs.ls(self.staging_root, detail=False) if not posixpath.basename(p.rstrip("/")).startswith((".probe", self.PREFIX))]
+            self.fs.invalidate_cache(self.staging_root)
+            root = self.fs._strip_protocol(self.staging_root).rstrip("/")
+            left = [
+                p for p in self.fs.ls(self.staging_root, detail=False)
+                # pyarrow's S3 writer leaves `folder/` marker objects, listed as the folder itself
+                if p.rstrip("/") != root and not posixpath.basename(p.rstrip("/")).startswith((".probe", self.PREFIX))
+            ]
             if not left:
                 self.fs.rm(self.staging_root, recursive=True)
         except (FileNotFoundError, OSError):
@@ -493,7 +499,7 @@ def _drop_other_attempts(layout: OutputLayout, shard: str, attempt: str) -> None
 def _keep_unless(gone: dict[bytes, dict]):
     """keys → mask of rows to keep: False for rows whose key hash is in `gone` (whose
     dead-letter rows get the key filled in)."""
-    from .shard import key_hashes
+    from .staging import key_hashes
 
     def keep(keys) -> np.ndarray:
         hashes = key_hashes(keys)

@@ -21,7 +21,7 @@ from .layers import SelectSpec, trace_and_select
 from .models import ModelSpec
 from .readers import ReadSpec, Shard, ShardEnd, read_shard
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
-from .staging import OutputLayout
+from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' format: in staging, TensorFlow-free
 
 __all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
 
@@ -299,21 +299,6 @@ def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_exampl
     """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
     (unreduced outputs of a big model can be tens of MB per example)."""
     return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
-
-
-KEY_HASH_DTYPE = "S16"
-
-
-def key_hashes(keys: np.ndarray) -> np.ndarray:
-    """128-bit BLAKE2b of each key (bytes or str), as `S16`: stable across processes; used to
-    find keys repeated across shards at commit without holding the keys themselves. At
-    128 bits, a false match among 10^12 keys has a probability below 10^-14."""
-    import hashlib
-
-    return np.array(
-        [hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=16).digest() for k in keys],
-        dtype=KEY_HASH_DTYPE,
-    ).reshape(len(keys))
 
 
 def _drop_repeated_keys(batch, first_seen: dict[bytes, int], dupes: list[Failure]):
