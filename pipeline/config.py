@@ -113,6 +113,7 @@ class OutputConfig(_Strict):
     tfrecord_compression: Literal["none", "gzip"] = Field("none", description="TFRecord: none, or gzip (smaller files, ~10x slower to write)")
     max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")
     overwrite: bool = Field(False, description="replace an existing complete output")
+    max_files: int = Field(100_000, ge=1, description="refuse, before any work, a run projected to write more data files than this (partition_by × shards × rows per file)")
 
 
 class JobConfig(_Strict):
