@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import posixpath
 import time
@@ -50,14 +51,15 @@ import pyarrow as pa
 
 from ._fs import atomic_create_supported, create_exclusive, is_local
 from .deadletters import DEAD_LETTER_SCHEMA
-from .errors import CommitError, ConfigError
+from .errors import CommitError, ConfigError, OutcomeError
 from .formats import rewrite_without
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
+from .stats import merge_results
 
 __all__ = [
     "OutputLock", "commit_run", "inputs_digest", "check_results", "key_parts", "find_repeats",
-    "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS",
+    "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
 ]
 
 # Hash buckets of the distributed duplicate-key check: at 10^9 rows a bucket holds ~4 M rows
@@ -276,6 +278,47 @@ def check_results(briefs: Sequence[Mapping], shards: Sequence, manifest_base: Ma
     return True
 
 
+def check_outcome(counts: Mapping, max_fraction: float | None) -> None:
+    """The last check before publishing: is this run's outcome worth a `_SUCCESS`?
+
+    A run with no rows always fails (every record a dead letter, or no record read at all,
+    e.g. a wrong `input.compression` failing every shard); so does one whose dead letters
+    exceed `max_fraction` of the records read (`output.max_dead_letter_fraction`; None:
+    no limit). Nothing is published then; the shards stay staged, so the same command with
+    the input fixed, or with a higher limit, resumes instead of redoing them.
+
+    Args:
+        counts: `records_read`, `rows_written`, `dead_letters`, `dead_letter_reasons`, and
+            optionally `shard_errors` (`[{reason, detail, path, ...}]`: shards that failed
+            as a whole, the first named in the message).
+
+    Raises:
+        OutcomeError: naming the counts, the top reasons and the fix.
+    """
+    read, rows, dead = counts["records_read"], counts["rows_written"], counts["dead_letters"]
+    reasons = sorted(counts.get("dead_letter_reasons", {}).items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{r} {n:,}" for r, n in reasons[:3])
+    errs = list(counts.get("shard_errors") or ())
+    whole = ""
+    if errs:
+        e = errs[0]
+        whole = f", {len(errs)} shard error{'s' if len(errs) != 1 else ''}, e.g. {e.get('reason')} in {e.get('path')}: {str(e.get('detail', ''))[:160]}"
+    if rows == 0:
+        why = f"all {read:,} records became dead letters ({top})" if read else "no record was read"
+        raise OutcomeError(
+            f"the run wrote no rows: {why}{whole}; nothing was published. See the dead letters under the output's staging folder; "
+            "fix the config (feature names, types, input.compression, input.format) and run again",
+            dict(counts),
+        )
+    if max_fraction is not None and read and dead / read > max_fraction:
+        raise OutcomeError(
+            f"{dead:,} of {read:,} records ({dead / read:.1%}) became dead letters, over output.max_dead_letter_fraction = {max_fraction:g} "
+            f"({top}{whole}); nothing was published, finished shards are kept. Fix the input or config, or accept them: "
+            f"--max-dead-letter-fraction {min(1.0, math.ceil(dead / read * 1000 - 1e-9) / 1000):g} (the same command resumes)",
+            dict(counts),
+        )
+
+
 # ---------------------------------------------------------------------------- 2. dedupe
 
 
@@ -394,6 +437,7 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
         "dead_letter_file": dead_name if has_dead else None,
         "timing": r.get("timing"),
         "attempt": attempt,
+        "stats": r.get("stats"),
     }
 
 
@@ -547,6 +591,8 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
             "format": cfg["output"]["format"],
         }
     )
+    check_outcome(dict(manifest["counts"], shard_errors=manifest["shard_errors"]), cfg["output"].get("max_dead_letter_fraction"))
+    manifest["statistics"] = merge_results(summaries)  # the shards' partial statistics, merged
     # compact: a reader loads the manifest whole (~100 B per file instead of ~480 with indent=2)
     data = json.dumps(manifest, separators=(",", ":")).encode()
     fs = layout.fs

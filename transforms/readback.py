@@ -82,7 +82,21 @@ def open_output(path: str) -> Output:
     if "storage" not in manifest:
         raise OutputError(f"{path!r}: the manifest has no 'storage' spec (written by an older layerbeam); re-run the job to read it back here")
     files = tuple(f"{root}/{f['path']}" for f in manifest["files"])
+    if manifest.get("sample"):
+        import warnings
+
+        warnings.warn(
+            f"{path!r} is a sample (a smoke run over {manifest.get('shards_planned', '?')} of {manifest.get('shards_total', '?')} shards"
+            + (f", at most {manifest['config']['input']['max_examples_per_shard']} examples each" if manifest["config"]["input"].get("max_examples_per_shard") else "")
+            + "), not the whole input",
+            SampleWarning,
+            stacklevel=3,
+        )
     return Output(root, manifest, files)
+
+
+class SampleWarning(UserWarning):
+    """The output read is a smoke run's sample (`--max-shards`, `--max-examples-per-shard`)."""
 
 
 def _as_output(path: str | Output) -> Output:
@@ -150,7 +164,7 @@ def to_tf_dataset(path: str | Output, columns: Sequence[str] | None = None) -> A
     out = _as_output(path)
     cols = out.select(columns)
     if out.format == "tfrecord":
-        ds = tf.data.TFRecordDataset(list(out.files), compression_type=out.storage.get("compression") or "")
+        ds = tf.data.TFRecordDataset(tf.constant(list(out.files), tf.string), compression_type=out.storage.get("compression") or "")
         return ds.map(parse_example_fn(out.storage, [c["name"] for c in cols]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     signature = {c["name"]: tf.TensorSpec((None, *c["shape"]), tf.as_dtype(_result_dtype(c))) for c in cols}
 
@@ -175,6 +189,8 @@ def arrow_dataset(path: str | Output) -> Any:
     out = _as_output(path)
     if out.format == "tfrecord":
         return ds.dataset(to_arrow(out))
+    if not out.files:  # an empty output: no file to take the schema from
+        return ds.dataset(_empty(out.columns))
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None
@@ -259,6 +275,8 @@ def _empty(cols: Sequence[dict]) -> pa.Table:
 
 
 def _parquet_batches(out: Output, names: list[str]) -> Iterator[pa.Table]:
+    if not out.files:  # an output of no rows has no data files (a dataset of none has no columns)
+        return
     dataset = arrow_dataset(out)
     for batch in dataset.to_batches(columns=names, use_threads=False):
         yield pa.Table.from_batches([batch])
