@@ -8,7 +8,7 @@ client) is counted as the server sees it: retries, HEADs, listings and server-si
 included. Nothing is mocked: the requests still go to the real server.
 
     with count_requests() as c:
-        layout.assemble(results); layout.publish(manifest, overwrite=False)
+        commit.publish_shard(layout, result)
     c.total, c.by_method, c.by_kind, c.peak_concurrency, c.bytes_up
 
 `count_requests()` counts through every proxy started in this process; pass `store="s3"`
