@@ -247,7 +247,8 @@ def _take_lock(args):
         barrier.wait()
         try:
             lock.acquire()
-            won.append(lock.token)
+            # the lock is per process (re-entrant for its other threads): count who created it
+            won.append("created" if lock._held else "same process")
         except ConfigError:
             pass
 
@@ -268,8 +269,10 @@ def test_200_concurrent_stale_lock_takeovers_give_one_holder(store):
     store.fs.makedirs(root, exist_ok=True)
     store.fs.pipe_file(f"{root}/_lock.0", json.dumps(stale).encode())
     with multiprocessing.get_context("spawn").Pool(2) as pool:  # 2 processes × 100 threads, each its own lock
-        won = [w for ws in pool.map(_take_lock, [(out, 100)] * 2) for w in ws]
-    assert len(won) == 1, f"{len(won)} holders"
+        per_process = pool.map(_take_lock, [(out, 100)] * 2)
+    won = [w for ws in per_process for w in ws]
+    assert won.count("created") == 1, f"{won.count('created')} holders"
+    assert sum(1 for ws in per_process if ws) == 1  # every thread of the other process was refused
 
 
 def test_a_same_size_rewrite_of_an_input_changes_its_identity(store):

@@ -73,7 +73,7 @@ class OutputLock:
     Taking it is one atomic create-if-absent (`create_exclusive`: a hard link locally,
     `If-None-Match: *` on S3, `ifGenerationMatch=0` on GCS) of the next number, so of any
     number of runs taking it together (or taking over the same stale lock) exactly one
-    succeeds; the others see the winner's lock and refuse. Lock files are never deleted while
+    succeeds (within one process the lock is re-entrant: only its taker releases it); the others see the winner's lock and refuse. Lock files are never deleted while
     the lock is in use (only the holder's own, on release), so a number is never reused
     while anyone could still race for it.
     """
@@ -153,6 +153,8 @@ class OutputLock:
             if path is not None:
                 holder = self._read(path)
                 alive = holder is not None and not holder.get("released") and not (holder.get("host") == _host() and not _pid_alive(holder.get("pid")))
+                if alive and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return  # this process holds it (e.g. `WriteLayers` inside a job): re-entrant, released by its taker
                 if alive:
                     raise self.error(holder)
             nxt = f"{self.staging_root}/{self.PREFIX}{n + 1}"
