@@ -133,6 +133,7 @@ class OutputConfig(_Strict):
     max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")
     overwrite: bool = Field(False, description="replace an existing layerbeam output (only one: a folder without layerbeam's manifest or staging is never deleted)")
     max_dead_letter_fraction: float = Field(0.1, ge=0.0, le=1.0, description="fail the run (exit 1, no _SUCCESS, finished shards kept for a resumed run) when more than this fraction of the records read become dead letters; a run with no rows always fails")
+    max_files: int = Field(100_000, ge=1, description="refuse, before any work, a run projected to write more data files than this (partition_by × shards × rows per file)")
 
 
 class JobConfig(_Strict):

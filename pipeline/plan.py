@@ -167,7 +167,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         shards=len(shards),
         input_bytes=total,
         estimated_examples=estimate_examples(job.input, shards),
-        inputs=tuple((s.id, s.paths, s.size) for s in shards),
+        inputs=tuple((s.id, s.paths, s.size, s.version) for s in shards),
         reading=reading,
         launcher_model=offered,
         sample=len(shards) < len(all_shards) or cfg.input.max_examples_per_shard is not None,
@@ -184,6 +184,13 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
             f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
             plan,
         )
+    files = projected_files(cfg, shards, plan.estimated_examples)
+    if files > cfg.output.max_files:
+        raise ConfigError(
+            f"output.partition_by {list(cfg.output.partition_by)} with {len(shards):,} input shards would write ~{files:,} data files, "
+            f"over output.max_files = {cfg.output.max_files:,} (every shard writes one file per partition value it holds); "
+            f"partition by fewer or coarser columns, use larger shards (input.files_per_shard), or raise the cap knowingly: --set output.max_files={files}"
+        )
     try:
         _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id), plan.sample)
     except ConfigError as e:
@@ -191,6 +198,23 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
             raise
         plan = dataclasses.replace(plan, output_problem=str(e))
     return plan
+
+
+def projected_files(cfg: JobConfig, shards: Sequence, estimated_examples: int | None) -> int:
+    """Data files the run is projected to write: per shard, one per partition value it holds
+    times its rows over `output.max_rows_per_file`.
+
+    Partition values are known before work only for an `images` input partitioned by
+    `label` (the parent folders in the listing); otherwise each shard counts one value,
+    a lower bound.
+    """
+    import math
+
+    per_shard_rows = (estimated_examples or 0) / max(1, len(shards))
+    per_value = max(1, math.ceil(per_shard_rows / cfg.output.max_rows_per_file)) if not cfg.output.partition_by else 1
+    if cfg.input.format == "images" and tuple(cfg.output.partition_by) == ("label",):
+        return sum(len({p.rstrip("/").rsplit("/", 2)[-2] if p.count("/") >= 1 else "" for p in s.paths}) for s in shards)
+    return len(shards) * per_value
 
 
 def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
@@ -202,7 +226,8 @@ def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
     key = dict(config)
     # Not what the run computes: a higher dead-letter limit or --overwrite resumes the same run.
     key["output"] = {k: v for k, v in config["output"].items() if k not in ("overwrite", "max_dead_letter_fraction")}
-    inputs = [[list(s.paths), s.size] for s in shards]
+    # the version is the store's content fingerprint: a same-size rewrite is another input
+    inputs = [[list(s.paths), s.size] + ([s.version] if getattr(s, "version", "") else []) for s in shards]
     return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -52,22 +52,17 @@ class Progress(dict):
 
 
 def build_pipeline(pipeline, plan: Plan):
-    """Add the job to `pipeline`: match → extract+write each shard → commit once."""
-    import apache_beam as beam
-
-    from .transforms.beam import ExtractShards, MatchShards
-    from .transforms.commit import commit_run, inputs_digest
+    """Add the job to `pipeline`: match → extract+write each shard → commit (distributed)."""
+    from .transforms.beam import CommitShards, ExtractShards, MatchShards
+    from .transforms.commit import inputs_digest
 
     cfg = plan.config
     shards = pipeline | "MatchShards" >> MatchShards(
         cfg["input"]["pattern"], cfg["input"]["format"], cfg["input"]["files_per_shard"], cfg["input"]["max_shards"], spec=plan.spec.input
     )  # Shard(id, paths, size)
     results = shards | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
-    return (
-        results
-        | "CollectResults" >> beam.combiners.ToList()
-        | "Commit" >> beam.Map(commit_run, beam.pvalue.AsList(shards), manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
-    )
+    # the commit, distributed: check → bucketed dedupe → parallel publish → manifest + _SUCCESS
+    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -121,7 +116,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             "run_id": plan.run_id,
             "config": plan.config,
             "model_fingerprint": plan.model_fingerprint,
-            "shards": [{"shard": i, "paths": list(p), "bytes": b} for i, p, b in plan.inputs],
+            "shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs],
         })
         t0 = time.perf_counter()
         p = beam.Pipeline(runner=runner, options=options)

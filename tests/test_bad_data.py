@@ -110,7 +110,7 @@ def test_each_bad_record_has_its_reason_in_the_dead_letters(bad_run):
     assert "image/class/label" in by_key["text_label"]["detail"]
     assert by_key["rgb_png"]["stage"] == "dedupe" and by_key["rgb_png"]["index"] == 16
     assert by_key["jpeg"]["shard"].endswith("part-00001.tfrecord") and "shard s00000" in by_key["jpeg"]["detail"]
-    assert sorted(f.split("/")[-1] for f in manifest["dead_letter_files"]) == ["s00000.parquet", "s00001.parquet"]
+    assert sorted(f.split("/")[-1].split("-")[0] for f in manifest["dead_letter_files"]) == ["s00000", "s00001"]  # <shard>-<run>.parquet
 
 
 def test_a_file_corrupt_part_way_keeps_its_first_records_and_one_shard_dead_letter(bad_run):

@@ -162,18 +162,19 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     read back by the project API and by an independent reader."""
     from layerbeam.transforms.formats import make_writer
     from layerbeam.config import OutputConfig
-    from layerbeam.transforms.commit import assemble, publish
+    from layerbeam.transforms.commit import finalize, publish_shard
     from layerbeam.transforms.staging import OutputLayout
 
     schema, values, batch = _float16_batch()
     cfg = OutputConfig(path=str(tmp_path / "out"), format="tfrecord" if fmt == "tfrecord" else "parquet", parquet_compat=fmt == "compat")
     writer = make_writer(cfg, schema)
     layout = OutputLayout(cfg.path, "run")
-    files = writer.write_shard(iter([batch]), layout.shard_dir("s0"), "part-s0")
-    result = {"shard": "s0", "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files]}
-    manifest = {"files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files], "storage": writer.storage_spec(), "outputs": []}
-    assemble(layout, [result])
-    publish(layout, manifest, overwrite=False)
+    files = writer.write_shard(iter([batch]), layout.shard_dir("s0", "a0"), "part-s0")
+    n = sum(f.rows for f in files)
+    result = {"shard": "s0", "attempt": "a0", "paths": ["in"], "bytes_in": 0, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
+              "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files]}
+    base = {"run_id": "run", "config": {"output": {"partition_by": [], "format": cfg.format}}, "storage": writer.storage_spec(), "outputs": []}
+    finalize(layout, [publish_shard(layout, result)], base)
 
     got = to_arrow(cfg.path).column("h").combine_chunks().to_numpy_ndarray()
     assert got.dtype == np.float16

@@ -116,13 +116,14 @@ def test_a_retried_shard_leaves_one_copy(many_shards, tmp_path):
     proc = ShardProcessor(plan.spec, plan.run_id)
     shards = match_shards(job.input.pattern, "tfrecord")[:2]
     first = proc.process(shards[0])
-    # A worker died after writing the files but before the marker, and left a stray part.
+    # A worker died after writing the files but before the marker; the retry is another
+    # attempt, in its own folder: it never touches the first attempt's files.
     os.remove(proc.layout.marker(shards[0].id))
-    stray = Path(proc.layout.shard_dir(shards[0].id)) / "part-s00000-9.parquet"
-    stray.write_bytes(b"partial")
     again = proc.process(shards[0])
-    files = sorted(p.name for p in Path(proc.layout.shard_dir(shards[0].id)).rglob("*.parquet"))
-    assert files == [f["path"] for f in again.files] == [f["path"] for f in first.files]
+    assert again.attempt != first.attempt
+    for r in (first, again):
+        files = sorted(p.name for p in Path(proc.layout.shard_dir(shards[0].id, r.attempt)).rglob("*.parquet") if not p.name.startswith("_"))
+        assert files == [f["path"] for f in r.files]
     # A marker present: the shard is not processed again.
     before = {p: p.stat().st_mtime_ns for p in Path(proc.layout.shard_dir(shards[0].id)).rglob("*.parquet")}
     assert proc.process(shards[0]).resumed is True
@@ -132,6 +133,10 @@ def test_a_retried_shard_leaves_one_copy(many_shards, tmp_path):
     got = _sorted_table(tmp_path / "out")
     assert got.column("key").to_pylist() == ["k000", "k001", "k002", "k003"]
     assert got.equals(reference.slice(0, 4))
+    # only the accepted attempt was committed; the other attempt's files are gone with staging
+    assert not Path(f"{tmp_path / 'out'}.layerbeam-staging", plan.run_id).exists()
+    # a second commit after success is a no-op that succeeds
+    assert commit_run(results, shards, manifest_base(plan), plan.run_id)["rows_written"] == 4
 
 
 def test_a_reader_during_a_run_sees_nothing_or_the_previous_complete_output(many_shards, tmp_path):
@@ -185,23 +190,22 @@ def test_a_second_run_writing_the_same_output_is_refused(many_shards, tmp_path):
     staging = Path(f"{out}.layerbeam-staging")
     staging.mkdir()
     alive = os.getppid()  # a live process on this host, not this one
-    (staging / "_lock").write_text(json.dumps({"pid": alive, "host": socket.gethostname(), "run_id": "other", "since": "now"}))
+    (staging / "_lock.0").write_text(json.dumps({"pid": alive, "host": socket.gethostname(), "run_id": "other", "since": "now"}))
     with pytest.raises(ConfigError, match=f"being written by another run \\(pid {alive} on"):
         prepare(job)
-    with pytest.raises(ConfigError, match="delete .*_lock"):
+    with pytest.raises(ConfigError, match="delete .*_lock.0"):
         OutputLock(OutputLayout(str(out), "mine")).acquire()
-    # The lock is created exclusively: of two layouts racing, one gets it.
-    (staging / "_lock").unlink()
+    # A lock whose process is gone (a killed run) is stale and taken over, with the next number.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (staging / "_lock.0").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "run_id": "other", "since": "now"}))
     a = OutputLock(OutputLayout(str(out), "a"))
     a.acquire()
-    lock = json.loads((staging / "_lock").read_text())
+    lock = json.loads((staging / "_lock.1").read_text())
     assert lock["pid"] == os.getpid() and lock["run_id"] == "a"
-    # A lock whose process is gone (a killed run) is stale and taken over.
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (staging / "_lock").write_text(json.dumps(dict(lock, pid=int(gone.stdout))))
+    a.release()  # marked released; only lock files were left, so the staging folder went with it
     b = OutputLock(OutputLayout(str(out), "b"))
     b.acquire()
-    assert json.loads((staging / "_lock").read_text())["run_id"] == "b"
+    assert json.loads(Path(b.lock_path).read_text())["run_id"] == "b"
     b.release()
     assert not staging.exists()
 

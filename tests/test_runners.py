@@ -357,5 +357,8 @@ def test_dataflow_job_graph_builds_from_the_launch_script_without_submitting(png
     assert job["dataflow_service_options"] == ["worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"]
     assert job["machine_type"] == "n1-standard-8"
     assert "workflow.tar.gz" in job["staged"], "the package sdist (--setup_file) is not staged"
-    assert {"MatchShards/Expand", "ExtractShards/Reshuffle/ReshufflePerKey/GroupByKey", "ExtractShards/ExtractAndWrite", "Commit"} <= set(job["transforms"])
+    assert {"MatchShards/Expand", "ExtractShards/Reshuffle/ReshufflePerKey/GroupByKey", "ExtractShards/ExtractAndWrite"} <= set(job["transforms"])
+    # the commit is distributed: bucketed dedupe through a GroupByKey, per-shard publish, one finalize
+    for step in ("Commit/ByBucket", "Commit/Publish", "Commit/Finalize"):
+        assert any(t.startswith(step) for t in job["transforms"]), step
     assert not (tmp_path / "out").exists(), "a dry run wrote output"

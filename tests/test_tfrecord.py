@@ -224,6 +224,7 @@ def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, 
     rows = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
     assert rows == {"a": 0, "b": 1, "c": 0, "d": 1}  # the kept "a" is shard 0's
     assert sum(f["rows"] for f in manifest["files"]) == 4
-    dead = pq.read_table(tmp_path / "out" / "_dead_letters" / "s00001.parquet").to_pylist()
+    (dead_file,) = (tmp_path / "out" / "_dead_letters").glob("s00001-*.parquet")  # <shard>-<run>.parquet
+    dead = pq.read_table(dead_file).to_pylist()
     assert [(d["key"], d["index"], d["reason"]) for d in dead] == [("a", 1, "duplicate_key")]
     assert "record 0 of shard s00000" in dead[0]["detail"]

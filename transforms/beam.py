@@ -31,7 +31,7 @@ from .errors import ConfigError, ModelError, first_line
 from .readers import Shard, match_shards
 from .shard import JobSpec, ShardProcessor, ShardResult
 
-__all__ = ["MatchShards", "ExtractShards", "ExtractLayers", "WriteLayers", "examples_so_far"]
+__all__ = ["MatchShards", "ExtractShards", "CommitShards", "ExtractLayers", "WriteLayers", "examples_so_far"]
 
 _LOG = logging.getLogger("layerbeam")
 _NS = "layerbeam"
@@ -146,6 +146,72 @@ def ExtractShards(shards: beam.PCollection, spec: JobSpec, run_id: str):
         | "Reshuffle" >> beam.Reshuffle()
         | "ExtractAndWrite" >> beam.ParDo(_ExtractShardDoFn(spec, run_id))
     )
+
+
+@beam.ptransform_fn
+def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id: str, planned_inputs: str | None = None, buckets: int | None = None):
+    """PCollection[ShardResult] → PCollection[counts]: the commit, distributed
+    (`commit.py`'s steps; no step on one worker grows with rows, files or bytes).
+
+    - Check: one step over each shard's brief result (counts, no file lists); its verdict
+      is a side input of publishing, so nothing is published unless every shard is there.
+    - Dedupe: each shard's key hashes split by hash bucket → GroupByKey → each bucket
+      sorted on its own worker → the rows each shard loses, grouped by shard.
+    - Publish: per shard, in parallel (its result joined with what it loses): verify,
+      rewrite only if it lost rows, one operation per file; out comes a small summary.
+    - Finalize: one step over the summaries: manifest and `_SUCCESS`.
+    - Clean up: per shard in parallel after `_SUCCESS`, then the run's folder.
+
+    Args:
+        shards: the shards the workers listed (a side input: the completeness check).
+        buckets: hash buckets of the dedupe (default `commit.DEDUPE_BUCKETS`).
+    """
+    from . import commit
+    from .staging import OutputLayout
+
+    out = manifest_base["config"]["output"]["path"]
+    nb = buckets or commit.DEDUPE_BUCKETS
+
+    def layout():
+        return OutputLayout(out, run_id)
+
+    dicts = results | "AsDicts" >> beam.Map(lambda r: r.to_dict() if hasattr(r, "to_dict") else dict(r))
+    verdict = (
+        dicts
+        | "Brief" >> beam.Map(commit.brief)
+        | "AllBriefs" >> beam.combiners.ToList()
+        | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs)
+    )
+    lost = (
+        dicts
+        | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb))
+        | "ByBucket" >> beam.GroupByKey()
+        | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
+    )
+    keyed = dicts | "ByShard" >> beam.Map(lambda r: (r["shard"], r))
+
+    def publish(kv, go):
+        shard, grouped = kv
+        (r,) = grouped["result"]
+        if go:  # False: this run's output is committed already
+            yield commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part])
+
+    summaries = (
+        {"result": keyed, "lost": lost}
+        | "Join" >> beam.CoGroupByKey()
+        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict))
+    )
+    counts = (
+        summaries
+        | "AllSummaries" >> beam.combiners.ToList()
+        | "Finalize" >> beam.Map(lambda s: commit.finalize(layout(), s, manifest_base))
+    )
+    cleaned = (
+        keyed
+        | "CleanShard" >> beam.Map(lambda kv, _: commit.cleanup_shard(layout(), kv[0]), beam.pvalue.AsSingleton(counts))
+        | "Cleaned" >> beam.combiners.Count.Globally()
+    )
+    return counts | "CleanRun" >> beam.Map(lambda c, _: (commit.cleanup_run(layout()), c)[1], beam.pvalue.AsSingleton(cleaned))
 
 
 # --------------------------------------------------------------------------- ExtractLayers

@@ -72,7 +72,7 @@ def write_rows(
     n = len(keys)
     keys_arr = np.array(list(keys), dtype=object)
     index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
-    layout.clear_shard(shard_id)
+    attempt = layout.new_attempt()  # its own folder: another attempt of the shard never mixes in
 
     def batches() -> Iterator[pa.RecordBatch]:
         for lo in range(0, n, BATCH_ROWS):
@@ -81,10 +81,10 @@ def write_rows(
             yield to_record_batch(schema, cols, {k: v[lo:hi] for k, v in outputs.items()})
 
     basename = f"part-{layout.run_id[:8]}-{shard_id}"
-    files = writer.write_shard(batches(), layout.shard_dir(shard_id), basename)
-    layout.write_keys(shard_id, key_hashes(keys_arr), index)
+    files = writer.write_shard(batches(), layout.shard_dir(shard_id, attempt), basename)
+    layout.write_keys(shard_id, attempt, key_hashes(keys_arr), index)
     if failures:
-        write_dead_letters(layout.dead_file(shard_id), dead_letter_table(list(failures), [origin], per_file=False))
+        write_dead_letters(layout.dead_file(shard_id, attempt), dead_letter_table(list(failures), [origin], per_file=False))
     rows = sum(f.rows for f in files)
     if rows != n:
         raise RuntimeError(f"shard {shard_id}: {n} rows given but the writer reports {rows}")
@@ -100,6 +100,7 @@ def write_rows(
         files=tuple({"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files),
         model_fingerprint=model_fingerprint,
         seconds=round(time.perf_counter() - t0, 3),
+        attempt=attempt,
     )
     layout.write_marker(shard_id, result.to_dict())
     return result

@@ -21,7 +21,7 @@ from .layers import SelectSpec, trace_and_select
 from .models import ModelSpec
 from .readers import ReadSpec, Shard, ShardEnd, check_inputs, read_shard
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
-from .staging import OutputLayout
+from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' format: in staging, TensorFlow-free
 from .stats import ShardStats
 
 __all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
@@ -65,6 +65,8 @@ class ShardResult:
         model_fingerprint: the weights the worker computed with.
         seconds: wall time of the shard; `timing`: where it went.
         resumed: the shard was done by an earlier attempt (its marker was found).
+        attempt: the attempt that wrote the files (they are under `shards/<shard>/<attempt>/`).
+        input_version: the store's content fingerprint of the shard's inputs (`Shard.version`).
     """
 
     shard: str
@@ -80,6 +82,8 @@ class ShardResult:
     seconds: float = 0.0
     timing: Mapping[str, float] | None = None
     resumed: bool = False
+    attempt: str = ""
+    input_version: str = ""
     stats: Mapping[str, Mapping[str, Any]] | None = None  # per output: `stats.ShardStats` partials
 
     def to_dict(self) -> dict:
@@ -151,16 +155,17 @@ class ShardProcessor:
     def process(self, shard: Shard, on_batch=None) -> ShardResult:
         """Extract and write one shard; return its result (also stored as its marker).
 
-        A shard whose marker exists (a resumed run) is not processed again. Otherwise its
-        staged files are removed first and rewritten under the same names, so a retried
-        bundle replaces what an earlier attempt left instead of adding to it. A record
+        A shard whose marker exists for the same input files and content (a resumed run) is
+        not processed again. Otherwise this attempt writes under its own attempt id, so a
+        retried bundle or a zombie worker never touches another attempt's files; only the
+        attempt whose result reaches the commit is committed. A record
         whose key repeats an earlier record of the shard becomes a `duplicate_key` dead
         letter; repeats across shards are found at commit (`commit.commit_run`).
         """
         done = self.layout.read_marker(shard.id)
-        if done is not None and tuple(done.get("paths", ())) == shard.paths:
+        if done is not None and tuple(done.get("paths", ())) == shard.paths and done.get("input_version", "") == shard.version:
             return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
-        self.layout.clear_shard(shard.id)
+        attempt = self.layout.new_attempt()
         t0 = time.perf_counter()
         stats = {"rows": 0}
         # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
@@ -207,11 +212,12 @@ class ShardProcessor:
         # The run id is in the name: a reader that listed an older output and opens its files
         # after the swap finds them gone instead of reading this run's data under old names.
         basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
-        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id), basename)
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id, attempt), basename)
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         self.layout.write_keys(
             shard.id,
+            attempt,
             np.concatenate(kept_hash) if kept_hash else np.zeros(0, KEY_HASH_DTYPE),
             np.concatenate(kept_index) if kept_index else np.zeros(0, np.int64),
         )
@@ -231,13 +237,15 @@ class ShardProcessor:
             model_fingerprint=self.model_fingerprint,
             seconds=seconds,
             timing={k: round(v, 3) for k, v in timing.items()},
+            attempt=attempt,
+            input_version=shard.version,
             stats=shard_stats.to_json(),
         )
         if result.rows != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result.rows}")
         dead = [*failures, *([err] if err else [])]
         if dead:
-            write_dead_letters(self.layout.dead_file(shard.id), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
+            write_dead_letters(self.layout.dead_file(shard.id, attempt), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
         self.layout.write_marker(shard.id, result.to_dict())
         return result
 
@@ -299,21 +307,6 @@ def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_exampl
     """`batch_size`, lowered so one batch's outputs stay under `max_batch_bytes`
     (unreduced outputs of a big model can be tens of MB per example)."""
     return max(1, min(batch_size, max_batch_bytes // max(1, bytes_per_example)))
-
-
-KEY_HASH_DTYPE = "S16"
-
-
-def key_hashes(keys: np.ndarray) -> np.ndarray:
-    """128-bit BLAKE2b of each key (bytes or str), as `S16`: stable across processes; used to
-    find keys repeated across shards at commit without holding the keys themselves. At
-    128 bits, a false match among 10^12 keys has a probability below 10^-14."""
-    import hashlib
-
-    return np.array(
-        [hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=16).digest() for k in keys],
-        dtype=KEY_HASH_DTYPE,
-    ).reshape(len(keys))
 
 
 def _drop_repeated_keys(batch, first_seen: dict[bytes, int], dupes: list[Failure]):

@@ -3,15 +3,21 @@
 ```
 <out>/                              the committed output (readers look here)
 <out>.layerbeam-staging/
-    _lock                           held by the run writing <out>: pid, host, run
+    _lock.<n>                       the lock: the highest n is the holder (pid, host, run, token)
     <run>/                          one run (run = config + model + input shards fingerprint)
         _run.json                   what the run is: config, model fingerprint, shards
-        shards/<shard>/...          one input shard's data files (deterministic names)
-        shards/<shard>.done.json    the shard's marker: its `ShardResult`
-        dead/<shard>.parquet        the shard's dead letters
-        keys/<shard>.npz            the shard's key hashes and record indices
-        final/                      the output as assembled by the commit
+        _publishing                 the commit has started putting files into <out>
+        shards/<shard>/<attempt>/   one attempt of one input shard: its data files, and
+            _keys.npz               the key hashes and record indices of its rows,
+            _dead.parquet           its dead letters
+        shards/<shard>/<attempt>.dedupe/   the attempt's files without keys an earlier shard wrote
+        shards/<shard>.done.json    the shard's marker: the `ShardResult` of the attempt that finished
+        final/                      local file systems: the output as assembled by the commit
 ```
+
+Every attempt of a shard (a retried bundle, a zombie worker, a second run that took over a
+stale lock) writes under its own attempt id, so no attempt can overwrite or truncate
+another's files; the commit takes only the files of the attempt whose `ShardResult` reached it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,23 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ._fs import fsspec_fs
+from ._fs import fsspec_fs, is_local
 
-__all__ = ["OutputLayout"]
+__all__ = ["OutputLayout", "key_hashes", "KEY_HASH_DTYPE"]
+
+KEY_HASH_DTYPE = "S16"
+
+
+def key_hashes(keys) -> np.ndarray:
+    """128-bit BLAKE2b of each key (bytes or str), as `S16`: stable across processes; used to
+    find keys repeated across shards at commit without holding the keys themselves. At
+    128 bits, a false match among 10^12 keys has a probability below 10^-14."""
+    import hashlib
+
+    return np.array(
+        [hashlib.blake2b(k if isinstance(k, bytes) else str(k).encode(), digest_size=16).digest() for k in keys],
+        dtype=KEY_HASH_DTYPE,
+    ).reshape(len(keys))
 
 
 class OutputLayout:
@@ -49,24 +69,27 @@ class OutputLayout:
 
     # ------------------------------------------------------------------ per shard
 
-    def shard_dir(self, shard_id: str) -> str:
-        return f"{self.run_dir}/shards/{shard_id}"
+    def shard_dir(self, shard_id: str, attempt: str = "") -> str:
+        """The folder of one attempt of a shard (without `attempt`: of all its attempts)."""
+        return f"{self.run_dir}/shards/{shard_id}" + (f"/{attempt}" if attempt else "")
+
+    def dedupe_dir(self, shard_id: str, attempt: str) -> str:
+        """Where the commit writes an attempt's files without keys an earlier shard wrote."""
+        return f"{self.run_dir}/shards/{shard_id}/{attempt}.dedupe"
 
     def marker(self, shard_id: str) -> str:
         return f"{self.run_dir}/shards/{shard_id}.done.json"
 
-    def dead_file(self, shard_id: str) -> str:
-        return f"{self.run_dir}/dead/{shard_id}.parquet"
+    def dead_file(self, shard_id: str, attempt: str) -> str:
+        return f"{self.shard_dir(shard_id, attempt)}/_dead.parquet"
 
-    def keys_file(self, shard_id: str) -> str:
-        return f"{self.run_dir}/keys/{shard_id}.npz"
+    def keys_file(self, shard_id: str, attempt: str) -> str:
+        return f"{self.shard_dir(shard_id, attempt)}/_keys.npz"
 
-    def clear_shard(self, shard_id: str) -> None:
-        """Remove a shard's partial files before (re)writing it: a retried bundle or a
-        resumed run rewrites the shard from scratch, never appends to it."""
-        for p in (self.marker(shard_id), self.shard_dir(shard_id), self.dead_file(shard_id), self.keys_file(shard_id)):
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
+    @staticmethod
+    def new_attempt() -> str:
+        """A fresh attempt id: unique per attempt, so attempts never share a file name."""
+        return uuid.uuid4().hex[:16]
 
     def read_marker(self, shard_id: str) -> dict | None:
         p = self.marker(shard_id)
@@ -78,22 +101,25 @@ class OutputLayout:
     def write_marker(self, shard_id: str, result: Mapping) -> None:
         self._write_atomic(self.marker(shard_id), json.dumps(result).encode())
 
-    def write_keys(self, shard_id: str, hashes: np.ndarray, index: np.ndarray) -> None:
+    def write_keys(self, shard_id: str, attempt: str, hashes: np.ndarray, index: np.ndarray) -> None:
         """Store the key hashes (`S16`) of the rows a shard wrote, with their record indices."""
         import io
 
         buf = io.BytesIO()
         np.savez(buf, hash=hashes.astype("S16"), index=index.astype(np.int64))
-        self._write_atomic(self.keys_file(shard_id), buf.getvalue())
+        self._write_atomic(self.keys_file(shard_id, attempt), buf.getvalue())
 
-    def read_keys(self, shard_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def read_keys(self, shard_id: str, attempt: str) -> tuple[np.ndarray, np.ndarray]:
         import io
 
-        with self.fs.open(self.keys_file(shard_id), "rb") as f:
+        with self.fs.open(self.keys_file(shard_id, attempt), "rb") as f:
             z = np.load(io.BytesIO(f.read()))
             return z["hash"], z["index"]
 
     def _write_atomic(self, path: str, data: bytes) -> None:
+        if not is_local(self.fs):  # one PUT is atomic on object stores; a rename would be a copy
+            self.fs.pipe_file(path, data)
+            return
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with self.fs.open(tmp, "wb") as f:
@@ -101,6 +127,10 @@ class OutputLayout:
         self.fs.mv(tmp, path)
 
     # ------------------------------------------------------------------ the run
+
+    @property
+    def publishing_flag(self) -> str:
+        return f"{self.run_dir}/_publishing"
 
     def is_complete(self) -> bool:
         return self.fs.exists(f"{self.out}/{self.SUCCESS}")
@@ -114,8 +144,9 @@ class OutputLayout:
             return None
 
     def has_foreign_files(self) -> bool:
-        """`<out>` holds files but no `_SUCCESS`: not a complete layerbeam output."""
-        return self.fs.exists(self.out) and not self.is_complete() and bool(self.fs.ls(self.out))
+        """`<out>` holds files but no `_SUCCESS`, and they are not this run's own half-published
+        files (a commit killed while publishing on an object store): not a layerbeam output."""
+        return self.fs.exists(self.out) and not self.is_complete() and bool(self.fs.ls(self.out)) and not self.fs.exists(self.publishing_flag)
 
     def other_runs(self) -> list[str]:
         """Run ids of other (half-built) runs staged for the same output."""

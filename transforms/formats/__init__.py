@@ -37,6 +37,7 @@ class WriteSpec:
     tfrecord_compression: str = "none"
     max_bytes_per_file: int = 256 << 20
     overwrite: bool = False
+    max_files: int = 100_000  # checked by the launcher's plan (projected data files)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,11 +104,15 @@ class Shard:
         id: stable id used in output file names (`s00003`).
         paths: the files; one for TFRecord.
         size: total bytes.
+        version: a digest of the content fingerprints the store gives for free with the
+            listing (GCS generation and crc32c, S3 ETag, local mtime_ns, size and inode): a file
+            rewritten with the same size gives another version, so it is extracted again.
     """
 
     id: str
     paths: tuple[str, ...]
     size: int = 0
+    version: str = ""
 
 
 @dataclasses.dataclass
@@ -163,16 +167,37 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512, spec: ReadS
         if fs.isdir(path):
             path = path.rstrip("/") + ("/**" if fmt == "images" else "/*")
     infos = fs.glob(path, detail=True)
-    files = sorted((p, int(i.get("size") or 0)) for p, i in infos.items() if i.get("type") != "directory")
+    files = sorted((p, int(i.get("size") or 0), _content_tag(fs, p, i)) for p, i in infos.items() if i.get("type") != "directory")
     local = "://" not in pattern or pattern.startswith("file://")
     name = (lambda p: p) if local else fs.unstrip_protocol
     if fmt in ("tfrecord", "parquet", "webdataset"):
-        return [Shard(f"s{i:05d}", (name(p),), s) for i, (p, s) in enumerate(files)]
+        return [Shard(f"s{i:05d}", (name(p),), s, _version([t])) for i, (p, s, t) in enumerate(files)]
     out = []
     for k in range(0, len(files), files_per_shard):
         chunk = files[k : k + files_per_shard]
-        out.append(Shard(f"s{k // files_per_shard:05d}", tuple(name(p) for p, _ in chunk), sum(s for _, s in chunk)))
+        out.append(Shard(f"s{k // files_per_shard:05d}", tuple(name(p) for p, _, _ in chunk), sum(s for _, s, _ in chunk), _version([t for _, _, t in chunk])))
     return out
+
+
+def _content_tag(fs, path: str, info: Mapping) -> str:
+    """The content fingerprint of one listed file, from what the listing already returned
+    (no extra request on object stores; one `stat` locally, for the nanosecond mtime)."""
+    import os
+
+    from .._fs import _protocols
+
+    protos = _protocols(fs)
+    if protos & {"file", "local"}:
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    keys = ("generation", "crc32c") if protos & {"gs", "gcs"} else ("ETag", "VersionId") if protos & {"s3", "s3a"} else ("mtime", "LastModified", "created", "etag")
+    return ":".join([str(info.get("size"))] + [str(info.get(k, "")) for k in keys])
+
+
+def _version(tags) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(tags).encode()).hexdigest()[:16]
 
 
 def check_inputs(spec: ReadSpec, input_shapes: Mapping[str, tuple], input_dtypes: Mapping[str, str] | None = None) -> dict[str, InputPlan]:

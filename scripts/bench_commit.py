@@ -1,0 +1,186 @@
+"""The commit at scale, without a model: synthetic staged runs (real Parquet files, key
+hashes, markers, as workers leave them) committed by the real commit code.
+
+    python scripts/bench_commit.py rss --rows 1000000 10000000      # peak RSS of the final step
+    python scripts/bench_commit.py requests --files 200             # storage requests per data file (local, S3, GCS)
+    python scripts/bench_commit.py wall --files 10000               # wall time of the commit, local disk
+
+`rss` runs each step in a fresh process and prints the peak RSS of the final step
+(`finalize`, the only step on one worker) and of the largest dedupe bucket. `requests`
+starts moto and fake-gcs-server (tests/objectstores.py) behind the counting proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def manifest_base(out: str, run_id: str, overwrite: bool = False) -> dict:
+    return {
+        "run_id": run_id,
+        "config": {"input": {"pattern": "synthetic"}, "output": {"path": out, "overwrite": overwrite, "partition_by": [], "format": "parquet"}},
+        "model": {"fingerprint": "fp"},
+    }
+
+
+def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int = 0, files_per_shard: int = 1, write_rows: bool = True) -> tuple[list[dict], list]:
+    """Stage `shards` shards of `rows` rows as workers would; return (results, shards).
+
+    `repeat_every`: every that many shards, the shard's first 10 keys repeat the previous
+    shard's (cross-shard duplicates the commit must drop). `write_rows=False` writes one
+    tiny row per file but reports `rows` in the marker's counts (for the RSS benchmark:
+    what grows is the key hashes, which are written in full).
+    """
+    from layerbeam.transforms.readers import Shard
+    from layerbeam.transforms.staging import OutputLayout, key_hashes
+
+    layout = OutputLayout(out, run_id)
+    fs = layout.fs
+    results, listed = [], []
+    for i in range(shards):
+        sid = f"s{i:05d}"
+        attempt = layout.new_attempt()
+        start = i * rows
+        keys = np.array([f"k{start + j:012d}" for j in range(rows)], dtype=object)
+        if repeat_every and i and i % repeat_every == 0:
+            keys[:10] = [f"k{(i - 1) * rows + j:012d}" for j in range(10)]
+        if not write_rows:
+            keys = keys[:files_per_shard]
+        files = []
+        per = -(-rows // files_per_shard)
+        for k in range(files_per_shard):
+            part = keys[k * per : (k + 1) * per] if write_rows else keys[k : k + 1]
+            name = f"part-{run_id[:8]}-{sid}-{k}.parquet"
+            path = f"{layout.shard_dir(sid, attempt)}/{name}"
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            table = pa.table({"key": pa.array(list(part), pa.string()), "v": pa.array(np.arange(len(part), dtype=np.float32))})
+            with fs.open(path, "wb") as f:
+                pq.write_table(table, f)
+            files.append({"path": name, "final_path": name, "rows": len(part), "bytes": fs.size(path)})
+        n = sum(f["rows"] for f in files)
+        if write_rows:
+            layout.write_keys(sid, attempt, key_hashes(keys), np.arange(n, dtype=np.int64))
+        else:  # the RSS benchmark: `rows` distinct key hashes per shard, tiny files
+            h = np.frombuffer(np.random.default_rng(i).bytes(16 * rows), dtype="S16")
+            layout.write_keys(sid, attempt, h, np.arange(rows, dtype=np.int64))
+        r = {"shard": sid, "paths": [f"in/{sid}.tfrecord"], "bytes_in": 100, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
+             "shard_errors": [], "files": files, "model_fingerprint": "fp", "seconds": 0.0, "timing": None, "resumed": False, "attempt": attempt, "input_version": ""}
+        layout.write_marker(sid, r)
+        results.append(r)
+        listed.append(Shard(sid, (f"in/{sid}.tfrecord",), 100))
+    return results, listed
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process so far (VmHWM), less its RSS once the imports were done:
+    what the step itself added."""
+    return round(_status_mb("VmHWM") - _BASE, 1)
+
+
+_BASE = 0.0
+
+
+def _child(args) -> None:
+    """One step in a fresh process; prints JSON with its peak RSS."""
+    from layerbeam.transforms import commit
+    from layerbeam.transforms.staging import OutputLayout
+
+    with open(args.state) as f:
+        st = json.load(f)
+    layout = OutputLayout(st["out"], st["run_id"])
+    base = manifest_base(st["out"], st["run_id"])
+    global _BASE
+    _BASE = _status_mb("VmRSS")
+    t = time.perf_counter()
+    if args.child == "bucket":  # the largest dedupe bucket: its parts from every shard
+        parts = []
+        for r in st["results"]:
+            for b, part in commit.key_parts(layout, r, commit.DEDUPE_BUCKETS):
+                if b == 0:
+                    parts.append(part)
+        commit.find_repeats(parts)
+    elif args.child == "finalize":
+        summaries = [commit.publish_shard(layout, r, ()) for r in st["results"]]  # a worker's step, timed apart
+        rss_before = _peak_rss_mb()
+        _BASE = _status_mb("VmRSS")  # finalize alone; the summaries are its input
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        t = time.perf_counter()
+        commit.finalize(layout, summaries, base)
+        print(json.dumps({"step": "finalize", "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before, "seconds": time.perf_counter() - t}))
+        return
+    print(json.dumps({"step": args.child, "peak_rss_mb": _peak_rss_mb(), "seconds": time.perf_counter() - t}))
+
+
+def bench_rss(rows_list: list[int], shards: int) -> None:
+    for rows in rows_list:
+        with tempfile.TemporaryDirectory() as d:
+            out = f"{d}/out"
+            results, _ = stage_run(out, "rss0000000000000", shards, rows // shards, write_rows=False)
+            state = f"{d}/state.json"
+            with open(state, "w") as f:
+                json.dump({"out": out, "run_id": "rss0000000000000", "results": results}, f)
+            for step in ("bucket", "finalize"):
+                p = subprocess.run([sys.executable, __file__, "--child", step, "--state", state], capture_output=True, text=True, check=True)
+                print(json.dumps({"rows": rows, "shards": shards, **json.loads(p.stdout.strip().splitlines()[-1])}))
+
+
+def bench_wall(files: int) -> None:
+    from layerbeam.transforms.commit import commit_run
+
+    with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/out"
+        t = time.perf_counter()
+        results, listed = stage_run(out, "wall000000000000", files, 10)
+        staged = time.perf_counter() - t
+        t = time.perf_counter()
+        counts = commit_run(results, listed, manifest_base(out, "wall000000000000"), "wall000000000000")
+        print(json.dumps({"store": "local", "files": files, "stage_s": round(staged, 1), "commit_s": round(time.perf_counter() - t, 2), "rows": counts["rows_written"]}))
+
+
+def bench_requests(files: int) -> None:
+    import pytest
+
+    os.environ["BENCH_FILES"] = str(files)
+    sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", os.path.join(os.path.dirname(__file__), "..", "tests", "test_commit.py"), "-k", "requests_per_file"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", choices=["rss", "requests", "wall"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--child")
+    ap.add_argument("--state")
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    if args.what == "rss":
+        bench_rss(args.rows, args.shards)
+    elif args.what == "wall":
+        bench_wall(args.files)
+    elif args.what == "requests":
+        bench_requests(args.files)
+
+
+if __name__ == "__main__":
+    main()
