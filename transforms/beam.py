@@ -175,7 +175,10 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     def layout():
         return OutputLayout(out, run_id)
 
-    dicts = results | "AsDicts" >> beam.Map(lambda r: r.to_dict() if hasattr(r, "to_dict") else dict(r))
+    # Results stay `ShardResult` objects (pickled by Beam's default coder): as dicts, their
+    # paths would be encoded as UTF-8 strings, which an undecodable file name (kept
+    # surrogate-escaped, as Python lists it) cannot be. The commit functions take either.
+    dicts = results
     verdict = (
         dicts
         | "Brief" >> beam.Map(commit.brief)
@@ -188,13 +191,13 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "ByBucket" >> beam.GroupByKey()
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
-    keyed = dicts | "ByShard" >> beam.Map(lambda r: (r["shard"], r))
+    keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
 
     def publish(kv, go):
         shard, grouped = kv
         (r,) = grouped["result"]
         if go:  # False: this run's output is committed already
-            yield commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part])
+            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part]))
 
     summaries = (
         {"result": keyed, "lost": lost}
@@ -204,7 +207,7 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     counts = (
         summaries
         | "AllSummaries" >> beam.combiners.ToList()
-        | "Finalize" >> beam.Map(lambda s: commit.finalize(layout(), s, manifest_base))
+        | "Finalize" >> beam.Map(lambda s: commit.finalize(layout(), [x.value for x in s], manifest_base))
     )
     cleaned = (
         keyed
@@ -212,6 +215,17 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "Cleaned" >> beam.combiners.Count.Globally()
     )
     return counts | "CleanRun" >> beam.Map(lambda c, _: (commit.cleanup_run(layout()), c)[1], beam.pvalue.AsSingleton(cleaned))
+
+
+class _Pickled:
+    """A value Beam's default coder pickles whole. A shard's summary names its input files,
+    and a file name that is not valid UTF-8 (listed surrogate-escaped) cannot be encoded as
+    a Beam string; pickled, it reaches the manifest as Python listed it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 # --------------------------------------------------------------------------- ExtractLayers
