@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 import yaml
 
@@ -47,7 +46,7 @@ def _config(tmp: Path, pattern: str, out: Path, **overrides):
 
 def _rows(out: Path) -> dict[str, dict]:
     """{key: {column: value}}: every row the job wrote, tensors as numpy arrays."""
-    table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    table = to_arrow(str(out))
     cols = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
@@ -127,6 +126,7 @@ import os, sys, time, grpc
 from apache_beam.portability.api import beam_fn_api_pb2_grpc
 from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
 from apache_beam.utils import thread_pool_executor
+from layerbeam.transforms.readback import to_arrow
 server = grpc.server(thread_pool_executor.shared_unbounded_instance())
 port = server.add_insecure_port("127.0.0.1:0")
 beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(BeamFnExternalWorkerPoolServicer(use_process=True), server)

@@ -136,7 +136,7 @@ class ShardProcessor:
         with precision(cfg.batching.precision):
             launcher = _launcher_model(run_id)  # compares the policy in force
             self.extractor = ExtractorPool(build, self.device_plan)
-        stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
+        stored = sum(stored_bytes(s, cfg.output.parquet_encoding if cfg.output.format == "parquet" else None) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source)
         self.schema = output_schema(self.specs, column_types(cfg.input))

@@ -9,16 +9,16 @@ front of the values are the same for every row (tag, lengths, key), so a row is 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from .._fs import fsspec_fs
-from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, storage_spec
+from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, read_schema, storage_spec, table_from_numpy
 from . import WriteSpec, WrittenFile
 
-__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without"]
+__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without", "feature_spec", "parse_example_fn", "read_tables", "tf_dataset", "arrow_dataset", "sidecars"]
 
 
 def _varint(n: int) -> bytes:
@@ -60,18 +60,14 @@ def _int64_feature(values: Iterable[int]) -> bytes:
     return _ld(3, len(body)) + body  # Feature.int64_list
 
 
-def _tensor_proto_prefix(shape: Sequence[int], nbytes: int) -> bytes:
-    """TensorProto (DT_HALF) up to its `tensor_content`, as `tf.io.serialize_tensor` writes it."""
-    dims = b"".join(_ld(2, len(d)) + d for d in (b"\x08" + _varint(int(n)) if n else b"" for n in shape))
-    return b"\x08\x13" + _ld(2, len(dims)) + dims + _ld(4, nbytes)  # dtype=DT_HALF(19), tensor_shape, tensor_content
-
-
 class ExampleEncoder:
     """Arrow record batches (the output schema) → serialized `tf.train.Example`s.
 
     Tensor columns: float32 as a `float_list` (plus a constant `<name>.shape` int64_list),
-    float16 as a bytes feature holding a TensorProto (`tf.io.parse_tensor(x, tf.float16)`),
-    so nothing is widened. Scalars: string → bytes_list, int64 → int64_list, float32 →
+    float16 as one bytes value holding the row-major values as little-endian float16
+    (`tf.io.decode_raw(x, tf.float16)`, `np.frombuffer(x, "<f2")`, TFDS's `Tensor`
+    feature with `encoding: bytes`), so nothing is widened and no TensorFlow-only
+    serialization is needed to read it. Scalars: string → bytes_list, int64 → int64_list, float32 →
     float_list. The result parses with `tf.io.parse_single_example` like any Example.
     """
 
@@ -87,10 +83,9 @@ class ExampleEncoder:
                 shape = list(f.type.shape)
                 size = int(np.prod(shape))
                 if f.type.value_type == pa.float16():
-                    tp = _tensor_proto_prefix(shape, size * 2)
-                    value_len = len(tp) + size * 2
-                    body = _ld(1, value_len) + tp  # BytesList.value = the TensorProto
-                    body_len = len(_ld(1, value_len)) + value_len
+                    value_len = size * 2
+                    body = _ld(1, value_len)  # BytesList.value = the raw little-endian values
+                    body_len = len(body) + value_len
                     prefix = _ld(1, body_len) + body
                     self._fixed.append((f.name, *self._entry(key, prefix, len(_ld(1, body_len)) + body_len, size * 2)))
                 else:
@@ -284,3 +279,78 @@ def rewrite_without(fs, src: str, dst: str, keep: Callable[[Sequence], np.ndarra
                     w.write(r)
         fs.put(local_out, dst)
     return int(mask.sum())
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def feature_spec(storage: dict, columns: Sequence[str] | None = None) -> dict:
+    """`tf.io.parse_single_example` features for a TFRecord output's storage spec.
+
+    Args:
+        storage: the manifest's `storage` section.
+        columns: a subset of columns; default all.
+    """
+    import tensorflow as tf
+
+    dtypes = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
+    spec = {}
+    for c in storage["columns"]:
+        if columns is not None and c["name"] not in columns:
+            continue
+        t = c["tfrecord"]
+        if t["kind"] in ("raw_bytes", "tensor_proto"):
+            spec[t["feature"]] = tf.io.FixedLenFeature([], tf.string)
+        else:
+            spec[t["feature"]] = tf.io.FixedLenFeature(c["shape"], dtypes[c["dtype"]])
+    return spec
+
+
+def parse_example_fn(storage: dict, columns: Sequence[str] | None = None):
+    """A function: serialized tf.train.Example → {column: tensor of its shape and dtype}.
+    Reads float16 stored as raw little-endian bytes and, in outputs written before that,
+    as a serialized TensorProto."""
+    import tensorflow as tf
+
+    spec = feature_spec(storage, columns)
+    cols = [c for c in storage["columns"] if columns is None or c["name"] in columns]
+
+    def parse(record):
+        raw = tf.io.parse_single_example(record, spec)
+        out = {}
+        for c in cols:
+            v = raw[c["tfrecord"]["feature"]]
+            kind = c["tfrecord"]["kind"]
+            if kind == "raw_bytes":
+                v = tf.reshape(tf.io.decode_raw(v, tf.as_dtype(c["dtype"]), little_endian=True), c["shape"])
+            elif kind == "tensor_proto":
+                v = tf.ensure_shape(tf.io.parse_tensor(v, tf.as_dtype(c["dtype"])), c["shape"])
+            out[c["name"]] = v
+        return out
+
+    return parse
+
+
+def tf_dataset(out, cols: Sequence[dict]):
+    """Parsed by tf.data itself with the manifest's feature spec, files in manifest order."""
+    import tensorflow as tf
+
+    ds = tf.data.TFRecordDataset(list(out.files), compression_type=out.storage.get("compression") or "")
+    return ds.map(parse_example_fn(out.storage, [c["name"] for c in cols]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
+    for batch in tf_dataset(out, cols).batch(1024).as_numpy_iterator():
+        yield table_from_numpy(batch, cols)
+
+
+def arrow_dataset(out):
+    """An in-memory `pyarrow.dataset.Dataset` of the whole output (TFRecord has no lazy Arrow reader)."""
+    import pyarrow.dataset as ds
+
+    tables = list(read_tables(out, out.columns))
+    return ds.dataset(pa.concat_tables(tables) if tables else read_schema(out.columns).empty_table())
+
+
+def sidecars(manifest: dict) -> dict[str, bytes]:
+    return {}
