@@ -30,7 +30,7 @@ import pyarrow as pa
 from ._fs import is_local
 from .deadletters import DEAD_LETTER_SCHEMA
 from .errors import CommitError, ConfigError
-from .formats import rewrite_without
+from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
 
@@ -166,6 +166,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
     if fps != {manifest_base["model"]["fingerprint"]}:
         raise CommitError(f"workers built models with different weights {sorted(fps)}; set model.seed or use a weights file")
     layout = OutputLayout(cfg["output"]["path"], run_id)
+    results = _name_files(cfg["output"]["format"], results, run_id)
     results = assemble(layout, results, _repeated_keys(layout, results))
     read = sum(r["read"] for r in results)
     rows = sum(r["rows"] for r in results)
@@ -201,6 +202,17 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
     )
     publish(layout, manifest, overwrite=cfg["output"]["overwrite"])
     return manifest["counts"]
+
+
+def _name_files(fmt: str, results: Sequence[Mapping], run_id: str) -> list[dict]:
+    """Each data file's committed name, as its format wants it (TFDS shard names for
+    TFRecord), over all shards in shard order."""
+    results = sorted((dict(r) for r in results), key=lambda r: r["shard"])
+    staged = [f["final_path"] for r in results for f in r["files"]]
+    names = iter(final_paths(fmt, staged, run_id))
+    for r in results:
+        r["files"] = [dict(f, final_path=next(names)) for f in r["files"]]
+    return results
 
 
 def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[bytes, dict]]:
@@ -296,6 +308,10 @@ def assemble(layout: OutputLayout, results: Sequence[Mapping], drop: Mapping[str
 def publish(layout: OutputLayout, manifest: Mapping, overwrite: bool) -> None:
     """Write the manifest and `_SUCCESS` into the assembled output and put it in place."""
     final = f"{layout.run_dir}/final"
+    fmt = manifest.get("storage", {}).get("format")
+    for name, data in (sidecars(fmt, manifest) if fmt else {}).items():  # e.g. TFDS metadata
+        with layout.fs.open(f"{final}/{name}", "wb") as f:
+            f.write(data)
     with layout.fs.open(f"{final}/{layout.MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=False)
     with layout.fs.open(f"{final}/{layout.SUCCESS}", "w") as f:

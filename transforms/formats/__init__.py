@@ -13,6 +13,8 @@ stored, for the manifest. Each format module also has
   (`schema.read_schema`), files in manifest order;
 * `tf_dataset(out, cols)`: the same as a `tf.data.Dataset` of one dict per example;
 * `arrow_dataset(out)`: a `pyarrow.dataset.Dataset` over the output;
+* `final_paths(paths, run_id)`: the committed names of a run's data files (staged
+  relative paths in commit order; TFRecord names them as TFDS shards);
 * `sidecars(manifest)` → {relative path: bytes}: extra metadata files the format's own
   ecosystem needs next to the data (TFDS's `dataset_info.json`), written by the commit.
 
@@ -28,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["WriteSpec", "WrittenFile", "ShardWriter", "FORMATS", "make_writer", "rewrite_without", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "tables_tf_dataset"]
+__all__ = ["WriteSpec", "WrittenFile", "ShardWriter", "FORMATS", "make_writer", "rewrite_without", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths", "tables_tf_dataset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,11 @@ def arrow_dataset(out):
 def sidecars(fmt: str, manifest: dict) -> dict[str, bytes]:
     """Extra metadata files (relative path → content) the format writes next to its data."""
     return _module(fmt).sidecars(manifest)
+
+
+def final_paths(fmt: str, paths: Sequence[str], run_id: str) -> list[str]:
+    """The committed relative paths of a run's data files (staged paths, commit order)."""
+    return _module(fmt).final_paths(paths, run_id)
 
 
 def tables_tf_dataset(tables: Callable[[], Iterator[pa.Table]], cols: Sequence[dict]):

@@ -16,7 +16,7 @@ from ..errors import CommitError
 from ..schema import _ARROW, restore_table, storage_spec, stored_schema, tensor_leaf_paths, to_stored_batch
 from . import WriteSpec, WrittenFile, tables_tf_dataset
 
-__all__ = ["ParquetShardWriter", "writer", "rewrite_without", "read_parquet", "read_tables", "tf_dataset", "arrow_dataset", "sidecars"]
+__all__ = ["ParquetShardWriter", "writer", "rewrite_without", "read_parquet", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths"]
 
 
 class ParquetShardWriter:
@@ -245,6 +245,11 @@ def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
 
 def tf_dataset(out, cols: Sequence[dict]):
     return tables_tf_dataset(lambda: read_tables(out, cols), cols)
+
+
+def final_paths(paths: Sequence[str], run_id: str) -> list[str]:
+    """Committed names are the staged ones."""
+    return list(paths)
 
 
 def sidecars(manifest: dict) -> dict[str, bytes]:

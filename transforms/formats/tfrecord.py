@@ -18,7 +18,7 @@ from .._fs import fsspec_fs
 from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, read_schema, storage_spec, table_from_numpy
 from . import WriteSpec, WrittenFile
 
-__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without", "feature_spec", "parse_example_fn", "read_tables", "tf_dataset", "arrow_dataset", "sidecars"]
+__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without", "feature_spec", "parse_example_fn", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths"]
 
 
 def _varint(n: int) -> bytes:
@@ -352,5 +352,86 @@ def arrow_dataset(out):
     return ds.dataset(pa.concat_tables(tables) if tables else read_schema(out.columns).empty_table())
 
 
+# --------------------------------------------------------------------------- TFDS metadata
+#
+# `tfds.builder_from_directory(out)` needs `dataset_info.json` and `features.json` in `out`,
+# and files named by a per-split template ending in `{SHARD_X_OF_Y}` (`…-00000-of-00002`,
+# at least 5 digits). One TFDS split per Hive partition folder (`label=3/` → `label_3`),
+# `train` for an unpartitioned output; `split="all"` reads everything. Gzip-compressed
+# outputs get no TFDS metadata: TFDS reads uncompressed TFRecord only.
+
+TFDS_NAME = "layerbeam"
+_TENSOR = "tensorflow_datasets.core.features.tensor_feature.Tensor"
+_TEXT = "tensorflow_datasets.core.features.text_feature.Text"
+_DICT = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
+
+
+def _split_name(folder: str, taken: set) -> str:
+    import re
+
+    name = re.sub(r"\W+", "_", folder.replace("=", "_")).strip("_") or "train"
+    base, i = name, 1
+    while name in taken:  # two folders that sanitize alike
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def final_paths(paths: Sequence[str], run_id: str) -> list[str]:
+    """The committed names of a run's TFRecord files (staged paths, in commit order): TFDS
+    shard names per partition folder, `<folder>/part-<run>.tfrecord-00000-of-00002`, so
+    TFDS finds them from its template (the run id stays in the name)."""
+    if any(p.endswith(".gz") for p in paths):
+        return list(paths)
+    by_folder: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_folder.setdefault(posixpath.dirname(p), []).append(i)
+    out = list(paths)
+    for folder, idx in by_folder.items():
+        digits = max(5, len(str(len(idx))))
+        for n, i in enumerate(idx):
+            name = f"part-{run_id[:8]}.tfrecord-{n:0{digits}d}-of-{len(idx):0{digits}d}"
+            out[i] = posixpath.join(folder, name) if folder else name
+    return out
+
+
+def _feature(c: dict) -> dict:
+    if c["dtype"] == "string":
+        return {"pythonClassName": _TEXT, "text": {}}
+    shape = {"dimensions": [str(int(d)) for d in c["shape"]]} if c["shape"] else {}
+    encoding = "bytes" if c["tfrecord"]["kind"] == "raw_bytes" else "none"
+    return {"pythonClassName": _TENSOR, "tensor": {"dtype": c["dtype"], "encoding": encoding, "shape": shape}}
+
+
 def sidecars(manifest: dict) -> dict[str, bytes]:
-    return {}
+    """`dataset_info.json` and `features.json` for TFDS (see above); {} for gzip outputs."""
+    import json
+
+    storage = manifest["storage"]
+    if storage.get("compression"):
+        return {}
+    splits: dict[str, list[dict]] = {}
+    for f in manifest["files"]:
+        splits.setdefault(posixpath.dirname(f["path"]), []).append(f)
+    taken: set = set()
+    info_splits = []
+    for folder, files in sorted(splits.items()):
+        first = posixpath.basename(files[0]["path"])
+        prefix = first[: first.index(".tfrecord-")]
+        template = (f"{folder}/" if folder else "") + prefix + ".{FILEFORMAT}-{SHARD_X_OF_Y}"
+        info_splits.append({
+            "name": _split_name(folder, taken),
+            "filepathTemplate": template,
+            "shardLengths": [str(int(f["rows"])) for f in files],
+            "numBytes": str(int(sum(f["bytes"] for f in files))),
+        })
+    info = {
+        "moduleName": "layerbeam",
+        "name": TFDS_NAME,
+        "description": f"layerbeam layer outputs of {manifest.get('model', {}).get('source', '?')}, run {manifest.get('run_id', '?')}",
+        "version": "1.0.0",
+        "fileFormat": "tfrecord",
+        "splits": info_splits,
+    }
+    features = {"pythonClassName": _DICT, "featuresDict": {"features": {c["tfrecord"]["feature"]: _feature(c) for c in storage["columns"]}}}
+    return {"dataset_info.json": json.dumps(info, indent=2).encode(), "features.json": json.dumps(features, indent=2).encode()}
