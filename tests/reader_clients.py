@@ -55,7 +55,7 @@ SNIPPETS: dict[str, tuple[str, str, str]] = {
     "ray": (
         "import ray",
         "ds = ray.data.read_parquet(out)",
-        'x = np.array(ds.to_pandas()["map16"].map(lambda c: np.array(c.tolist())).tolist(), np.float32)',
+        'x = np.array([r["map16"] for r in ds.take_all()], np.float32)',
     ),
     "chdb": (
         "import chdb",
@@ -114,7 +114,11 @@ def _setup(client: str) -> None:
         )
         _SPARK.sparkContext.setLogLevel("ERROR")
     if client == "ray" and not _RAY:
+        import logging
+
         import ray
+
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data logs every operator at DEBUG
 
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, object_store_memory=100 << 20)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -173,16 +177,12 @@ def read(client: str, out: str, column: str = "map16") -> Read:
         t = ds.with_format("arrow")[:]
         keys, labels, native, raw = t["key"].to_pylist(), (t["label"].to_pylist() if "label" in t.column_names else None), t[column], str(ds.features[column])
     elif client == "ray":
-        import pyarrow as pa
-        import ray
-
         ds = ns["ds"]
-        t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        keys, labels, native, raw = t["key"].to_pylist(), (t["label"].to_pylist() if "label" in t.column_names else None), t[column], str(t.schema.field(column).type)
-        if x is not None and len(keys) > 1:
-            # to_pandas() and to_arrow_refs() are two executions; align x by key
-            order = {k: i for i, k in enumerate(_pylist(ds.to_pandas()["key"]))}
-            x = x[[order[k] for k in keys]]
+        rows = ds.take_all()
+        keys, labels, native, raw = [r["key"] for r in rows], ([r["label"] for r in rows] if "label" in rows[0] else None), [r[column] for r in rows], str(ds.schema().base_schema.field(column).type)
+        # x came from another execution, whose row order may differ; re-derive from these rows
+        if x is not None:
+            x = np.array(native, np.float32)
     else:
         raise KeyError(client)
     keys = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
