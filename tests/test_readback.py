@@ -322,3 +322,32 @@ def test_the_size_plan_counts_outputs_as_they_are_stored(three_formats, fmt):
     width = {"float32": 4, "float16": 2}
     outputs = [c for c in manifest["storage"]["columns"] if c["role"] == "output"]
     assert manifest["bytes_per_example"] == sum(int(np.prod(c["shape"])) * width[c["dtype"]] for c in outputs)
+
+
+def test_the_size_plan_names_the_readers_an_opt_in_encoding_loses(tmp_path, png_dataset):
+    """`--plan-only` says which readers cannot open an opt-in encoding, and nothing for the
+    portable default; a float16 output sized as stored (widened by the default)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from layerbeam.cli import main
+    from tests.conftest import base_config
+
+    folder, _, _ = png_dataset
+    select = [{"layer": "block_1_expand_relu", "as": "m16", "reduce": "none", "dtype": "float16"}]
+    texts = {}
+    for enc in ("portable", "arrow_tensor", "nested_float16"):
+        cfg = tmp_path / f"{enc}.yaml"
+        cfg.write_text(yaml.safe_dump(base_config(f"{folder}/*.tfrecord", str(tmp_path / enc), **{"layers.select": select, "output.parquet_encoding": enc})))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["run", str(cfg), "--plan-only", "-q"]) == 0
+        texts[enc] = " ".join(out.getvalue().split())
+    assert "cannot be read by" not in texts["portable"]
+    assert "32×32×48" in texts["portable"]
+    for reader in ("Spark", "DuckDB", "Hugging Face datasets"):
+        assert reader in texts["arrow_tensor"].split("cannot be read by", 1)[1], reader
+    lost = texts["nested_float16"].split("cannot be read by", 1)[1]
+    assert "Spark" in lost and "DuckDB" not in lost

@@ -1,4 +1,4 @@
-"""Parquet: one shard's rows as Hive-partitioned Parquet files (`pyarrow.dataset`)."""
+"""Parquet: one shard's rows as Hive-partitioned Parquet files (`pyarrow.parquet.ParquetWriter`), and reading them back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .._fs import arrow_fs
 from ..errors import CommitError
@@ -148,17 +147,16 @@ class ParquetShardWriter:
         return out
 
     def _groups(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """The batch's rows per partition folder, in order of first appearance (a Python
+        pass over the rows' partition values, not over tensor data)."""
         if not self.partition_by:
             return [("", table)]
-        keys = table.select(list(self.partition_by)).group_by(list(self.partition_by), use_threads=False).aggregate([])
-        out = []
-        for values in zip(*(keys.column(c).to_pylist() for c in self.partition_by)):
-            mask = None
-            for c, v in zip(self.partition_by, values):
-                m = pc.equal(table.column(c), pa.scalar(v, table.schema.field(c).type))
-                mask = m if mask is None else pc.and_(mask, m)
-            out.append((self._folder(values), table.filter(mask)))
-        return out
+        rows: dict[tuple, list[int]] = {}
+        for i, values in enumerate(zip(*(table.column(c).to_pylist() for c in self.partition_by))):
+            rows.setdefault(values, []).append(i)
+        if len(rows) == 1:
+            return [(self._folder(next(iter(rows))), table)]
+        return [(self._folder(v), table.take(pa.array(idx, pa.int64()))) for v, idx in rows.items()]
 
     def storage_spec(self) -> dict:
         return storage_spec(self.source_schema, "parquet", self.partition_by, encoding=self.encoding, compression=self.compression)
