@@ -23,6 +23,6 @@ COPY transforms ./transforms
 # Dependencies are baked in; the launcher still stages this package as an sdist
 # (--setup_file), so workers always run the launcher's code.
 RUN pip install -c constraints.txt "tensorflow[and-cuda]==${TF_VERSION}" ".[gcp]" \
- && python -c "import apache_beam, tensorflow, pipeline.build, transforms.beam"
+ && cd / && python -c "import apache_beam, tensorflow, layerbeam.run, layerbeam.transforms.beam"
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
 ENTRYPOINT ["/opt/apache/beam/boot"]

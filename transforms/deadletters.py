@@ -10,25 +10,7 @@ import pyarrow as pa
 
 from ._fs import arrow_fs
 
-__all__ = ["REASONS", "Failure", "DEAD_LETTER_SCHEMA", "dead_letter_table", "write_dead_letters", "count_reasons"]
-
-# Dead-letter reasons: code → what it means. The code is what is counted (manifest, Beam
-# counters); each dead letter also carries a one-line detail naming the value.
-REASONS = {
-    "unparseable_record": "the TFRecord record is not a serialized tf.train.Example",
-    "missing_feature": "a feature the config reads is not in the record",
-    "wrong_feature_type": "a feature has another type than the config says, or not exactly one value",
-    "empty_image": "the image bytes or the image file are empty (0 bytes)",
-    "truncated_image": "the image data ends before the image does",
-    "undecodable_image": "the image has a known format's signature but its data cannot be decoded",
-    "not_an_image": "the bytes are not an image (no known image signature)",
-    "unsupported_image_format": "an image format tf.io.decode_image cannot read (TIFF, …); convert it to PNG or JPEG",
-    "unreadable_file": "the file cannot be opened or read",
-    "decode_failed": "decoding or preprocessing failed for another reason (see the detail)",
-    "duplicate_key": "the record's key was already written by an earlier record of this run",
-    "corrupt_shard": "a TFRecord file is corrupt or truncated part-way; the records before the damage are kept",
-}
-
+__all__ = ["Failure", "DEAD_LETTER_SCHEMA", "dead_letter_table", "write_dead_letters", "count_reasons"]
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
@@ -39,7 +21,8 @@ class Failure:
         key: the record's key when it could be read, else `<shard file>:<index>` (images:
             the file path; shard-level: the shard's path).
         stage: 'read', 'decode' or 'dedupe'.
-        reason: a code from `REASONS`.
+        reason: a code, counted in the manifest and in Beam counters (the README's
+            "What happens to bad data" lists them with their meaning).
         detail: one line naming the value.
     """
 
@@ -56,7 +39,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
         pa.field("shard", pa.string()),
         pa.field("index", pa.int64()),  # null for a shard-level dead letter
         pa.field("stage", pa.string()),  # read | decode | dedupe
-        pa.field("reason", pa.string()),  # a code from transforms.readers.REASONS
+        pa.field("reason", pa.string()),  # unparseable_record, missing_feature, … (README)
         pa.field("detail", pa.string()),  # one line naming the value
     ]
 )
