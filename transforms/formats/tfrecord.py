@@ -404,8 +404,10 @@ def _feature(c: dict) -> dict:
 
 
 def sidecars(manifest: dict) -> dict[str, bytes]:
-    """`dataset_info.json` and `features.json` for TFDS (see above); {} for gzip outputs."""
+    """`dataset_info.json` and `features.json` for TFDS (see above); {} for gzip outputs
+    and for files not named by `final_paths` (TFDS could not find them)."""
     import json
+    import re
 
     storage = manifest["storage"]
     if storage.get("compression"):
@@ -416,8 +418,10 @@ def sidecars(manifest: dict) -> dict[str, bytes]:
     taken: set = set()
     info_splits = []
     for folder, files in sorted(splits.items()):
-        first = posixpath.basename(files[0]["path"])
-        prefix = first[: first.index(".tfrecord-")]
+        names = [re.fullmatch(r"(.+)\.tfrecord-(\d{5,})-of-(\d{5,})", posixpath.basename(f["path"])) for f in files]
+        if not all(names) or [int(m[2]) for m in names] != list(range(len(files))) or {(m[1], int(m[3])) for m in names} != {(names[0][1], len(files))}:
+            return {}
+        prefix = names[0][1]
         template = (f"{folder}/" if folder else "") + prefix + ".{FILEFORMAT}-{SHARD_X_OF_Y}"
         info_splits.append({
             "name": _split_name(folder, taken),
