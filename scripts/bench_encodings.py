@@ -15,18 +15,18 @@ per second of wall time, best of --reps. Write time includes building the Arrow 
 from numpy (the widening, the nesting), because a writer pays for it.
 
 Candidates (name → what the tensor columns are):
-  A_ext_f16_bss     today's default: fixed_shape_tensor extension, float16 kept, BSS on all tensor leaves
-  A_ext_f16_nobss16 same, BSS only on float32 leaves (today's float16_byte_stream_split=False)
+  A_ext_f16_bss     the old default, now output.parquet_encoding=arrow_tensor: fixed_shape_tensor extension, float16 kept, BSS on all tensor leaves
+  A_ext_f16_nobss16 same, BSS only on float32 leaves (the old float16_byte_stream_split=False)
   B_fsl_f32_bss     flat fixed_size_list<float32> (float16 widened), shape in field + schema metadata, BSS
   B_fsl_f32         same without BSS
-  C_nested_f32_bss  nested fixed_size_list<...<float32>> (list of list of list for [14,14,96]), BSS
+  C_nested_f32_bss  nested fixed_size_list<...<float32>> (list of list of list for [14,14,96]), BSS: the portable default
   C_nested_f32      same without BSS
-  D_list_f32_bss    plain list<float32> (today's parquet_compat), BSS
+  D_list_f32_bss    plain list<float32> (the old parquet_compat, now output.parquet_encoding=list), BSS
   D_list_f32        same without BSS
   E_ext_f32_bss     fixed_shape_tensor<float32> (widened, extension kept), BSS
   F_fsl_f16_bss     flat fixed_size_list<float16> + metadata, BSS
   F_fsl_f16         same without BSS
-  G_nested_f16      nested fixed_size_list<float16>, no BSS
+  G_nested_f16      nested fixed_size_list<float16>, no BSS (output.parquet_encoding=nested_float16)
 """
 
 from __future__ import annotations
@@ -178,6 +178,29 @@ def write_candidate(src: dict[str, np.ndarray], name: str, path: str) -> None:
     pq.write_table(table, path, **write_options(table, c["bss"]))
 
 
+def layerbeam_writer(src: dict[str, np.ndarray], encoding: str, folder: str, batch: int = 64):
+    """A function writing `src` through layerbeam's own Parquet writer (`output.parquet_encoding`
+    = `encoding`), in batches of `batch` rows as the pipeline hands them over, unpartitioned;
+    it returns the bytes written."""
+    from layerbeam.transforms.formats import WriteSpec, make_writer
+    from layerbeam.transforms.layers import OutputSpec
+    from layerbeam.transforms.schema import output_schema, to_record_batch
+
+    specs = [OutputSpec(name=n, path=n, layer_type="Dense", reduce="mean", dtype="float32", shape=(k,)) for n, k in POOLED.items()]
+    specs.append(OutputSpec(name=MAP, path=MAP, layer_type="Conv2D", reduce="none", dtype="float16", shape=MAP_SHAPE))
+    schema = output_schema(specs, {"key": pa.string(), "label": pa.int64()})
+    tensors = [*POOLED, MAP]
+    n = len(src["key"])
+    batches = [to_record_batch(schema, {"key": src["key"][i : i + batch], "label": src["label"][i : i + batch]}, {t: src[t][i : i + batch] for t in tensors}) for i in range(0, n, batch)]
+
+    def write() -> int:
+        shutil.rmtree(folder, ignore_errors=True)
+        writer = make_writer(WriteSpec(path=folder, parquet_encoding=encoding), schema)
+        return sum(f.bytes for f in writer.write_shard(iter(batches), folder, "part-bench"))
+
+    return write
+
+
 def _best(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -193,6 +216,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="candidate names (default all)")
     ap.add_argument("--keep", help="write the candidate files to this folder and keep them")
+    ap.add_argument("--layerbeam", nargs="*", metavar="ENCODING", help="also write through layerbeam's own writer with these output.parquet_encoding values (needs layerbeam installed)")
     args = ap.parse_args(argv)
 
     src = make_source(args.rows)
@@ -212,6 +236,13 @@ def main(argv=None) -> None:
             size = os.path.getsize(path)
             r = _best(lambda: pq.read_table(path), args.reps)
             rows.append((name, size, w, r))
+        for enc in args.layerbeam or ():
+            sub = os.path.join(folder, f"layerbeam_{enc}")
+            write = layerbeam_writer(src, enc, sub)
+            w = _best(write, args.reps)
+            size = write()
+            r = _best(lambda: pq.read_table(sub), args.reps)
+            rows.append((f"layerbeam:{enc}", size, w, r))
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

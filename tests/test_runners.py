@@ -26,6 +26,7 @@ import yaml
 
 from layerbeam.run import run_job
 from layerbeam.config import load_config
+from layerbeam.transforms.readback import to_arrow
 from tests.conftest import ROOT, base_config
 
 PY = sys.executable
@@ -126,7 +127,6 @@ import os, sys, time, grpc
 from apache_beam.portability.api import beam_fn_api_pb2_grpc
 from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
 from apache_beam.utils import thread_pool_executor
-from layerbeam.transforms.readback import to_arrow
 server = grpc.server(thread_pool_executor.shared_unbounded_instance())
 port = server.add_insecure_port("127.0.0.1:0")
 beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(BeamFnExternalWorkerPoolServicer(use_process=True), server)
