@@ -13,7 +13,7 @@ strict xfails carrying the client's own error, so a client that starts reading t
 the run until the table (`KNOWN`, `schema.unreadable_by`, README) is updated.
 
 A client that is not installed is skipped (install the `readers` extra); Spark also needs
-Java 17+. Run: `make test-readers` (about two minutes on 2 cores).
+Java 17+. Run: `make test-readers` (about three minutes on 2 busy cores, with tests/test_tfds.py's loader test).
 """
 
 from __future__ import annotations

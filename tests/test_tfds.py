@@ -71,6 +71,7 @@ def test_gzip_outputs_get_no_tfds_metadata(tmp_path):
     assert to_arrow(str(out)).num_rows == 10
 
 
+@pytest.mark.readers
 @pytest.mark.parametrize("partition_by", [("label",), ()])
 def test_tfds_builder_from_directory_loads_the_output(tmp_path, partition_by):
     tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets is not installed (pip install '.[readers]')")
