@@ -17,6 +17,8 @@ Beam users apply `layerbeam.ExtractLayers(...)` to their own PCollections and wr
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .transforms.errors import CommitError, ConfigError, LayerbeamError, ModelError, OutputError, SelectionError
@@ -28,6 +30,7 @@ __all__ = [
     "read",
     "to_pandas",
     "to_tf_dataset",
+    "arrow_dataset",
     "open_output",
     "ExtractLayers",
     "WriteLayers",
@@ -48,11 +51,29 @@ _LAZY = {
     "read": (".transforms.readback", "to_arrow"),
     "to_pandas": (".transforms.readback", "to_pandas"),
     "to_tf_dataset": (".transforms.readback", "to_tf_dataset"),
+    "arrow_dataset": (".transforms.readback", "arrow_dataset"),
     "open_output": (".transforms.readback", "open_output"),
     "ExtractLayers": (".transforms.beam", "ExtractLayers"),
     "WriteLayers": (".transforms.beam", "WriteLayers"),
     "load_config": (".config", "load_config"),
 }
+
+
+# `run` and `extract` are API functions and also the submodules that define them. The
+# import system sets a submodule as an attribute of its package when it first loads it
+# (`from layerbeam.run import run_job` does), which would hide the function; the package
+# keeps such a submodule in sys.modules only. `from layerbeam.run import run_job` works.
+_SHADOWED = frozenset(n for n, (module, _) in _LAZY.items() if module == "." + n)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

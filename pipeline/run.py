@@ -4,13 +4,42 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from .config import JobConfig
+from .config import JobConfig, load_config
 from .plan import Plan, manifest_base, prepare
 from .runners import dry_run_summary, make_runner, workers_in_this_process
 
-__all__ = ["run_job", "build_pipeline"]
+__all__ = ["run", "run_job", "build_pipeline"]
+
+
+def run(config: str | Path | Mapping | JobConfig, overrides: Sequence[str] = (), beam_args: Sequence[str] = ()) -> dict:
+    """Run a job as `layerbeam run` does and return the committed manifest.
+
+    Args:
+        config: a YAML file, a dict with the YAML's structure, or a `JobConfig`.
+        overrides: `section.key=value` strings, as `--set` takes them
+            (e.g. `["output.path=/tmp/out", "output.overwrite=true"]`).
+        beam_args: Beam's flags, e.g. `["--direct_running_mode=multi_processing"]`.
+
+    Returns:
+        The manifest (see `run_job`: with `_seconds` and `_metrics` added).
+
+    Raises:
+        ConfigError: a bad config, override, model, selection, input or output (one line).
+    """
+    if isinstance(config, JobConfig):
+        if overrides:
+            from .config import config_to_dict
+
+            config = load_config(raw=config_to_dict(config), overrides=list(overrides))
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = load_config(raw=dict(config), overrides=list(overrides))
+    else:
+        cfg = load_config(config, list(overrides))
+    return run_job(cfg, beam_args)
 
 
 def build_pipeline(pipeline, plan: Plan):

@@ -1,23 +1,37 @@
 """Beam only: the PTransforms and DoFns. The work is plain Python elsewhere
-(`shard.ShardProcessor`, `commit.commit_run`, `inference.LayerModelHandler`); the DoFns load
-it once per worker process (`apache_beam.utils.shared.Shared`, as RunInference does), count
-metrics, and pass results on.
+(`shard.ShardProcessor`, `commit.commit_run`, `inference.LayerModelHandler`, `rows`); the
+DoFns load it once per worker process (`apache_beam.utils.shared.Shared`, as RunInference
+does), count metrics, and pass results on.
+
+`MatchShards` → `ExtractShards` is `layerbeam run`'s path (files in, tf.data decoding in
+the DoFn). `ExtractLayers` and `WriteLayers` are for PCollections a user already has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
+from .deadletters import Failure
+from .errors import ConfigError, ModelError, first_line
 from .readers import Shard, match_shards
 from .shard import JobSpec, ShardProcessor, ShardResult
 
-__all__ = ["MatchShards", "ExtractShards"]
+__all__ = ["MatchShards", "ExtractShards", "ExtractLayers", "WriteLayers"]
 
 _LOG = logging.getLogger("layerbeam")
 _NS = "layerbeam"
@@ -117,3 +131,424 @@ def ExtractShards(shards: beam.PCollection, spec: JobSpec, run_id: str):
         | "Reshuffle" >> beam.Reshuffle()
         | "ExtractAndWrite" >> beam.ParDo(_ExtractShardDoFn(spec, run_id))
     )
+
+
+# --------------------------------------------------------------------------- ExtractLayers
+
+# Runners whose workers run on this machine, where an in-memory model saved to a local
+# temporary file can be read by every worker.
+_LOCAL_RUNNERS = {"DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PrismRunner", "TestDirectRunner"}
+
+
+def _runs_here(pipeline) -> bool:
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    runner = getattr(pipeline, "runner", None)
+    name = type(runner).__name__ if runner is not None else "DirectRunner"
+    if name in _LOCAL_RUNNERS:
+        return True
+    return pipeline.options.view_as(PortableOptions).environment_type == "LOOPBACK"
+
+
+class _CheckInputs(beam.DoFn):
+    """(key, array | {input: array}) → (key, {input name: float32 array}) of the model's
+    input shapes. A bad element raises, or with `dead` becomes a `(key, dead letter)` on the
+    `dead` output: checked one by one before batching, so it cannot fail its batch."""
+
+    DEAD = "dead"
+
+    def __init__(self, input_shapes: Mapping[str, tuple[int, ...]], dead: bool):
+        self._shapes = dict(input_shapes)
+        self._dead = dead
+        self._bad = Metrics.counter(_NS, "dead_letters.bad_input")
+
+    def process(self, element):
+        from .extractor import model_inputs
+
+        try:
+            key, value = element
+        except (TypeError, ValueError):
+            key, value, err = None, None, f"element {_short(element)} is not a (key, example) pair; key your PCollection, e.g. beam.Map(lambda x: (id_of(x), x))"
+        else:
+            err = None
+        if err is None:
+            try:
+                yield key, model_inputs(value, self._shapes, batched=False, what=f"element {key!r}")
+                return
+            except ValueError as e:
+                err = first_line(e)
+        if not self._dead:
+            raise ValueError(err + "; or use ExtractLayers(...).with_exception_handling() to route such elements to a dead-letter output")
+        self._bad.inc()
+        yield beam.pvalue.TaggedOutput(self.DEAD, (key, {"stage": "check", "reason": "bad_input", "detail": err}))
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _failed_batch(failure):
+    """RunInference's failed batch `([(key, example) ...], (type, repr, traceback))` → one
+    dead letter per element."""
+    batch, (exc_type, _, tb) = failure
+    last = (tb[-1] if tb else "").strip()  # "module.Type: message …", the traceback's last entry
+    first = last.splitlines()[0] if last else "inference failed"
+    detail = f"{getattr(exc_type, '__name__', exc_type)}: {first.split(': ', 1)[-1]}"[:300]
+    for key, _ in batch:
+        yield key, {"stage": "inference", "reason": "inference_failed", "detail": detail}
+
+
+def _inference(element):
+    key, result = element
+    return key, result.inference
+
+
+class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCollection[tuple[Any, dict[str, np.ndarray]]]]):
+    """Layer outputs of keyed examples, with Beam's `RunInference`.
+
+    `PCollection[tuple[key, array | dict[str, array]]]` → `PCollection[tuple[key, dict[str,
+    np.ndarray]]]`: per example, one array per selected output (reduced and cast as asked).
+    An example is an array of the model's input shape (single-input models) or a dict
+    {input name: array} (multi-input models); any numeric dtype, given to the model as
+    float32, without preprocessing (apply your model's `preprocess_input` first).
+
+    Built on `RunInference(KeyedModelHandler(LayerModelHandler(...)))`: the model is loaded
+    once per worker process (RunInference's `Shared` machinery), examples are batched with
+    `BatchElements` up to `batch_size`, and RunInference's metrics are counted under the
+    `layerbeam` namespace. Each element is checked against the model's input shapes before
+    batching. `ExtractLayers(...).with_exception_handling()` returns `(outputs, dead)`:
+    `dead` is a `PCollection[tuple[key, {stage, reason, detail}]]` of the elements that
+    failed the check (`bad_input`) or whose batch the model failed on
+    (`inference_failed`), while the rest still arrive. Without it, a bad element fails the
+    pipeline with a one-line message.
+
+    The model travels as a source, never pickled. When the transform is built, the
+    launcher loads it once to check the selection and learn the input shapes (so a
+    selector that matches nothing fails here, not on a worker). A `keras.Model` given in
+    memory is saved to a temporary `.keras` file on this machine (deleted when the
+    transform is garbage-collected), which only workers on this machine can read: it is
+    accepted for DirectRunner (any `direct_running_mode`), Prism and LOOPBACK portable
+    runners; for Dataflow and other remote runners pass a source the workers can read
+    (`gs://.../model.keras`, `keras.applications.<Name>`, `module:function`).
+
+    Args:
+        model: a `keras.Model`, a `.keras`/`.h5` path or URL, `keras.applications.<Name>`,
+            `module:function`, or a `layerbeam.transforms.models.ModelSpec`.
+        select: selectors as in `layers.select` (see `layerbeam.list_layers(model)`).
+        reduce: none | mean | max | flatten, the default for every selector.
+        dtype: float32 | float16 | bfloat16 (float32 values rounded to bfloat16).
+        batch_size: the largest batch; RunInference may form smaller ones.
+        exclude, include_inputs: as `layers.exclude` / `layers.include_inputs`.
+        input_shape: build (`keras.applications`) or trace the model at this shape.
+        weights, model_kwargs, seed, safe_mode: as `model.weights`, `model.kwargs`,
+            `model.seed`, `model.safe_mode`.
+        jit_compile: compile the extractor with XLA.
+        min_batch_size, max_batch_duration_secs: `BatchElements` settings (streaming).
+        model_identifier: RunInference's; share one loaded model between steps.
+
+    Attributes:
+        outputs: the `OutputSpec`s of the selected outputs (name, shape, dtype, …).
+        input_shapes: {model input name: shape} the examples must have.
+
+    Example:
+        >>> with beam.Pipeline() as p:
+        ...     feats = (p | beam.Create([("a", img_a), ("b", img_b)])
+        ...                | layerbeam.ExtractLayers("model.keras", select=["conv1"]))
+    """
+
+    def __init__(
+        self,
+        model,
+        select: str | Sequence[str | Mapping[str, Any]] = "all",
+        reduce: str = "mean",
+        dtype: str = "float32",
+        batch_size: int = 32,
+        *,
+        exclude: Sequence[str] = (),
+        include_inputs: bool = False,
+        input_shape: Sequence[int] | None = None,
+        weights: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        safe_mode: bool = True,
+        jit_compile: bool = False,
+        min_batch_size: int = 1,
+        max_batch_duration_secs: int | None = None,
+        model_identifier: str | None = None,
+    ):
+        super().__init__()
+        from .inference import LayerModelHandler
+        from .layers import ModelGraph, SelectSpec
+        from .models import ModelSpec, model_fingerprint, resolve_model
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size!r} must be at least 1")
+        keras_model, spec, shapes = resolve_model(model, input_shape=input_shape, weights=weights, kwargs=model_kwargs, seed=seed, safe_mode=safe_mode)
+        graph = ModelGraph(keras_model, input_shapes=shapes)
+        selectors = [select] if isinstance(select, (str, Mapping)) else list(select)
+        layers = SelectSpec(select=tuple(s if isinstance(s, str) else dict(s) for s in selectors), exclude=tuple(exclude), reduce=reduce, dtype=dtype, include_inputs=include_inputs)
+        self.outputs = graph.select(list(layers.select), exclude=layers.exclude, reduce=reduce, dtype=dtype, include_inputs=include_inputs)
+        self.input_shapes = graph.input_shapes
+        fingerprint = model_fingerprint(keras_model)
+        self._in_memory = spec is None
+        if spec is None:
+            spec = ModelSpec(source=_save_temporarily(self, keras_model), safe_mode=safe_mode)
+        self._handler = LayerModelHandler(
+            spec, layers, input_shapes=list(self.input_shapes.values()), batch_size=batch_size, fingerprint=fingerprint,
+            jit_compile=jit_compile, min_batch_size=min_batch_size, max_batch_duration_secs=max_batch_duration_secs,
+        )
+        self._model_identifier = model_identifier
+        self._dead = False
+
+    def with_exception_handling(self) -> ExtractLayers:
+        """Return `(outputs, dead)` instead of failing on a bad element (see the class)."""
+        self._dead = True
+        return self
+
+    def expand(self, pcoll):
+        from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+        if self._in_memory and not _runs_here(pcoll.pipeline):
+            raise ConfigError(
+                f"ExtractLayers got a keras.Model in memory, but runner {type(pcoll.pipeline.runner).__name__} runs workers elsewhere; "
+                "save the model where the workers can read it (model.save('gs://.../model.keras')) and pass that path"
+            )
+        checked = pcoll | "CheckInputs" >> beam.ParDo(_CheckInputs(self.input_shapes, self._dead)).with_outputs(_CheckInputs.DEAD, main="ok")
+        inference = RunInference(KeyedModelHandler(self._handler), model_identifier=self._model_identifier)
+        if not self._dead:
+            return checked.ok | "RunInference" >> inference | "Outputs" >> beam.Map(_inference)
+        results, dlq = checked.ok | "RunInference" >> inference.with_exception_handling()
+        outputs = results | "Outputs" >> beam.Map(_inference)
+        failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        dead = (checked[_CheckInputs.DEAD], failed) | "DeadLetters" >> beam.Flatten()
+        return outputs, dead
+
+
+def _save_temporarily(owner, model) -> str:
+    """Save an in-memory model to a temporary .keras file removed with `owner`."""
+    folder = tempfile.mkdtemp(prefix="layerbeam-model-")
+    weakref.finalize(owner, shutil.rmtree, folder, True)
+    path = os.path.join(folder, "model.keras")
+    try:
+        model.save(path)
+    except Exception as e:  # Keras raises several types for models it cannot serialize
+        raise ModelError(
+            f"the keras.Model {model.name!r} given to ExtractLayers cannot be saved to a .keras file ({first_line(e)}); "
+            "ExtractLayers sends workers a model source, so pass a module:function that builds it"
+        ) from None
+    return path
+
+
+# --------------------------------------------------------------------------- WriteLayers
+
+def _column_type(v) -> str:
+    """The Arrow type name of a scalar value of a WriteLayers dict; "?" for anything else."""
+    if isinstance(v, (bool, int, np.integer, np.bool_)):
+        return "int64"
+    if isinstance(v, (float, np.floating)):
+        return "float32"
+    if isinstance(v, (str, bytes, np.str_, np.bytes_)):
+        return "string"
+    return "?"
+
+
+def _signature(element) -> tuple:
+    """An element's columns: ((name, "tensor", dtype, shape) | (name, "column", type, ()), …)."""
+    _, values = element
+    sig = []
+    for name, v in values.items():
+        if isinstance(v, np.ndarray):
+            sig.append((str(name), "tensor", "float16" if v.dtype == np.float16 else "float32", tuple(int(d) for d in v.shape)))
+        else:
+            sig.append((str(name), "column", _column_type(v), ()))
+    return tuple(sig)
+
+
+def _chosen(signatures: Sequence[tuple[tuple, int]]) -> tuple:
+    """The signature most elements have (ties: the first in sorted order); () if none."""
+    if not signatures:
+        return ()
+    return sorted(signatures, key=lambda sc: (-sc[1], repr(sc[0])))[0][0]
+
+
+def _layout_of(signature: tuple, partition_by: Sequence[str]):
+    """(Arrow schema, tensor OutputSpecs) for a signature."""
+    import pyarrow as pa
+
+    from .layers import OutputSpec
+    from .schema import output_schema
+
+    arrow = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string()}
+    cols: dict[str, Any] = {"key": pa.string()}
+    specs = []
+    for name, kind, typ, shape in signature:
+        if kind == "column":
+            if typ == "?":
+                raise ConfigError(f"WriteLayers: {name!r} holds values that are neither numpy arrays (tensor columns) nor ints, floats or strings (plain columns); convert them")
+            cols[name] = arrow[typ]
+        else:
+            specs.append(OutputSpec(name=name, path=name, layer_type="", reduce="none", dtype=typ, shape=shape))
+    for p in partition_by:
+        if p not in cols or p == "key":
+            raise ConfigError(f"WriteLayers: partition_by names {p!r}, which is not a scalar column of the elements; partition by one of {sorted(set(cols) - {'key'}) or 'nothing: add scalar values (e.g. a label) to the dicts'}")
+    return output_schema(specs, cols), specs
+
+
+def _bucket(element, n: int) -> tuple[int, Any]:
+    key = element[0]
+    data = key if isinstance(key, bytes) else str(key).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") % n, element
+
+
+def _key_text(key) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+
+
+class _WriteBucketDoFn(beam.DoFn):
+    """(bucket, [(key, {name: value})]) → `ShardResult`, after staging the bucket's rows as
+    one shard (sorted by key, so a retried bundle writes the same files). A repeated key
+    or an element whose columns differ from the others' becomes a dead letter."""
+
+    def __init__(self, spec, run_id: str):
+        self._spec = spec
+        self._run_id = run_id
+        self._rows = Metrics.counter(_NS, "rows_written")
+        self._dead = Metrics.counter(_NS, "dead_letters")
+
+    def process(self, item, signatures):
+        from .formats import make_writer
+        from .rows import write_rows
+        from .staging import OutputLayout
+
+        bucket, elements = item
+        chosen = _chosen(signatures)
+        schema, specs = _layout_of(chosen, self._spec.partition_by)
+        want = sorted(chosen)
+        rows = sorted(((_key_text(k), v) for k, v in elements), key=lambda kv: kv[0])
+        keep, index, failures, seen = [], [], [], set()
+        for i, (key, values) in enumerate(rows):
+            if key in seen:
+                failures.append(Failure(i, key, "write", "duplicate_key", f"key {key!r} was already written by another element"))
+                continue
+            sig = sorted(_signature((key, values)))
+            if sig != want:
+                failures.append(Failure(i, key, "write", "output_mismatch", f"element {key!r} has columns {sig}, the others {want}; give every element the same outputs"))
+                continue
+            seen.add(key)
+            keep.append((key, values))
+            index.append(i)
+        columns = {name: np.array([v[name] for _, v in keep], dtype=object if typ == "string" else typ) for name, kind, typ, _ in chosen if kind == "column"}
+        if "string" in {typ for _, kind, typ, _ in chosen if kind == "column"}:
+            columns = {n: np.array([_key_text(x) for x in a], dtype=object) if a.dtype == object else a for n, a in columns.items()}
+        outputs = {s.name: np.stack([v[s.name] for _, v in keep]).astype(s.dtype, copy=False) if keep else np.zeros((0, *s.shape), s.dtype) for s in specs}
+        layout = OutputLayout(self._spec.path, self._run_id)
+        result = write_rows(
+            layout, make_writer(self._spec, schema), schema, f"b{bucket:05d}", [k for k, _ in keep], columns, outputs, "",
+            index=np.array(index, np.int64), failures=failures, origin=f"<WriteLayers shard {bucket}>",
+        )
+        self._rows.inc(result.rows)
+        self._dead.inc(result.dead_letters)
+        yield result
+
+
+def _commit_written(results: list[ShardResult], signatures, spec, run_id: str) -> dict:
+    """Commit the staged shards (`rows.commit_rows`); return the committed manifest."""
+    import json
+
+    from .formats import make_writer
+    from .rows import commit_rows, manifest_base, write_rows
+    from .staging import OutputLayout
+
+    schema, specs = _layout_of(_chosen(signatures), spec.partition_by)
+    writer = make_writer(spec, schema)
+    layout = OutputLayout(spec.path, run_id)
+    if not results:  # an empty PCollection: commit an empty output, as a run of no rows would
+        results = [write_rows(layout, writer, schema, "b00000", [], {}, {s.name: np.zeros((0, *s.shape), s.dtype) for s in specs}, "", origin="<WriteLayers>")]
+    config = {
+        "input": {"kind": "beam"},
+        "model": {"source": None},
+        "layers": {},
+        "output": {"path": spec.path, "format": spec.format, "partition_by": list(spec.partition_by), "overwrite": spec.overwrite},
+    }
+    model = {"source": None, "weights": None, "fingerprint": "", "input_shapes": {}}
+    commit_rows(results, manifest_base(run_id, config, model, specs, writer.storage_spec()))
+    with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
+        return json.load(f)
+
+
+class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]], beam.PCollection[dict]]):
+    """Write `PCollection[tuple[key, dict[str, value]]]` (what `ExtractLayers` gives) as a
+    committed layerbeam output: the same staging, atomic commit, `_manifest.json` and
+    `_SUCCESS` as `layerbeam run`, readable with `layerbeam.read(path)`.
+
+    In each dict, numpy arrays are tensor columns (float16 stays float16, other dtypes are
+    stored as float32) and scalars (int, float, str) are plain columns (int64, float32,
+    string) that `partition_by` may name. Keys become the `key` column (as strings). The
+    elements are hashed by key into `num_shards` shards, each written to staging by one
+    worker; then one commit moves every file into place. An element whose key repeats, or
+    whose columns differ from those most elements have, becomes a dead letter
+    (`duplicate_key`, `output_mismatch`), counted in the manifest like a run's.
+
+    The result is a PCollection of one element: the committed manifest.
+
+    Args:
+        path: the output folder (local path or fsspec URL, e.g. gs://bucket/out).
+        format: parquet | tfrecord.
+        partition_by: Hive partition columns (scalar values of the dicts).
+        num_shards: how many shards (each at least one file per partition) to write.
+        overwrite: replace an existing complete output.
+        max_rows_per_file, compression, parquet_encoding: as the `output` config's fields.
+
+    Raises:
+        ConfigError: when built, if `path` holds an output already (without
+            `overwrite`) or is being written by a run.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: str = "parquet",
+        partition_by: Sequence[str] = (),
+        *,
+        num_shards: int = 16,
+        overwrite: bool = False,
+        max_rows_per_file: int = 100_000,
+        compression: str = "zstd",
+        parquet_encoding: str = "portable",
+    ):
+        super().__init__()
+        from .formats import FORMATS, WriteSpec
+        from .rows import refuse_existing
+        from .staging import OutputLayout
+
+        if format not in FORMATS:
+            raise ConfigError(f"WriteLayers: format {format!r} is unknown; use one of {', '.join(FORMATS)}")
+        if num_shards < 1:
+            raise ConfigError(f"WriteLayers: num_shards {num_shards!r} must be at least 1")
+        if isinstance(partition_by, str):
+            partition_by = (partition_by,)
+        self._spec = WriteSpec(
+            path=path, format=format, partition_by=tuple(partition_by), overwrite=overwrite,
+            max_rows_per_file=max_rows_per_file, compression=compression, parquet_encoding=parquet_encoding,
+        )
+        self._run_id = uuid.uuid4().hex[:16]
+        self._num_shards = num_shards
+        refuse_existing(OutputLayout(path, self._run_id), overwrite)
+
+    def expand(self, pcoll):
+        spec, run_id, n = self._spec, self._run_id, self._num_shards
+        signatures = beam.pvalue.AsList(
+            pcoll | "Signature" >> beam.Map(_signature) | "CountSignatures" >> beam.combiners.Count.PerElement()
+        )  # [(signature, elements)]
+        results = (
+            pcoll
+            | "Shard" >> beam.Map(_bucket, n)  # (shard, (key, values))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteBucketDoFn(spec, run_id), signatures)  # ShardResult
+        )
+        return (
+            results
+            | "CollectResults" >> beam.combiners.ToList()
+            | "Commit" >> beam.Map(_commit_written, signatures, spec, run_id)
+        )

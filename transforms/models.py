@@ -15,7 +15,7 @@ import numpy as np
 from ._fs import local_copy
 from .errors import ModelError, first_line
 
-__all__ = ["ModelSpec", "load_model", "model_fingerprint", "preprocess_fn"]
+__all__ = ["ModelSpec", "load_model", "resolve_model", "model_fingerprint", "preprocess_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,48 @@ def load_model(cfg) -> Any:
         f"model.source {src!r} is not a model source; use a .keras/.h5 file, "
         "'keras.applications.<Name>' or 'module:function'"
     )
+
+
+def resolve_model(model, *, input_shape=None, weights: str | None = None, kwargs: Mapping[str, Any] | None = None, seed: int = 0, safe_mode: bool = True):
+    """A model given the ways the Python API accepts it → (keras.Model, its `ModelSpec` or
+    None for an in-memory model, the input shapes to trace it at or None for its own).
+
+    Args:
+        model: a `keras.Model`, a `ModelSpec`, or a source (`.keras`/`.h5` path,
+            `keras.applications.<Name>`, `module:function`).
+        input_shape: one shape without the batch axis, or one per model input.
+            `keras.applications` models are built at it; other models are traced at it.
+
+    Raises:
+        ModelError: the model is none of these, or cannot be loaded.
+    """
+    import os
+
+    import keras
+
+    shapes = None
+    if input_shape is not None:
+        items = list(input_shape)
+        shapes = [tuple(int(d) for d in s) for s in items] if items and isinstance(items[0], (list, tuple)) else [tuple(int(d) for d in items)]
+    if isinstance(model, keras.Model):
+        return model, None, shapes
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        is_app = source.startswith("keras.applications.")
+        spec = ModelSpec(
+            source=source, weights=weights, kwargs=dict(kwargs or {}),
+            input_shape=shapes[0] if is_app and shapes else None, seed=seed, safe_mode=safe_mode,
+        )
+        if is_app:
+            shapes = None  # built at that shape already
+    else:
+        raise ModelError(
+            f"model {model!r} is a {type(model).__name__}, not a model; give a keras.Model, a .keras/.h5 path, "
+            "'keras.applications.<Name>' or 'module:function'"
+        )
+    return load_model(spec), spec, shapes
 
 
 def _is_hdf5(path: str) -> bool:

@@ -236,6 +236,8 @@ def arrow_dataset(out):
 
 def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
     """Batch by batch, every encoding (old ones too) restored to the read-back types."""
+    if not out.files:  # an output of no rows has no data files (a dataset of none has no columns)
+        return
     names = [c["name"] for c in cols]
     for batch in arrow_dataset(out).to_batches(columns=names, use_threads=False):
         yield restore_table(pa.Table.from_batches([batch]), cols)
