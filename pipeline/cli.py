@@ -2,10 +2,14 @@
 
     layerbeam run CONFIG [--set a.b=c ...] [--overwrite] [--unsafe-model] [BEAM FLAGS ...]
     layerbeam layers MODEL [--input-shape 224,224,3] [--match SELECTOR] [--reduce mean] [--json]
-    layerbeam show OUTPUT [--rows 5]
+    layerbeam show OUTPUT [--rows 5] [--plot FILE.png]
+    layerbeam verify OUTPUT [--sample N]
 
-User errors print one line (`layerbeam: error: …`) and exit with code 2; Beam's own flags
-(`--runner`, `--direct_num_workers`, `--project` …) pass through untouched.
+Exit codes: 0 the run was published (or the check passed); 1 the run did its work but
+published nothing (no rows, too many dead letters, disk full) or `verify` found values
+off; 2 a user error found before any work (config, flags, paths), printed as one line
+(`layerbeam: error: …`) per problem. Beam's own flags (`--runner`, `--direct_num_workers`,
+`--project` …) pass through; a flag neither layerbeam nor Beam knows is an error.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-from .transforms.errors import LayerbeamError
+from .transforms.errors import LayerbeamError, OutcomeError, first_line
 
 __all__ = ["main"]
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        # No prefixes: `--max-shard` must not quietly mean --max-shards, nor take a Beam flag's place.
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, exit 2, as everywhere else
         raise _UsageError(f"{message}; see `{self.prog} --help`")
 
@@ -36,9 +46,13 @@ class _UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="layerbeam", description="Write Keras layer outputs for every example of a sharded dataset to Parquet or TFRecord.")
+    p.add_argument("--version", action="version", version=f"layerbeam {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log lines: -v shows layerbeam's debug lines and TensorFlow's and Beam's own log")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="layerbeam's log level (default INFO; WARNING with -q)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run a job from a YAML config", description="Run a job. Unknown flags go to Beam (e.g. --runner=DataflowRunner).")
+    run = sub.add_parser("run", parents=[common], help="run a job from a YAML config", description="Run a job. Flags Beam knows go to Beam (e.g. --runner=DataflowRunner).")
     run.add_argument("config", help="YAML config file (see configs/demo.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set output.path=/tmp/out (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing complete output")
@@ -46,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-shards", type=int, help="smoke run: only the first N shards")
     run.add_argument("--max-examples-per-shard", type=int, help="smoke run: at most N records per shard")
     run.add_argument("--plan-only", action="store_true", help="print the size plan and stop")
-    run.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    run.add_argument("--max-dead-letter-fraction", type=float, metavar="F", help="fail (exit 1, nothing published) above this fraction of dead letters (output.max_dead_letter_fraction, default 0.1)")
+    run.add_argument("-q", "--quiet", action="store_true", help="print only the summary (no size plan, no progress, warnings only)")
 
-    layers = sub.add_parser("layers", help="list every tappable layer output of a model", description="List every tappable tensor: path, type, shape, bytes per example, parameters.")
+    layers = sub.add_parser("layers", parents=[common], help="list every tappable layer output of a model", description="List every tappable tensor: path, type, shape, bytes per example, parameters.")
     layers.add_argument("model", help="keras.applications.<Name>, a .keras/.h5 file, or module:function")
     layers.add_argument("--input-shape", help="input shape without batch, e.g. 224,224,3 (default: the model's)")
     layers.add_argument("--match", action="append", default=[], metavar="SELECTOR", help="show only what a selector matches, as layers.select would (exact path, glob, re:…, type:…, all; repeatable)")
@@ -59,10 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--unsafe-model", action="store_true", help="allow Lambda layers in .keras/.h5 files")
     layers.add_argument("--json", action="store_true", help="print one JSON document for scripts: {model, inputs, reduce, dtype, tensors: [...]}")
 
-    show = sub.add_parser("show", help="summarize a finished output: model, outputs, partitions, files, first rows", description="Print an output's manifest summary and its first rows' keys and value statistics (Parquet or TFRecord).")
+    show = sub.add_parser("show", parents=[common], help="summarize a finished output: model, outputs, partitions, files, first rows", description="Print an output's manifest summary and its first rows' keys and value statistics (Parquet or TFRecord).")
     show.add_argument("output", help="an output directory written by `layerbeam run` (local or fsspec URL)")
     show.add_argument("--rows", type=int, default=5, help="how many rows to show (default 5; 0 for none)")
+    show.add_argument("--plot", metavar="FILE.png", help="also draw each output's value histogram and statistics into this PNG (needs matplotlib: pip install 'layerbeam[plot]')")
+
+    verify = sub.add_parser("verify", parents=[common], help="recompute random rows with plain Keras and compare", description="Recompute N random rows of an output from its original inputs with plain Keras (predict on a sub-model per output, reduced in numpy) and print each output's largest absolute and relative error. Exit 1 when one is above its dtype's tolerance.")
+    verify.add_argument("output", help="an output directory written by `layerbeam run`")
+    verify.add_argument("--sample", type=int, default=32, metavar="N", help="rows to recompute (default 32)")
+    verify.add_argument("--seed", type=int, default=0, help="which random rows")
+    verify.add_argument("--unsafe-model", action="store_true", help="allow Lambda layers in .keras/.h5 files")
     return p
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("layerbeam")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,19 +101,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = _parser().parse_known_args(argv)
+        _setup_logging(args)
         if args.command == "run":
             return _run(args, rest)
         if rest:
             raise _UsageError(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "show":
             return _show(args)
+        if args.command == "verify":
+            return _verify(args)
         return _layers(args)
-    except _UsageError as e:
-        print(f"layerbeam: error: {e}", file=sys.stderr)
+    except (_UsageError, LayerbeamError) as e:
+        _error(str(e))
         return EXIT_USAGE
-    except LayerbeamError as e:
-        print(f"layerbeam: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except OutcomeError as e:
+        _error(str(e))
+        for reason, row in getattr(e, "examples", {}).items():
+            print(f"  {reason}: e.g. {row.get('key')!r} in {row.get('shard')}: {str(row.get('detail'))[:200]}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:
+        from .run import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        _error(
+            f"no space left on the device while writing ({first_line(e)}); nothing was published and finished shards are kept: "
+            "free space (or choose another output.path with --set output.path=...) and run the same command again to resume"
+        )
+        return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    """Each line of a message as its own `layerbeam: error:` line (config errors come all at once)."""
+    for line in message.strip().splitlines() or [""]:
+        print(f"layerbeam: error: {line}", file=sys.stderr)
+
+
+def _setup_logging(args) -> None:
+    """layerbeam's lines at INFO (WARNING with -q, DEBUG with -v or --log-level); the
+    libraries' own log (TensorFlow, absl, Beam's workers) only with -v."""
+    verbose = getattr(args, "verbose", 0)
+    level = args.log_level or ("DEBUG" if verbose else "WARNING" if getattr(args, "quiet", False) else "INFO")
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "fsspec", "gcsfs", "urllib3", "google"):
+        # Beam logs a failing transform's traceback at ERROR before the exception reaches
+        # the CLI, which prints it in one line: without -v the libraries stay silent.
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # TensorFlow's own start-up and run lines too
 
 
 def _import_tensorflow_quietly() -> None:
@@ -135,21 +201,28 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _console():
-    from rich.console import Console
-
+    """stdout's console. On a terminal, its width (at least 120); otherwise (a pipe, a
+    file) wide enough that no table cell or line is ever wrapped, so `| grep` finds every
+    path whole."""
     import shutil
 
-    return Console(stderr=False, highlight=False, width=max(120, shutil.get_terminal_size((120, 40)).columns))
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console(highlight=False, width=max(120, shutil.get_terminal_size((120, 40)).columns))
+    return Console(highlight=False, width=100_000, soft_wrap=True, no_color=True)
 
 
 def _run(args, beam_args: list[str]) -> int:
+    from .config import load_config
     from .plan import human, prepare
     from .run import run_job
-    from .config import load_config
 
-    stray = _stray_arguments(beam_args) if beam_args else None
-    if stray:
-        raise _UsageError(f"unexpected argument {stray!r}; flags for Beam start with --, config overrides use --set key=value")
+    if beam_args:
+        stray = _stray_arguments(beam_args)
+        if stray:
+            raise _UsageError(f"unexpected argument {stray!r}; flags for Beam start with --, config overrides use --set key=value")
+        _check_beam_flags(beam_args)
     overrides = list(args.overrides)
     if args.overwrite:
         overrides.append("output.overwrite=true")
@@ -159,28 +232,125 @@ def _run(args, beam_args: list[str]) -> int:
         overrides.append(f"input.max_shards={args.max_shards}")
     if args.max_examples_per_shard is not None:
         overrides.append(f"input.max_examples_per_shard={args.max_examples_per_shard}")
+    if args.max_dead_letter_fraction is not None:
+        overrides.append(f"output.max_dead_letter_fraction={args.max_dead_letter_fraction}")
     cfg = load_config(args.config, overrides)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     _import_tensorflow_quietly()
     from .plan import OverCapError
 
     console = _console()
     try:
-        plan = prepare(cfg)
+        plan = prepare(cfg, plan_only=args.plan_only)
     except OverCapError as e:
-        _print_plan(console, e.plan, human)  # show what is too big before refusing
+        _print_plan(console, e.plan, human)  # show what is too big before refusing (even with -q: it is the reason)
+        if args.plan_only:  # a plan never refuses: it says what a run would refuse
+            console.print(f"a run would refuse: {e}", markup=False)
+            return 0
         raise
-    _print_plan(console, plan, human)
+    if args.plan_only or not args.quiet:  # with --plan-only the plan is the summary
+        _print_plan(console, plan, human)
     if args.plan_only:
+        if plan.output_problem:
+            console.print(f"a run would refuse: {plan.output_problem}", markup=False)
         return 0
-    manifest = run_job(cfg, beam_args, plan)
+    with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        manifest = run_job(cfg, beam_args, plan, progress=progress)
     if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
         print(json.dumps(manifest, indent=1))
         return 0
-    _print_summary(console, manifest, human)
+    _print_summary(console, manifest, human, quiet=args.quiet)
     return 0
+
+
+def _check_beam_flags(beam_args: list[str]) -> None:
+    """Refuse a `--flag` that neither layerbeam nor Beam knows (a typo such as --runer would
+    otherwise only warn, and the job would run with the default), naming the closest one;
+    and an unknown `--runner`."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    parsers = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append, display_warnings=False)
+    parser = parsers[0]
+    known = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    _, unknown = parser.parse_known_args(beam_args)
+    for a in unknown:
+        if a == "--":
+            break
+        if a.startswith("--"):
+            name = a.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known + ["--set", "--overwrite", "--plan-only", "--max-shards", "--max-examples-per-shard", "--max-dead-letter-fraction"], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise _UsageError(f"unknown flag {name!r}: neither layerbeam nor Beam knows it; {hint}see `layerbeam run --help` and Beam's pipeline options")
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    if runner is not None:
+        from apache_beam.runners.runner import create_runner
+
+        try:
+            create_runner(runner)
+        except ValueError as e:
+            raise _UsageError(f"--runner={runner} is not a Beam runner ({first_line(e)})") from None
+        except ImportError as e:
+            raise _UsageError(f"--runner={runner} needs packages that are not installed ({first_line(e)}); for Dataflow: pip install 'layerbeam[gcp]'") from None
+
+
+class _progress_display:
+    """A live progress line on the terminal (stderr) while a local job runs: shards and
+    examples done of the planned totals, examples/s, ETA, dead letters so far. Remote
+    runners get one line with the job id and state. Off when `enabled` is false (not a
+    terminal, or -q): then it hands `run_job` no callback at all."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]extracting"), BarColumn(), TextColumn("{task.fields[what]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        # Log lines (one per shard) go through the display's console, above the live line,
+        # instead of tearing it.
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        self.saved = root.handlers[:]
+        handler = RichHandler(console=self.bar.console, show_path=False, show_level=False, log_time_format="%H:%M:%S")
+        handler.setLevel(min((h.level for h in self.saved), default=logging.INFO))
+        root.handlers = [handler]
+        return self.update
+
+    def update(self, p) -> None:
+        if "job_id" in p:
+            self.bar.console.print(f"submitted job {p['job_id']} · state {p['state']}", markup=False)
+            return
+        if self.task is None:
+            self.bar.start()
+            total = p["examples"] or p["shards"]
+            self.task = self.bar.add_task("extract", total=total, what="")
+        secs = max(p["seconds"], 1e-9)
+        by_examples = bool(p["examples"])
+        done = p["examples_done"] if by_examples else p["shards_done"]
+        total = p["examples"] if by_examples else p["shards"]
+        ex_total = f"/~{p['examples']:,}" if p["examples"] else ""
+        what = (f"shards {p['shards_done']}/{p['shards']} · examples {p['examples_done']:,}{ex_total} · "
+                f"{p['examples_done'] / secs:,.1f} examples/s · dead letters {p['dead_letters']:,}")
+        self.bar.update(self.task, completed=min(done, total) if total else done, total=max(total or 0, done), what=what)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            logging.getLogger().handlers = self.saved
+            if self.task is not None:
+                self.bar.stop()
+        return False
 
 
 def _stray_arguments(beam_args: list[str]) -> str | None:
@@ -235,20 +405,30 @@ def _loads_note(metrics: dict) -> str:
     return f" · model loaded {loads}× ({how})"
 
 
-def _print_summary(console, manifest: dict, human) -> None:
+def _print_summary(console, manifest: dict, human, quiet: bool = False) -> None:
     c = manifest["counts"]
     files = manifest["files"]
     out = manifest["config"]["output"]["path"]
     secs = manifest.get("_seconds", 0.0)
     nbytes = sum(f["bytes"] for f in files)
     rate = c["records_read"] / secs if secs else 0.0
+    errs = manifest.get("shard_errors") or []
+    bad = {n: (s.get("nan", 0), s.get("inf", 0)) for n, s in (manifest.get("statistics") or {}).items() if s.get("nan") or s.get("inf")}
     console.print(
-        f"[bold]done[/bold] · {c['rows_written']:,} rows, {c['dead_letters']:,} dead letters, from {c['records_read']:,} records "
+        f"done · {c['rows_written']:,} rows, {c['dead_letters']:,} dead letters, {len(errs)} shard errors, from {c['records_read']:,} records "
         f"· {len(files)} files, {human(nbytes)} · {secs:.1f}s ({rate:.1f} examples/s)"
-        + _loads_note(manifest.get("_metrics", {}))
+        + (" · SAMPLE (smoke run)" if manifest.get("sample") else "")
+        + _loads_note(manifest.get("_metrics", {})),
+        markup=False,
     )
-    console.print(f"output: {out}")
-    console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it):")
+    for name, (nan, inf) in bad.items():
+        console.print(f"warning: output {name!r} holds {nan:,} NaN and {inf:,} Inf values; check the model and its preprocessing (`layerbeam show` has the statistics)", markup=False)
+    for e in errs[:3]:
+        console.print(f"shard error in {e.get('path')}: {e.get('reason')}: {str(e.get('detail'))[:200]} ({e.get('records_kept', 0):,} records kept)", markup=False)
+    if quiet:
+        return
+    console.print(f"output: {out}", markup=False)
+    console.print("read it (Parquet or TFRecord alike; `layerbeam show` summarizes it, `layerbeam verify` checks it):")
     console.print(
         "  import layerbeam\n"
         f"  table = layerbeam.read({out!r})   # or layerbeam.to_pandas(...), layerbeam.to_tf_dataset(...)",
@@ -263,6 +443,8 @@ def _show(args) -> int:
     from .transforms.readback import head, open_output
 
     out = open_output(args.output)
+    if out.format == "tfrecord" and args.rows > 0:
+        _import_tensorflow_quietly()  # reading TFRecord rows imports TensorFlow: its start-up lines stay out
     m = out.manifest
     st = out.storage
     console = _console()
@@ -272,6 +454,13 @@ def _show(args) -> int:
     model = m["model"]
     console.print(f"[bold]{out.path}[/bold] · {fmt} · created {m.get('created', '?')} · run {m.get('run_id', '?')}", highlight=False)
     console.print(f"model: {model['source']} (weights: {model.get('weights')}) · fingerprint {model['fingerprint'][:12]} · inputs {model.get('input_shapes')}", markup=False)
+    if m.get("sample"):
+        inp = m["config"]["input"]
+        console.print(
+            f"SAMPLE: a smoke run, not the whole input ({m.get('shards_planned', '?')} of {m.get('shards_total', '?')} shards"
+            + (f", at most {inp['max_examples_per_shard']} examples per shard" if inp.get("max_examples_per_shard") else "") + ")",
+            markup=False,
+        )
     t = Table(title="outputs", title_justify="left")
     for col in ("output", "source", "reduce", "shape", "dtype", "stored as", "bytes/example"):
         t.add_column(col, justify="right" if col == "bytes/example" else "left")
@@ -301,7 +490,19 @@ def _show(args) -> int:
         for d, (r, n, b) in sorted(parts.items()):
             pt.add_row(d, f"{r:,}", str(n), human(b))
         console.print(pt)
-    if args.rows <= 0:
+    stats = m.get("statistics") or {}
+    if stats:
+        stt = Table(title="statistics (every value of every row)", title_justify="left")
+        for col in ("output", "values", "mean", "std", "min", "max", "zeros", "NaN", "Inf"):
+            stt.add_column(col, justify="left" if col == "output" else "right")
+        for name, v in stats.items():
+            g = (lambda x: "-" if x is None else f"{x:.4g}")
+            stt.add_row(name, f"{v['count']:,}", g(v["mean"]), g(v["std"]), g(v["min"]), g(v["max"]),
+                        "-" if v["zero_fraction"] is None else f"{v['zero_fraction']:.1%}", f"{v['nan']:,}", f"{v['inf']:,}")
+        console.print(stt)
+    if args.plot:
+        _plot(out, args.plot, console)
+    if args.rows <= 0 or c["rows_written"] == 0:
         return 0
     import numpy as np
 
@@ -321,6 +522,70 @@ def _show(args) -> int:
                          end_section=j == len(tensors) - 1)
     console.print(rows)
     return 0
+
+
+def _plot(out, path: str, console) -> None:
+    """One panel per output: a histogram of its values (all rows, read back) with the
+    manifest's statistics written beside it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib, which is not installed; pip install 'layerbeam[plot]'") from None
+    import numpy as np
+
+    from .transforms.readback import to_arrow
+    from .transforms.stats import values_of
+
+    names = [c["name"] for c in out.columns if c["role"] == "output"]
+    stats = out.manifest.get("statistics") or {}
+    table = to_arrow(out, names)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.remove()
+    for ax, name in zip(axes.flat, names):
+        v = values_of(table.column(name)).astype(np.float64)
+        finite = v[np.isfinite(v)]
+        ax.hist(finite, bins=60, color="#3b6ea5")
+        ax.set_title(name, fontsize=9)
+        ax.set_yscale("log")
+        st = stats.get(name)
+        if st and st["mean"] is not None:
+            ax.text(0.98, 0.95, f"n={st['count']:,}\nmean {st['mean']:.3g}\nstd {st['std']:.3g}\nmin {st['min']:.3g}\nmax {st['max']:.3g}\n"
+                    f"zeros {st['zero_fraction']:.1%}\nNaN {st['nan']} Inf {st['inf']}",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7, family="monospace")
+    fig.suptitle(f"{out.path} · {len(table):,} rows", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    console.print(f"plot: {path} ({len(names)} panels)", markup=False)
+
+
+def _verify(args) -> int:
+    """`layerbeam verify OUTPUT`: see `layerbeam.verify`."""
+    _import_tensorflow_quietly()
+    from rich.table import Table
+
+    from .verify import verify
+
+    report = verify(args.output, sample=args.sample, seed=args.seed, safe_mode=not args.unsafe_model)
+    console = _console()
+    t = Table(title=f"verify · {report.rows} random rows recomputed with plain Keras", title_justify="left")
+    for col in ("output", "dtype", "max abs error", "max rel error", "tolerance", "ok"):
+        t.add_column(col, justify="left" if col in ("output", "dtype", "ok") else "right")
+    for r in report.outputs:
+        t.add_row(r.name, r.dtype, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.tolerance:.3g}", "ok" if r.ok else "FAIL")
+    console.print(t)
+    if report.ok:
+        console.print(f"ok: every output within its dtype's tolerance on {report.rows} rows", markup=False)
+        return 0
+    bad = [r for r in report.outputs if not r.ok]
+    _error(f"{len(bad)} output(s) differ from plain Keras beyond tolerance: " + ", ".join(f"{r.name} (max abs error {r.max_abs:.3g} at key {r.worst_key!r})" for r in bad))
+    return EXIT_FAILED
 
 
 def _layers(args) -> int:

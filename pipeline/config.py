@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .transforms.errors import ConfigError
 
@@ -49,7 +49,7 @@ class InputConfig(_Strict):
     label_feature: str | None = Field(None, description="int64 or bytes feature copied to the 'label' column (images: the folder name)")
     label_type: Literal["int64", "string"] = Field("int64", description="type of label_feature")
     passthrough: dict[str, Literal["int64", "float32", "string"]] = Field(default_factory=dict, description="extra scalar features copied to output columns, with their type")
-    image_size: tuple[int, int] | None = Field(None, description="[height, width] images are resized to; default: the model's input size")
+    image_size: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[height, width] images are resized to; default: the model's input size")
     channels: int = Field(3, ge=1, le=4, description="channels images are decoded to")
     resize_method: Literal["bilinear", "nearest", "bicubic", "area", "lanczos3"] = Field("bilinear", description="tf.image.resize method")
     preprocess: str = Field("auto", description="'auto' (the keras.applications module's preprocess_input, else none), 'none' (float 0..255), 'scale' (0..1), 'tf' (-1..1), 'caffe', 'torch', or 'module:function'")
@@ -116,7 +116,8 @@ class OutputConfig(_Strict):
     )
     tfrecord_compression: Literal["none", "gzip"] = Field("none", description="TFRecord: none, or gzip (smaller files, ~10x slower to write)")
     max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")
-    overwrite: bool = Field(False, description="replace an existing complete output")
+    overwrite: bool = Field(False, description="replace an existing layerbeam output (only one: a folder without layerbeam's manifest or staging is never deleted)")
+    max_dead_letter_fraction: float = Field(0.1, ge=0.0, le=1.0, description="fail the run (exit 1, no _SUCCESS, finished shards kept for a resumed run) when more than this fraction of the records read become dead letters; a run with no rows always fails")
 
     @model_validator(mode="before")
     @classmethod
@@ -162,10 +163,31 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _features_are_distinct(self):
+        i = self.input
+        if i.key_feature and i.key_feature == i.label_feature:
+            raise ValueError(
+                f"input.key_feature and input.label_feature are both {i.key_feature!r}; the key must identify each example, "
+                "the label is a class: point key_feature at a unique id feature, or leave it unset (then the key is '<file>:<record index>')"
+            )
+        if i.label_feature in i.passthrough and i.passthrough[i.label_feature] != i.label_type:
+            raise ValueError(
+                f"input.label_feature {i.label_feature!r} is also in input.passthrough as {i.passthrough[i.label_feature]}, "
+                f"but input.label_type is {i.label_type}; a feature has one type: remove it from passthrough (it is in the 'label' column) "
+                f"or make both the same"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _partitions_exist(self):
         cols = {"label"} if self.input.label_feature or self.input.format == "images" else set()
         cols |= set(self.input.passthrough)
         for p in self.output.partition_by:
+            if "/" in p or "=" in p:
+                raise ValueError(
+                    f"output.partition_by names {p!r}, which contains {'/' if '/' in p else '='!r}: partition folders are '<column>=<value>', "
+                    f"so it would nest folders and read back as None; partition by a column whose name has neither (e.g. 'label')"
+                )
             if p not in cols:
                 raise ValueError(
                     f"output.partition_by names {p!r}, which is not an output column; "
@@ -175,7 +197,12 @@ class JobConfig(_Strict):
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
+    """Every problem pydantic found, one line each (a user fixes them all in one go)."""
+    lines = list(dict.fromkeys(_format_one_error(err, source) for err in e.errors()))
+    return "\n".join(lines)
+
+
+def _format_one_error(err: dict, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     typ = err["type"]
     if typ == "extra_forbidden":
@@ -271,6 +298,10 @@ def config_to_dict(cfg: JobConfig) -> dict:
     return cfg.model_dump(mode="json", by_alias=True)
 
 
+# Output fields the application acts on (when to publish); workers never see them.
+_APP_ONLY_OUTPUT = {"max_dead_letter_fraction"}
+
+
 def to_spec(cfg: JobConfig):
     """The library's narrow, frozen view of a config (`layerbeam.transforms.shard.JobSpec`):
     what travels to workers."""
@@ -292,6 +323,6 @@ def to_spec(cfg: JobConfig):
             include_inputs=layers.include_inputs,
             max_bytes_per_example=layers.max_bytes_per_example,
         ),
-        output=WriteSpec(**cfg.output.model_dump()),
+        output=WriteSpec(**cfg.output.model_dump(exclude=_APP_ONLY_OUTPUT)),
         batching=BatchSpec(**cfg.batching.model_dump()),
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import ConfigError, JobConfig, config_to_dict, to_spec
 from .transforms._fs import is_local, require_filesystem
-from .transforms.errors import ModelError, SelectionError
+from .transforms.errors import ModelError, SelectionError, first_line
 from .transforms.formats import make_writer
 from .transforms.schema import column_types, output_schema, stored_bytes, unreadable_by
 from .transforms.commit import OutputLock
@@ -44,6 +44,12 @@ class Plan:
     input_bytes: int
     estimated_examples: int | None
     inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    # A smoke run (`input.max_shards` below the shard count, or `max_examples_per_shard`):
+    # its manifest says `sample`, and it never replaces a full output.
+    sample: bool = False
+    shards_total: int = 0
+    # Why the run would be refused at the output (`--plan-only` prints it instead of failing).
+    output_problem: str | None = None
     # The model the checks loaded (`transforms.shard.LauncherModel`); a worker that runs in
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -83,7 +89,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def prepare(cfg: JobConfig) -> Plan:
+def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     """Every check that can fail before work starts, and the size plan.
 
     Raises:
@@ -91,7 +97,12 @@ def prepare(cfg: JobConfig) -> Plan:
             matches no file, the output is complete already or holds foreign files
             (without overwrite), another run is writing it, a half-built run of a
             different config is staged for it (without overwrite), it is not writable,
-            or the outputs exceed `layers.max_bytes_per_example`.
+            or the outputs exceed `layers.max_bytes_per_example`, or the output path is,
+            holds or lies where the input pattern reads, or `input.compression` does not
+            match the files.
+
+    With `plan_only`, problems at the output do not raise: the plan says them
+    (`Plan.output_problem`), since planning writes nothing.
     """
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
@@ -107,10 +118,14 @@ def prepare(cfg: JobConfig) -> Plan:
     discover_gpus()
     try:
         shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {e}; check the path and your credentials") from None
+    except Exception as e:  # noqa: BLE001 - any client's failure (auth, network, bucket) is the user's to fix
+        raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {type(e).__name__}: {first_line(e)}; check the path, the network and your credentials") from None
     if not shards:
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} matches no file; check the path (a glob such as data/*.tfrecord)")
+    all_shards = shards
+    _check_not_over_inputs(cfg, all_shards)
+    if cfg.input.format == "tfrecord":
+        _check_compression(cfg, shards[0].paths[0])
     if cfg.input.max_shards:
         shards = shards[: cfg.input.max_shards]
     # The workers build the model under this policy; built under the same one here, the
@@ -121,7 +136,17 @@ def prepare(cfg: JobConfig) -> Plan:
             graph, specs = trace_and_select(job, model)
             offered = LauncherModel.capture(model, model_fingerprint(model))
     except (ModelError, SelectionError) as e:
-        raise ConfigError(str(e).replace("{model}", cfg.model.source)) from None
+        msg = str(e).replace("{model}", cfg.model.source)
+        if cfg.input.image_size and msg.startswith("tracing model"):
+            built = [tuple(t.shape[1:3]) for t in getattr(locals().get("model"), "inputs", [])]
+            fits = [list(b) for b in built if None not in b]
+            raise ConfigError(
+                f"input.image_size {list(cfg.input.image_size)} does not fit the model {cfg.model.source!r}"
+                + (f", which was built for {fits[0]}" if fits else "")
+                + f" (Keras: {first_line(e).split(' failed: ', 1)[-1][:200]}); "
+                + (f"set input.image_size: {fits[0]} or remove it" if fits else "remove input.image_size")
+            ) from None
+        raise ConfigError(msg) from None
     row_columns = column_types(job.input)
     for spec in specs:
         if spec.name in row_columns:
@@ -150,6 +175,8 @@ def prepare(cfg: JobConfig) -> Plan:
         estimated_examples=estimate_examples(job.input, shards),
         inputs=tuple((s.id, s.paths, s.size) for s in shards),
         launcher_model=offered,
+        sample=len(shards) < len(all_shards) or cfg.input.max_examples_per_shard is not None,
+        shards_total=len(all_shards),
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
@@ -162,7 +189,12 @@ def prepare(cfg: JobConfig) -> Plan:
             f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
             plan,
         )
-    _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id))
+    try:
+        _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id), plan.sample)
+    except ConfigError as e:
+        if not plan_only:
+            raise
+        plan = dataclasses.replace(plan, output_problem=str(e))
     return plan
 
 
@@ -173,19 +205,38 @@ def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
     re-run after a crash finds its staged shards (and how a changed config does not).
     """
     key = dict(config)
-    key["output"] = {k: v for k, v in config["output"].items() if k != "overwrite"}
+    # Not what the run computes: a higher dead-letter limit or --overwrite resumes the same run.
+    key["output"] = {k: v for k, v in config["output"].items() if k not in ("overwrite", "max_dead_letter_fraction")}
     inputs = [[list(s.paths), s.size] for s in shards]
     return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_output(cfg: JobConfig, run_id: str, layout) -> None:
-    """Refuse, before any work, an output this run must not write (see `prepare`)."""
+def _check_output(cfg: JobConfig, run_id: str, layout, sample: bool = False) -> None:
+    """Refuse, before any work, an output this run must not write (see `prepare`).
+
+    `--overwrite` replaces only what layerbeam wrote: a folder with layerbeam's manifest,
+    or one with layerbeam's staging beside it (a half-published run). Anything else at the
+    output path is refused with or without it, and a smoke run never replaces a full output.
+    """
     path = cfg.output.path
     overwrite = cfg.output.overwrite
+    ours = _is_layerbeam_output(layout)
+    if layout.fs.exists(layout.out) and not layout.fs.isdir(layout.out):
+        raise ConfigError(f"output.path {path!r} is a file, not a folder; layerbeam will not replace it: choose another output.path")
+    if layout.has_foreign_files() and not ours:
+        raise ConfigError(
+            f"output {path!r} holds files that layerbeam did not write (no _manifest.json, no staging folder), and layerbeam never deletes those; "
+            "choose another output.path, or move them away yourself"
+        )
+    if layout.is_complete() and sample and not _committed_is_sample(layout):
+        raise ConfigError(
+            f"output {path!r} holds a complete full output, and this is a smoke run (--max-shards / --max-examples-per-shard), which never replaces one; "
+            "write the sample elsewhere: --set output.path=<another folder>"
+        )
     if layout.is_complete() and not overwrite:
         raise ConfigError(f"output {path!r} already holds a complete output; pass --overwrite to replace it or choose another output.path")
     if layout.has_foreign_files() and not overwrite:
-        raise ConfigError(f"output {path!r} holds files but no _SUCCESS, so it is not a complete layerbeam output; choose another output.path, or pass --overwrite to replace it")
+        raise ConfigError(f"output {path!r} holds a half-published layerbeam output (files but no _SUCCESS); pass --overwrite to replace it, or choose another output.path")
     lock = OutputLock(layout)
     holder = lock.holder()
     if holder is not None:
@@ -201,11 +252,109 @@ def _check_output(cfg: JobConfig, run_id: str, layout) -> None:
     _check_writable(layout)
 
 
+def _is_layerbeam_output(layout) -> bool:
+    """The output path holds what layerbeam wrote: its manifest, or its staging beside it."""
+    try:
+        with layout.fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
+            if "layerbeam_manifest" in json.load(f):
+                return True
+    except (OSError, ValueError):
+        pass
+    return layout.fs.exists(layout.staging_root)
+
+
+def _committed_is_sample(layout) -> bool:
+    try:
+        with layout.fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
+            return bool(json.load(f).get("sample"))
+    except (OSError, ValueError):
+        return False
+
+
+def _norm(path: str) -> str:
+    """A path as compared here: no file://, no trailing /, local paths absolute and resolved."""
+    path = path[len("file://"):] if path.startswith("file://") else path
+    if "://" not in path:
+        path = os.path.realpath(path)
+    return path.rstrip("/")
+
+
+def _glob_regex(pattern: str):
+    """fsspec glob → regex: `**` crosses folders, `*` and `?` do not."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        out.append({"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c)))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
+    """Refuse an output path that is, contains or lies inside an input file or the input
+    folder, or whose files the input pattern would read: overwriting would delete the
+    input, and a later run would read its own output (or its staging) as input."""
+    out = _norm(cfg.output.path)
+    staging = f"{out}.layerbeam-staging"
+    pattern = _norm(cfg.input.pattern)
+    if not any(ch in pattern for ch in "*?["):  # a folder: read as match_shards reads it
+        pattern += "/**" if cfg.input.format == "images" else "/*"
+    static = pattern
+    for ch in "*?[":
+        static = static.split(ch, 1)[0]
+    root = static.rsplit("/", 1)[0]
+    fix = "choose an output.path outside the input (e.g. a sibling folder)"
+    for target in (out, staging):
+        if target == root or root.startswith(target + "/"):
+            raise ConfigError(f"output.path {cfg.output.path!r} is or contains the input folder {root!r}; {fix}")
+    for s in shards:
+        for p in s.paths:
+            p = _norm(p)
+            if p == out or p.startswith(out + "/") or p.startswith(staging + "/"):
+                raise ConfigError(f"output.path {cfg.output.path!r} contains the input file {p!r}; {fix}")
+            if out.startswith(p + "/"):
+                raise ConfigError(f"output.path {cfg.output.path!r} lies inside the input file {p!r}; {fix}")
+    leaf = pattern.rsplit("/", 1)[-1].replace("**", "x").replace("*", "x").replace("?", "x")
+    regex = _glob_regex(pattern)
+    for cand in (f"{out}/{leaf}", f"{out}/label=1/{leaf}", f"{staging}/run/shards/s00000/{leaf}", f"{staging}/run/final/label=1/{leaf}"):
+        if regex.match(cand):
+            raise ConfigError(f"output.path {cfg.output.path!r} lies where input.pattern {cfg.input.pattern!r} reads: its files would become input; {fix}")
+
+
+def _check_compression(cfg: JobConfig, first_file: str) -> None:
+    """A TFRecord file's first bytes say whether it is gzip or zlib compressed; a mismatch
+    with `input.compression` would fail every shard (no rows), so it is refused here."""
+    from .transforms._fs import fsspec_fs
+
+    try:
+        fs, path = fsspec_fs(first_file)
+        with fs.open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return  # unreadable: the run's reader says why, per shard
+    if len(head) < 2:
+        return
+    gzip = head == b"\x1f\x8b"
+    zlib = head[0] == 0x78 and (head[0] * 256 + head[1]) % 31 == 0
+    found = "GZIP" if gzip else "ZLIB" if zlib else ""
+    said = cfg.input.compression
+    if said == "GZIP" and not gzip or said == "ZLIB" and not zlib or said == "" and gzip:
+        what = {"GZIP": "gzip-compressed", "ZLIB": "zlib-compressed", "": "not compressed"}[found]
+        raise ConfigError(
+            f"input.compression is {said or 'none'!r} but {first_file!r} is {what}; set input.compression={found or chr(39) * 2}"
+        )
+
+
 def _differences(info: Mapping, cfg: JobConfig, run_id: str) -> str:
     """Which config fields, model or input shards differ between a staged run and this one."""
     mine = _flatten(config_to_dict(cfg))
     theirs = _flatten(info.get("config", {}))
-    keys = sorted(k for k in set(mine) | set(theirs) if k != "output.overwrite" and mine.get(k) != theirs.get(k))
+    keys = sorted(k for k in set(mine) | set(theirs) if k not in ("output.overwrite", "output.max_dead_letter_fraction") and mine.get(k) != theirs.get(k))
     parts = []
     if keys:
         parts.append("differs in " + ", ".join(keys[:6]) + (" …" if len(keys) > 6 else ""))
@@ -276,5 +425,8 @@ def manifest_base(plan: Plan) -> dict:
         "outputs": [dict(s.to_json(), bytes_per_example=plan.stored_bytes(s)) for s in plan.outputs],
         "storage": make_writer(plan.spec.output, output_schema(plan.outputs, column_types(plan.spec.input))).storage_spec(),
         "bytes_per_example": plan.bytes_per_example,
+        "sample": plan.sample,  # a smoke run: `show` and `read` say so
+        "shards_planned": plan.shards,
+        "shards_total": plan.shards_total,
         "versions": _versions(),
     }

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .config import JobConfig, load_config
 from .plan import Plan, manifest_base, prepare
 from .runners import dry_run_summary, make_runner, workers_in_this_process
 
-__all__ = ["run", "run_job", "build_pipeline"]
+__all__ = ["run", "run_job", "build_pipeline", "Progress", "dead_letter_examples", "is_disk_full"]
 
 
 def run(config: str | Path | Mapping | JobConfig, overrides: Sequence[str] = (), beam_args: Sequence[str] = ()) -> dict:
@@ -42,6 +45,12 @@ def run(config: str | Path | Mapping | JobConfig, overrides: Sequence[str] = (),
     return run_job(cfg, beam_args)
 
 
+class Progress(dict):
+    """A snapshot for a progress display: `shards_done`, `shards` (planned), `examples_done`,
+    `examples` (estimated, or None), `dead_letters`, `seconds`; on remote runners
+    `job_id` and `state` instead."""
+
+
 def build_pipeline(pipeline, plan: Plan):
     """Add the job to `pipeline`: match → extract+write each shard → commit once."""
     import apache_beam as beam
@@ -61,7 +70,7 @@ def build_pipeline(pipeline, plan: Plan):
     )
 
 
-def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None) -> dict:
+def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
     """Run a job to completion and return the committed manifest.
 
     Resuming is the default: the run's staging folder is named by its fingerprint, so the
@@ -74,11 +83,22 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     one per worker process) and `_first_batch_unix`. With `--dry_run=True` (DataflowRunner)
     the job graph is built and nothing is submitted or locked: the result is a summary
     with `"_dry_run": True`.
+
+    Args:
+        progress: called about twice a second with a `Progress` snapshot while the job
+            runs (local runners: shards and examples done; remote runners: job id and
+            state, when they change).
+
+    Raises:
+        OutcomeError: the run did its work but published nothing (no rows, or more dead
+            letters than `output.max_dead_letter_fraction`); its `examples` attribute
+            maps the top reasons to one dead letter each.
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import TestOptions
 
     from .transforms.commit import OutputLock
+    from .transforms.errors import OutcomeError
     from .transforms.shard import offer_launcher_model
     from .transforms.staging import OutputLayout
 
@@ -107,13 +127,23 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
         offered = plan.launcher_model
-        if offered is not None and not workers_in_this_process(runner, options):
+        local = workers_in_this_process(runner, options)
+        if offered is not None and not local:
             offered.release()  # the workers load their own; the launcher need not hold it
+        watcher = _Watcher(layout, plan, progress, t0) if progress else None
         try:
             with offer_launcher_model(plan.run_id, offered):
+                if watcher and _is_local_runner(runner):
+                    watcher.start()
                 result = p.run()
+                if watcher and not _is_local_runner(runner):
+                    _report_remote(result, progress)
                 result.wait_until_finish()
+        except OutcomeError as e:
+            raise _outcome(e, layout) from None
         finally:
+            if watcher:
+                watcher.stop()
             if offered is not None:
                 offered.release()
         seconds = time.perf_counter() - t0
@@ -125,6 +155,10 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
+    if progress and _is_local_runner(runner):  # the final state, from the manifest (the markers went with the staging)
+        c = manifest["counts"]
+        progress(Progress(shards_done=plan.shards, shards=plan.shards, examples_done=c["records_read"], examples=plan.estimated_examples,
+                          dead_letters=c["dead_letters"], seconds=seconds))
     manifest["_metrics"] = metrics
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
@@ -148,3 +182,109 @@ def _metrics(result) -> dict:
         if v is not None and v.count:
             out[d.key.metric.name] = {"count": v.count, "sum": v.sum, "min": v.min, "max": v.max, "mean": v.mean}
     return out
+
+
+def _is_local_runner(runner) -> bool:
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return isinstance(runner, FnApiRunner)
+
+
+def _report_remote(result, progress) -> None:
+    """A remote runner's job id and state, once, after submission (the runner's own log
+    has the console URL)."""
+    job_id = getattr(result, "job_id", None)
+    progress(Progress(job_id=job_id() if callable(job_id) else job_id, state=str(getattr(result, "state", "?"))))
+
+
+class _Watcher:
+    """Reports progress while a local job runs: finished shards from their markers (any
+    worker, any process), examples from the in-process counter where workers run here."""
+
+    def __init__(self, layout, plan: Plan, progress, t0: float):
+        self.layout, self.plan, self.progress, self.t0 = layout, plan, progress, t0
+        self.seen: dict[str, dict] = {}
+        from .transforms.beam import examples_so_far
+
+        self.base = examples_so_far(plan.run_id)  # an earlier run of the same id in this process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="layerbeam-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._report()
+
+    def _report(self) -> None:
+        from .transforms.beam import examples_so_far
+
+        fs = self.layout.fs
+        try:
+            names = fs.glob(f"{self.layout.run_dir}/shards/*.done.json")
+        except OSError:
+            names = []
+        for n in names:
+            if n not in self.seen:
+                try:
+                    with fs.open(n, "r") as f:
+                        self.seen[n] = json.load(f)
+                except (OSError, ValueError):  # being written: next time
+                    pass
+        done = list(self.seen.values())
+        records = sum(r.get("read", 0) for r in done)
+        dead = sum(r.get("dead_letters", 0) for r in done)
+        live = examples_so_far(self.plan.run_id) - self.base + sum(r.get("dead_letters", 0) for r in done if not r.get("resumed"))
+        self.progress(Progress(
+            shards_done=len(done), shards=self.plan.shards, examples_done=max(records, live),
+            examples=self.plan.estimated_examples, dead_letters=dead, seconds=time.perf_counter() - self.t0,
+        ))
+
+
+def _outcome(e, layout):
+    """The commit's OutcomeError without Beam's "[while running ...]" suffix, with one
+    example dead letter for each of the top reasons (`examples`)."""
+    from .transforms.errors import OutcomeError
+
+    message = re.sub(r" \[while running '[^']*'\]$", "", str(e).strip())
+    out = OutcomeError(message, getattr(e, "counts", None))
+    out.examples = dead_letter_examples(layout)
+    return out
+
+
+def dead_letter_examples(layout, top: int = 3) -> dict[str, dict]:
+    """reason → one staged dead letter of that reason, for the `top` most frequent reasons
+    of a run that was not published."""
+    import pyarrow.parquet as pq
+
+    fs = layout.fs
+    try:
+        files = sorted(set(fs.glob(f"{layout.run_dir}/dead/*.parquet")) | set(fs.glob(f"{layout.run_dir}/final/{layout.DEAD_DIR}/*.parquet")))
+    except OSError:
+        return {}
+    counts: dict[str, int] = {}
+    first: dict[str, dict] = {}
+    for p in files:
+        with fs.open(p, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+                first.setdefault(row["reason"], row)
+    return {r: first[r] for r in sorted(counts, key=lambda r: -counts[r])[:top]}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """The exception (or one it came from) is ENOSPC; Beam re-raises a worker's OSError
+    with its message only, so the message is checked too."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -1,35 +1,51 @@
-"""Benchmark layerbeam against the limit and against a RunInference baseline, side by side.
+"""layerbeam against an independent limit and against Beam's own RunInference handler.
 
-One invocation, same data, same machine, same model weights:
+One invocation, same data (photo crops at 256 px in TFRecord shards, resized to 224), same
+machine, same architecture and seeded weights; every measurement in a fresh subprocess;
+rounds interleaved so drift on a shared machine hits every kind alike; the best of rounds
+is reported and ratios are only ever taken within this one invocation.
 
-* **limit** — an in-process loop, no Beam, no writing: one tf.data pipeline (read, decode,
-  resize, preprocess, batch, prefetch) feeding the same multi-output extractor.
-* **layerbeam** — the real pipeline through `layerbeam.run.run_job` on the default
-  (in-process FnApiRunner) runner, writing Parquet.
-* **baseline** — the same job written the way Beam's docs suggest: ReadFromTFRecord →
-  per-element decode in a Map → RunInference with a keyed Keras model handler → rows →
-  WriteToParquet.
+* **limit** / **limit_noat** — a plain in-process loop written without any layerbeam code:
+  `TFRecordDataset → parse → decode_image → resize → preprocess → batch → prefetch`
+  (AUTOTUNE everywhere, tf.data's default options) feeding a `tf.function` of the plain
+  Keras sub-model (the scenario's layers, mean-pooled by `GlobalAveragePooling2D`), outputs
+  copied to NumPy; nothing written. `limit` keeps tf.data's autotuning on (its default),
+  `limit_noat` turns it off (`options.autotune.enabled = False`).
+* **layerbeam** — the real job: `prepare` + `run_job` on the default runner (in-process
+  FnApiRunner), writing Parquet; seconds are the pipeline's (after prepare), "first batch"
+  is from launching the process to the first extracted batch. `--variant NAME=PYTHON`
+  adds `layerbeam@NAME` run by another interpreter (another checkout's venv), interleaved
+  with the rest: that is how a change is measured before/after in one invocation.
+* **peer** (scenario a) — the job the way Beam's docs write it: `ReadFromTFRecord →
+  Map(decode) → RunInference(KeyedModelHandler(TFModelHandlerTensor(model_uri=...))) →
+  Map(to row) → WriteToParquet` on the in-process FnApiRunner. `TFModelHandlerTensor` is
+  Beam's own class; it needs the `bench` extra (`pip install -e .[bench]`: tensorflow_hub,
+  tf_keras) and loads the `.keras` file this script saves with `tf.keras.models.load_model`.
+* **extract** / **extract_layers** — `layerbeam.extract(model, dataset, output=...)` (the
+  notebook path, fed by the limit's own tf.data pipeline) and `ReadFromTFRecord → decode →
+  layerbeam.ExtractLayers → WriteLayers` (the RunInference path); skipped, with a note,
+  where this checkout has no such API.
 
-Each measurement runs in its own subprocess (fresh TensorFlow, honest peak RSS).
+Round 1 also checks that the kinds compute the same thing: the first batch's `out_relu`
+(or the last output) of the limit against layerbeam's and the peer's rows for those keys.
 
-    python scripts/bench.py                       # scenario a, N=2048
-    python scripts/bench.py --scenario all --json
-    python scripts/bench.py --scenario a --n 512 --rss   # also layerbeam at 4N for peak RSS
+    python scripts/bench.py                                  # scenario a, N=2048, 2 rounds
+    python scripts/bench.py --scenario b --kinds limit,limit_noat,layerbeam
+    python scripts/bench.py --n 512 --rounds 1 --rss         # smoke, + layerbeam at 4N for peak RSS
+    python scripts/bench.py --variant before=/work/main/.venv/bin/python --kinds limit_noat,layerbeam
 
-The limit uses the pipeline's tf.data options (autotuning off, see
-`layerbeam.transforms.readers._common.without_autotune`); LAYERBEAM_BENCH_LIMIT_AUTOTUNE=1 measures it with
-tf.data's default autotuning instead.
-
-Scenarios: (a) MobileNetV2 224px, four mean-pooled outputs; (b) the same plus one
-unreduced mid-layer output in float16; (c) ResNet50 224px, `all` layers mean-pooled.
+Scenarios: (a) MobileNetV2 224, four mean-pooled outputs; (b) the same plus one unreduced
+28×28×192 float16 map; (c) ResNet50 224, `all` layers mean-pooled.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,38 +53,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIZE = 224
+MNV2_LAYERS = ["block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "out_relu"]
 
 SCENARIOS = {
-    "a": {
-        "title": "MobileNetV2, 4 mean-pooled outputs",
-        "source": "keras.applications.MobileNetV2",
-        "select": ["block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "out_relu"],
-    },
+    "a": {"title": "MobileNetV2, 4 mean-pooled outputs", "source": "MobileNetV2", "select": MNV2_LAYERS, "map": None},
     "b": {
-        "title": "MobileNetV2, 4 mean-pooled + 1 unreduced float16",
-        "source": "keras.applications.MobileNetV2",
-        "select": [
-            "block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "out_relu",
-            {"layer": "block_6_expand_relu", "as": "block_6_map", "reduce": "none", "dtype": "float16"},
-        ],
+        "title": "MobileNetV2, 4 mean-pooled + 1 unreduced 28x28x192 float16",
+        "source": "MobileNetV2",
+        "select": [*MNV2_LAYERS, {"layer": "block_6_expand_relu", "as": "block_6_map", "reduce": "none", "dtype": "float16"}],
+        "map": ("block_6_expand_relu", "block_6_map"),
     },
-    "c": {
-        "title": "ResNet50, all layers mean-pooled",
-        "source": "keras.applications.ResNet50",
-        "select": ["all"],
-    },
+    "c": {"title": "ResNet50, all layers mean-pooled", "source": "ResNet50", "select": ["all"], "map": None},
 }
-
-
-def _config(scenario: str, data: str, out: str, batch_size: int) -> dict:
-    s = SCENARIOS[scenario]
-    return {
-        "input": {"pattern": f"{data}/*.tfrecord", "key_feature": "image/key", "label_feature": "image/class/label", "image_size": [224, 224]},
-        "model": {"source": s["source"], "weights": None, "seed": 0},
-        "layers": {"select": s["select"], "reduce": "mean", "max_bytes_per_example": 1 << 30},
-        "batching": {"batch_size": batch_size},
-        "output": {"path": out, "overwrite": True},
-    }
+KINDS = ("limit", "limit_noat", "layerbeam", "peer", "extract", "extract_layers")
 
 
 def _dataset(n: int, shards: int) -> str:
@@ -76,239 +74,420 @@ def _dataset(n: int, shards: int) -> str:
     if not (folder / "_DONE").exists():
         subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(folder), "--images", str(n), "--shards", str(shards), "--size", "256"],
-            check=True,
+            check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         )
         (folder / "_DONE").write_text("")
     return str(folder)
 
 
-# --------------------------------------------------------------------------- the three measurements
+# --------------------------------------------------------------------------- independent pieces (no layerbeam code)
 
 
-def _measure_limit(cfg: dict) -> dict:
-    """tf.data → extractor in a loop; no Beam, no writing."""
+def _plain_model(scenario: str):
+    """The scenario's sub-model in plain Keras, dict outputs: each layer mean-pooled over
+    height and width (`all`: every layer but the input; rank-2 outputs as they are), plus
+    the unreduced float16 map of (b). Seeded as layerbeam seeds `weights: null`."""
+    import keras
+
+    s = SCENARIOS[scenario]
+    keras.utils.set_random_seed(0)
+    base = getattr(keras.applications, s["source"])(input_shape=(SIZE, SIZE, 3), weights=None)
+    names = [layer.name for layer in base.layers[1:]] if s["select"] == ["all"] else MNV2_LAYERS
+
+    def pooled(t):
+        return keras.layers.GlobalAveragePooling2D()(t) if len(t.shape) == 4 else t
+
+    outs = {n: pooled(base.get_layer(n).output) for n in names}
+    if s["map"]:
+        layer, name = s["map"]
+        outs[name] = keras.layers.Activation("linear", dtype="float16")(base.get_layer(layer).output)
+    return keras.Model(base.input, outs)
+
+
+def _preprocess_for(scenario: str):
+    import keras
+
+    mod = keras.applications.resnet50 if SCENARIOS[scenario]["source"] == "ResNet50" else keras.applications.mobilenet_v2
+    return mod.preprocess_input
+
+
+def _plain_dataset(data: str, scenario: str, batch_size: int, autotune: bool):
+    """TFRecord → parse → decode → resize → preprocess → batch → prefetch, tf.data defaults."""
     import tensorflow as tf
 
-    from layerbeam.config import load_config
-    from layerbeam.transforms.layers import trace_and_select
-    from layerbeam.transforms.extractor import Extractor, extractor_model
-    from layerbeam.transforms.layers import ModelGraph
-    from layerbeam.transforms.models import load_model, preprocess_fn
-    from layerbeam.transforms.readers._common import without_autotune as _without_autotune
-    from layerbeam.transforms.readers.images import decode_image as _decode_image
+    pre = _preprocess_for(scenario)
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/key": tf.io.FixedLenFeature([], tf.string)}
 
-    t_start = time.perf_counter()
-    c = load_config(raw=cfg)
-    model = load_model(c.model)
-    graph, specs = trace_and_select(c, model)  # the pipeline's own extractor, float16 outputs included
-    ex = Extractor(extractor_model(graph, specs))
-    (name, shape), = graph.input_shapes.items()
-    pre = preprocess_fn("auto", c.model.source)
-    files = sorted(tf.io.gfile.glob(c.input.pattern))
-    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        img = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
+        img = tf.ensure_shape(tf.image.resize(img, (SIZE, SIZE)), (SIZE, SIZE, 3))  # bilinear, float32
+        return ex["image/key"], pre(img)
 
-    def parse(r):
-        return _decode_image(tf.io.parse_single_example(r, spec)["image/encoded"], shape, c.input, pre)
+    files = sorted(tf.io.gfile.glob(f"{data}/*.tfrecord"))
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if not autotune:
+        o = tf.data.Options()
+        o.autotune.enabled = False
+        ds = ds.with_options(o)
+    return ds
 
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(c.batching.batch_size).prefetch(tf.data.AUTOTUNE)
-    if os.environ.get("LAYERBEAM_BENCH_LIMIT_AUTOTUNE", "0") != "1":
-        # The pipeline's own tf.data options: on 2 cores the autotuner's model thread costs
-        # the model CPU time, and a limit slowed by it would flatter layerbeam.
-        ds = _without_autotune(ds)
-    n = 0
-    first = None
+
+def _check_name(outputs) -> str:
+    return "out_relu" if "out_relu" in outputs else sorted(outputs)[-1]
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _limit(a) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    model = _plain_model(a.scenario)
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)])
+    ds = _plain_dataset(a.data, a.scenario, a.batch_size, autotune=a.child == "limit")
+    n, first, sample = 0, None, None
     t0 = time.perf_counter()
-    for batch in ds:
-        ex({name: batch})
-        n += int(batch.shape[0])
+    for keys, x in ds:
+        out = {k: v.numpy() for k, v in fn(x).items()}
+        n += len(keys)
         if first is None:
-            first = time.perf_counter() - t_start
+            first = time.time() - a.launched
+            name = _check_name(out)
+            sample = (np.array([k.decode() for k in keys.numpy()]), out[name], name)
     secs = time.perf_counter() - t0
-    return {"images": n, "seconds": secs, "first_batch_s": first}
+    if a.check:
+        np.savez(a.check, keys=sample[0], values=sample[1].astype(np.float32), name=sample[2], outputs=len(out))
+    return {"images": n, "seconds": secs, "first_batch_s": first, "outputs": len(out)}
 
 
-def _measure_layerbeam(cfg: dict) -> dict:
+def _config(a, out: str) -> dict:
+    s = SCENARIOS[a.scenario]
+    return {
+        "input": {"pattern": f"{a.data}/*.tfrecord", "key_feature": "image/key", "image_size": [SIZE, SIZE]},
+        "model": {"source": f"keras.applications.{s['source']}", "weights": None, "seed": 0},
+        "layers": {"select": s["select"], "reduce": "mean", "max_bytes_per_example": 1 << 30},
+        "batching": {"batch_size": a.batch_size},
+        "output": {"path": out, "overwrite": True},
+    }
+
+
+def _layerbeam(a) -> dict:
+    from layerbeam.config import load_config
     from layerbeam.plan import prepare
     from layerbeam.run import run_job
-    from layerbeam.config import load_config
 
-    t_start = time.time()
-    c = load_config(raw=cfg)
+    out = f"{a.work}/out"
+    c = load_config(raw=_config(a, out))
     plan = prepare(c)
     t0 = time.perf_counter()
     manifest = run_job(c, [], plan)
     secs = time.perf_counter() - t0
-    files = manifest["files"]
     first = manifest.get("_first_batch_unix")
     timing: dict = {}
     for i in manifest["inputs"]:
         for k, v in (i.get("timing") or {}).items():
             timing[k] = timing.get(k, 0.0) + v
-    return {
-        "images": manifest["counts"]["rows_written"],
-        "seconds": secs,
-        "first_batch_s": (first - t_start) if first else None,
-        "bytes_written": sum(f["bytes"] for f in files),
-        "bytes_per_example": manifest["bytes_per_example"],
+    res = {
+        "images": manifest["counts"]["rows_written"], "seconds": secs,
+        "first_batch_s": (first - a.launched) if first else None,
+        "bytes_written": sum(f["bytes"] for f in manifest["files"]),
         "time_in_shards": {k: round(v, 2) for k, v in timing.items()},
+        "outputs": len(plan.outputs),
     }
+    if a.check:
+        res["check"] = _compare(a.check, out)
+    return res
 
 
-def _measure_baseline(cfg: dict) -> dict:
-    """Beam's documented style: per-element decode in a Map, RunInference, WriteToParquet."""
+def _peer(a) -> dict:
     import apache_beam as beam
     import numpy as np
     import pyarrow as pa
     import tensorflow as tf
-    from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from layerbeam.config import load_config
-    from layerbeam.transforms.layers import trace_and_select
-    from layerbeam.transforms.models import load_model, preprocess_fn
-
-    c = load_config(raw=cfg)
-    shape = (224, 224, 3)
-    source = c.model.source
-
-    from apache_beam.ml.inference import utils as inference_utils
-
-    class KerasFeatureHandler(ModelHandler):
-        """What Beam's TFModelHandlerNumpy does (apache_beam/ml/inference/tensorflow_inference.py,
-        not imported: it drags in tensorflow_hub and tf_keras): stack the batch, call the model
-        eagerly, split the outputs per element with Beam's own `_convert_to_result`."""
-
-        def load_model(self):
-            job = load_config(raw=cfg)
-            graph, specs = trace_and_select(job, load_model(job.model))
-            return extractor_model(graph, specs)
-
-        def run_inference(self, batch, model, inference_args=None):
-            predictions = model(np.stack(batch, axis=0), **(inference_args or {}))
-            return inference_utils._convert_to_result(batch, predictions)
-
-    pre = preprocess_fn("auto", source)
+    pre = _preprocess_for(a.scenario)
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/key": tf.io.FixedLenFeature([], tf.string)}
 
     def decode(record: bytes):
-        ex = tf.io.parse_single_example(record, {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/key": tf.io.FixedLenFeature([], tf.string)})
-        img = tf.image.resize(tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False), shape[:2])
-        return ex["image/key"].numpy().decode(), pre(tf.cast(img, tf.float32)).numpy()
+        ex = tf.io.parse_single_example(record, spec)
+        img = tf.image.resize(tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False), (SIZE, SIZE))
+        return ex["image/key"].numpy().decode(), pre(img)
 
     def to_row(kv):
-        key, result = kv  # (key, PredictionResult) from the keyed handler
+        key, result = kv  # (key, PredictionResult)
         row = {"key": key}
         row.update({k: np.asarray(v, np.float32).ravel().tolist() for k, v in result.inference.items()})
         return row
 
-    probe = KerasFeatureHandler().load_model()
-    fields = [("key", pa.string())] + [(k, pa.list_(pa.float32())) for k in probe.output.keys()]
-    del probe
-    out = tempfile.mkdtemp(prefix="bench-baseline-")
+    names = list(_plain_model(a.scenario).output.keys())
+    schema = pa.schema([("key", pa.string())] + [(k, pa.list_(pa.float32())) for k in names])
+    out = f"{a.work}/out"
+    handler = KeyedModelHandler(TFModelHandlerTensor(model_uri=a.model_path, min_batch_size=a.batch_size, max_batch_size=a.batch_size))
     t0 = time.perf_counter()
     with beam.Pipeline(runner=FnApiRunner()) as p:
         _ = (
             p
-            | beam.io.ReadFromTFRecord(c.input.pattern)
+            | beam.io.ReadFromTFRecord(f"{a.data}/*.tfrecord")
             | "Decode" >> beam.Map(decode)
-            | RunInference(KeyedModelHandler(KerasFeatureHandler()))
+            | RunInference(handler)
             | "ToRow" >> beam.Map(to_row)
-            | beam.io.WriteToParquet(f"{out}/part", pa.schema(fields), file_name_suffix=".parquet")
+            | beam.io.WriteToParquet(f"{out}/part", schema, file_name_suffix=".parquet")
         )
     secs = time.perf_counter() - t0
-    import pyarrow.dataset as ds
-
-    n = ds.dataset(out, format="parquet").count_rows()
-    return {"images": n, "seconds": secs, "first_batch_s": None}
-
-
-def _child(kind: str, cfg: dict) -> dict:
-    fn = {"limit": _measure_limit, "layerbeam": _measure_layerbeam, "baseline": _measure_baseline}[kind]
-    res = fn(cfg)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["images_per_s"] = res["images"] / res["seconds"]
+    res = {"images": _rows(out), "seconds": secs, "first_batch_s": None}
+    if a.check:
+        res["check"] = _compare(a.check, out)
     return res
 
 
-def _run_child(kind: str, cfg: dict) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    p = subprocess.run([sys.executable, __file__, "--child", kind, "--config-json", json.dumps(cfg)], env=env, capture_output=True, text=True)
+def _extract(a) -> dict:
+    import layerbeam
+
+    model = _plain_model_base(a.scenario)
+    ds = _plain_dataset(a.data, a.scenario, a.batch_size, autotune=False).map(lambda k, x: x)
+    out = f"{a.work}/out"
+    t0 = time.perf_counter()
+    layerbeam.extract(model, ds, select=SCENARIOS[a.scenario]["select"], batch_size=a.batch_size, output=out)
+    secs = time.perf_counter() - t0
+    return {"images": _rows(out), "seconds": secs, "first_batch_s": None}
+
+
+def _extract_layers(a) -> dict:
+    import apache_beam as beam
+    import tensorflow as tf
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    import layerbeam
+
+    pre = _preprocess_for(a.scenario)
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/key": tf.io.FixedLenFeature([], tf.string)}
+
+    def decode(record: bytes):
+        ex = tf.io.parse_single_example(record, spec)
+        img = tf.image.resize(tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False), (SIZE, SIZE))
+        return ex["image/key"].numpy().decode(), pre(img).numpy()
+
+    out = f"{a.work}/out"
+    s = SCENARIOS[a.scenario]
+    # A saved file, not `keras.applications.<Name>`: built twice in one process (launcher,
+    # then the in-process worker), Keras names the second copy's input `input_layer_1`,
+    # which the launcher's element conversion does not know (seen with main at a87f8b1).
+    source = f"{a.work}/model.keras"
+    _plain_model_base(a.scenario).save(source)
+    t0 = time.perf_counter()
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        _ = (
+            p
+            | beam.io.ReadFromTFRecord(f"{a.data}/*.tfrecord")
+            | "Decode" >> beam.Map(decode)
+            | layerbeam.ExtractLayers(source, select=s["select"], batch_size=a.batch_size)
+            | layerbeam.WriteLayers(out, overwrite=True)
+        )
+    secs = time.perf_counter() - t0
+    return {"images": _rows(out), "seconds": secs, "first_batch_s": None}
+
+
+def _plain_model_base(scenario: str):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return getattr(keras.applications, SCENARIOS[scenario]["source"])(input_shape=(SIZE, SIZE, 3), weights=None)
+
+
+def _rows(out: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(out, format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."]).count_rows()
+
+
+def _compare(check: str, out: str) -> dict:
+    """Largest absolute difference between the limit's first batch and this kind's rows for
+    the same keys (one output), relative to that output's largest magnitude."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ref = np.load(check)
+    name = str(ref["name"])
+    keys = [str(k) for k in ref["keys"]]
+    d = pads.dataset(out, format="parquet", ignore_prefixes=["_", "."], partitioning="hive")
+    col = next((c for c in d.schema.names if c == name or c.endswith(name)), None)
+    if col is None:
+        return {"output": name, "error": f"no column for {name} in {d.schema.names[:8]}"}
+    t = d.to_table(columns=["key", col], filter=pc.field("key").isin(keys))
+    got = dict(zip(t.column("key").to_pylist(), t.column(col).to_pylist()))
+    if len(got) != len(keys):
+        return {"output": name, "error": f"{len(got)} of {len(keys)} keys found"}
+    mine = np.array([np.asarray(got[k], np.float32).ravel() for k in keys])
+    want = ref["values"].reshape(len(keys), -1)
+    scale = float(np.abs(want).max()) or 1.0
+    return {"output": name, "rows": len(keys), "max_rel_diff": float(np.abs(mine - want).max()) / scale}
+
+
+def _save_model(a) -> dict:
+    _plain_model(a.scenario).save(a.model_path)
+    return {}
+
+
+CHILDREN = {"limit": _limit, "limit_noat": _limit, "layerbeam": _layerbeam, "peer": _peer, "extract": _extract,
+            "extract_layers": _extract_layers, "save_model": _save_model}
+
+
+def _available(kind: str, python: str) -> str | None:
+    """None when `kind` can run here, else why not."""
+    probes = {
+        "peer": ("import tensorflow_hub, tf_keras", "needs the bench extra: pip install -e .[bench] (tensorflow_hub, tf_keras)"),
+        "extract": ("import importlib.util as u, sys; sys.exit(u.find_spec('layerbeam.extract') is None)", "this checkout has no layerbeam.extract yet"),
+        "extract_layers": ("import sys, layerbeam.transforms.beam as b; sys.exit(not hasattr(b, 'ExtractLayers'))", "this checkout has no layerbeam.ExtractLayers yet"),
+    }
+    if kind not in probes:
+        return None
+    code, why = probes[kind]
+    ok = subprocess.run([python, "-c", code], capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).returncode == 0
+    return None if ok else why
+
+
+def _run_child(kind: str, python: str, a, check: str | None) -> dict:
+    work = tempfile.mkdtemp(prefix=f"bench-{kind.replace('@', '-')}-", dir=a.tmp)
+    base = kind.split("@")[0]
+    cmd = [python, __file__, "--child", base, "--scenario", a.scenario, "--data", a.data, "--batch-size", str(a.batch_size),
+           "--model-path", a.model_path, "--work", work, "--launched", repr(time.time())]
+    if check:
+        cmd += ["--check", check]
+    p = subprocess.run(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True)
+    shutil.rmtree(work, ignore_errors=True)
     if p.returncode != 0:
         raise SystemExit(f"bench: the {kind} run failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"  {kind:<16} {res['images_per_s']:7.1f} img/s  ({res['seconds']:.1f}s)", file=sys.stderr, flush=True)
+    return res
+
+
+def _scenario(s: str, a, kinds: list[tuple[str, str]], skipped: dict) -> dict:
+    a.scenario = s
+    a.model_path = f"{a.tmp}/model-{s}.keras"
+    if any(k == "peer" for k, _ in kinds):
+        subprocess.run([sys.executable, __file__, "--child", "save_model", "--scenario", s, "--model-path", a.model_path],
+                       check=True, capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    check = f"{a.tmp}/check-{s}.npz"
+    runs: dict[str, list[dict]] = {k: [] for k, _ in kinds}
+    checks: dict[str, dict] = {}
+    for r in range(a.rounds):  # interleaved, so drift on a shared machine hits every kind alike
+        print(f"scenario {s}, round {r + 1}/{a.rounds} (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        for k, python in kinds:
+            first = r == 0 and not a.no_check
+            res = _run_child(k, python, a, check if first and k.split("@")[0] in ("limit", "layerbeam", "peer") and "limit" in runs else None)
+            if "check" in res:
+                checks[k] = res.pop("check")
+            runs[k].append(res)
+    best = {k: max(v, key=lambda x: x["images_per_s"]) for k, v in runs.items()}
+    rep = {"title": SCENARIOS[s]["title"], "best": best, "every": {k: [round(x["images_per_s"], 1) for x in v] for k, v in runs.items()},
+           "checks": checks, "skipped": skipped}
+    lim = max((best[k]["images_per_s"] for k in ("limit", "limit_noat") if k in best), default=None)
+    rep["limit_best"] = lim
+    if a.rss and "layerbeam" in best:
+        a4 = argparse.Namespace(**vars(a))
+        a4.data = _dataset(4 * a.n, 4 * a.shards)
+        rep["layerbeam_4n"] = _run_child("layerbeam", sys.executable, a4, None)
+        rep["rss_4n/rss_n"] = rep["layerbeam_4n"]["peak_rss_mb"] / best["layerbeam"]["peak_rss_mb"]
+    return rep
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="layerbeam vs limit vs RunInference baseline")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="a", choices=["a", "b", "c", "all"])
     ap.add_argument("--n", type=int, default=2048, help="images")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--no-baseline", action="store_true", help="skip the RunInference baseline")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each kind, interleaved; the best is reported (VMs are noisy)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of them is reported")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="which to run (peer runs in scenario a only unless named with --peer-everywhere)")
+    ap.add_argument("--peer-everywhere", action="store_true", help="run the peer in scenarios b and c too")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHON", help="also run layerbeam with this interpreter (another checkout's venv), as layerbeam@NAME")
     ap.add_argument("--rss", action="store_true", help="also run layerbeam at 4N and compare peak RSS")
+    ap.add_argument("--no-check", action="store_true", help="skip the equal-outputs check of round 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--config-json", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(args.child, json.loads(args.config_json))))
+    for hidden in ("--child", "--data", "--model-path", "--work", "--check"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        res = CHILDREN[a.child](a)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if "images" in res:
+            res["images_per_s"] = res["images"] / res["seconds"]
+        print(json.dumps(res))
         return 0
 
-    scenarios = ["a", "b", "c"] if args.scenario == "all" else [args.scenario]
-    data = _dataset(args.n, args.shards)
-    report = {"n": args.n, "shards": args.shards, "batch_size": args.batch_size, "cpus": os.cpu_count(), "scenarios": {}}
-    for s in scenarios:
-        out = tempfile.mkdtemp(prefix=f"bench-{s}-")
-        cfg = _config(s, data, f"{out}/out", args.batch_size)
-        r = {"title": SCENARIOS[s]["title"], "repeat": args.repeat}
-        kinds = ["limit", "layerbeam"] + (["baseline"] if s == "a" and not args.no_baseline else [])
-        runs: dict[str, list[dict]] = {k: [] for k in kinds}
-        for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every kind alike
-            for k in kinds:
-                runs[k].append(_run_child(k, cfg))
-        for k in kinds:
-            r[k] = max(runs[k], key=lambda v: v["images_per_s"])
-            r[k]["all_images_per_s"] = [round(v["images_per_s"], 1) for v in runs[k]]
-        lb = r["layerbeam"]
-        r["layerbeam/limit"] = lb["images_per_s"] / r["limit"]["images_per_s"]
-        if "baseline" in r:
-            r["layerbeam/baseline"] = lb["images_per_s"] / r["baseline"]["images_per_s"]
-        if lb.get("bytes_per_example"):
-            r["mb_per_s_written"] = lb["bytes_written"] / lb["seconds"] / 1e6
-        if args.rss:
-            data4 = _dataset(4 * args.n, args.shards * 4)
-            r["layerbeam_4n"] = _run_child("layerbeam", _config(s, data4, f"{out}/out4", args.batch_size))
-            r["rss_4n/rss_n"] = r["layerbeam_4n"]["peak_rss_mb"] / lb["peak_rss_mb"]
-        report["scenarios"][s] = r
-        if not args.json:
-            _print(s, r, args.n)
-    if args.json:
-        print(json.dumps(report, indent=2))
+    a.data = _dataset(a.n, a.shards)
+    a.tmp = tempfile.mkdtemp(prefix="bench-")
+    report = {"n": a.n, "shards": a.shards, "batch_size": a.batch_size, "rounds": a.rounds, "cpus": os.cpu_count(),
+              "load_avg_before": os.getloadavg(), "commit": _commit(), "scenarios": {}}
+    t_all = time.perf_counter()
+    for s in ["a", "b", "c"] if a.scenario == "all" else [a.scenario]:
+        kinds, skipped = [], {}
+        for k in a.kinds.split(","):
+            if k not in KINDS:
+                raise SystemExit(f"bench: unknown kind {k!r}; use some of {', '.join(KINDS)}")
+            if k == "peer" and s != "a" and not a.peer_everywhere:
+                continue
+            why = _available(k, sys.executable)
+            if why:
+                skipped[k] = why
+                continue
+            kinds.append((k, sys.executable))
+            if k == "layerbeam":
+                kinds += [(f"layerbeam@{v.split('=', 1)[0]}", v.split("=", 1)[1]) for v in a.variant]
+        report["scenarios"][s] = _scenario(s, a, kinds, skipped)
+    report["load_avg_after"] = os.getloadavg()
+    report["total_s"] = round(time.perf_counter() - t_all, 1)
+    shutil.rmtree(a.tmp, ignore_errors=True)
+    print(json.dumps(report, indent=1) if a.json else _table(report))
     return 0
 
 
-def _print(s: str, r: dict, n: int) -> None:
-    print(f"\nscenario {s}: {r['title']} · N={n} · best of {r['repeat']} interleaved runs")
-    print(f"  {'run':<12} {'images/s':>9} {'seconds':>8} {'peak RSS MB':>12} {'first batch s':>14}   every run's images/s")
-    for k in ("limit", "layerbeam", "baseline", "layerbeam_4n"):
-        if k in r:
-            v = r[k]
-            fb = f"{v['first_batch_s']:.1f}" if v.get("first_batch_s") is not None else "-"
-            every = ", ".join(map(str, v.get("all_images_per_s", [])))
-            print(f"  {k:<12} {v['images_per_s']:>9.1f} {v['seconds']:>8.1f} {v['peak_rss_mb']:>12.0f} {fb:>14}   {every}")
-    line = f"  layerbeam/limit = {r['layerbeam/limit']:.2f}"
-    if "layerbeam/baseline" in r:
-        line += f" · layerbeam/baseline = {r['layerbeam/baseline']:.2f}"
-    if "mb_per_s_written" in r:
-        line += f" · {r['mb_per_s_written']:.1f} MB/s written (compressed)"
-    if "rss_4n/rss_n" in r:
-        line += f" · peak RSS 4N/N = {r['rss_4n/rss_n']:.2f}"
-    print(line)
-    t = r["layerbeam"].get("time_in_shards") or {}
-    if t:
-        total = sum(t.values()) or 1.0
-        print("  layerbeam time in shards: " + ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in t.items()))
+def _commit() -> str:
+    p = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return (p.stdout.strip() or "?") + ("+changes" if dirty else "")
+
+
+def _table(r: dict) -> str:
+    lines = [f"N={r['n']} in {r['shards']} shards · batch {r['batch_size']} · {r['cpus']} CPUs · best of {r['rounds']} interleaved rounds · "
+             f"load avg {r['load_avg_before'][0]:.1f} before, {r['load_avg_after'][0]:.1f} after · layerbeam {r['commit']} · {r['total_s']:.0f}s"]
+    for s, v in r["scenarios"].items():
+        best, lim = v["best"], v["limit_best"]
+        lines.append(f"\nscenario {s}: {v['title']}")
+        lines.append(f"  {'run':<16} {'images/s':>9} {'/limit':>7} {'seconds':>8} {'peak RSS MB':>12} {'first batch s':>14}   every round's images/s")
+        for k, b in best.items():
+            fb = f"{b['first_batch_s']:.1f}" if b.get("first_batch_s") is not None else "-"
+            ratio = f"{b['images_per_s'] / lim:.2f}" if lim else "-"
+            every = ", ".join(map(str, v["every"][k]))
+            lines.append(f"  {k:<16} {b['images_per_s']:>9.1f} {ratio:>7} {b['seconds']:>8.1f} {b['peak_rss_mb']:>12.0f} {fb:>14}   {every}")
+        lines.append("  /limit is against the faster of limit and limit_noat")
+        if "layerbeam" in best:
+            lb = best["layerbeam"]["images_per_s"]
+            ratios = [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k != "layerbeam" and not k.startswith("layerbeam@")]
+            ratios += [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k.startswith("layerbeam@")]
+            lines.append("  " + " · ".join(ratios))
+            t = best["layerbeam"].get("time_in_shards") or {}
+            if t:
+                total = sum(t.values()) or 1.0
+                lines.append("  layerbeam time in shards: " + ", ".join(f"{k} {x:.1f}s ({100 * x / total:.0f}%)" for k, x in t.items()))
+        if "layerbeam_4n" in v:
+            b4 = v["layerbeam_4n"]
+            lines.append(f"  layerbeam at 4N: {b4['images_per_s']:.1f} img/s, peak RSS {b4['peak_rss_mb']:.0f} MB · 4N/N = {v['rss_4n/rss_n']:.2f}")
+        for k, c in v["checks"].items():
+            lines.append(f"  check {k} vs limit: " + (c.get("error") or f"{c['output']} on {c['rows']} rows, max |diff| / max |value| = {c['max_rel_diff']:.1e}"))
+        for k, why in v["skipped"].items():
+            lines.append(f"  skipped {k}: {why}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def bad_run(tmp_path_factory):
     paths = write_tfrecords(root / "data", [shard0, shard1])
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) - 40])  # the last record loses its end
-    cfg = load_config(raw=tiny_config(f"{root}/data/*.tfrecord", f"{root}/out", model))
+    # half the records are bad on purpose: accept them all (the default limit is 0.1)
+    cfg = load_config(raw=tiny_config(f"{root}/data/*.tfrecord", f"{root}/out", model, **{"output.max_dead_letter_fraction": 1.0}))
     manifest = run_job(cfg)
     refs = {k: v[1] for k, v in good.items()} | {"s1_a": extra[0], "s1_b": extra[1], "s1_c": extra[3]}
     expected_bad = {k: r for k, (_, r) in bad0.items()} | {"jpeg": "duplicate_key"}
@@ -148,7 +149,7 @@ def test_image_folders_empty_and_non_image_files_are_dead_letters(tmp_path, bad_
     (tmp_path / "data/dog/c.png").write_bytes(encode_png(imgs[2]))
     (tmp_path / "data/dog/notes.txt").write_text("not an image\n")
     (tmp_path / "data/dog/cut.png").write_bytes(encode_png(imgs[2])[:300])
-    cfg = tiny_config(f"{tmp_path}/data", f"{tmp_path}/out", model, **{"input.format": "images", "input.files_per_shard": 4})
+    cfg = tiny_config(f"{tmp_path}/data", f"{tmp_path}/out", model, **{"input.format": "images", "input.files_per_shard": 4, "output.max_dead_letter_fraction": 1.0})
     del cfg["input"]["key_feature"], cfg["input"]["label_feature"]
     manifest = run_job(load_config(raw=cfg))
     c = manifest["counts"]

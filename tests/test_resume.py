@@ -231,5 +231,5 @@ def test_an_existing_complete_output_is_refused_without_overwrite(many_shards, t
         prepare(load_config(raw=dict(cfg, output={"path": str(root / "reference")})))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not a complete layerbeam output"):
+    with pytest.raises(ConfigError, match="holds files that layerbeam did not write"):
         prepare(load_config(raw=dict(cfg, output={"path": str(tmp_path / "foreign")})))

@@ -218,7 +218,8 @@ def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, 
     # "a" in shard 0 (label 0) and again in shard 1 (label 1): shard 0's must win
     write_tfrecords(tmp_path / "data", [[rec(0, "a", 0), rec(1, "b", 1)], [rec(2, "c", 0), rec(3, "a", 1), rec(4, "d", 1)]])
     raw = base_config(f"{tmp_path}/data/*.tfrecord", str(tmp_path / "out"), **{
-        "output.format": "tfrecord", "output.partition_by": ["label"], "output.tfrecord_compression": compression})
+        "output.format": "tfrecord", "output.partition_by": ["label"], "output.tfrecord_compression": compression,
+        "output.max_dead_letter_fraction": 0.5})  # one of five is a repeat on purpose
     manifest = run_job(load_config(raw=raw))
     assert manifest["counts"]["records_read"] == 5
     assert manifest["counts"]["rows_written"] == 4

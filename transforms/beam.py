@@ -31,10 +31,22 @@ from .errors import ConfigError, ModelError, first_line
 from .readers import Shard, match_shards
 from .shard import JobSpec, ShardProcessor, ShardResult
 
-__all__ = ["MatchShards", "ExtractShards", "ExtractLayers", "WriteLayers"]
+__all__ = ["MatchShards", "ExtractShards", "ExtractLayers", "WriteLayers", "examples_so_far"]
 
 _LOG = logging.getLogger("layerbeam")
 _NS = "layerbeam"
+
+
+# Examples extracted so far by workers in this process, by run id: the launcher's progress
+# display reads it when the runner runs its workers here (in_memory, multi_threading);
+# workers elsewhere leave it at 0 and the display counts finished shards' markers instead.
+_LIVE: dict[str, int] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def examples_so_far(run_id: str) -> int:
+    with _LIVE_LOCK:
+        return _LIVE.get(run_id, 0)
 
 
 class _ExtractShardDoFn(beam.DoFn):
@@ -76,6 +88,8 @@ class _ExtractShardDoFn(beam.DoFn):
 
         def on_batch(n, seconds):
             done.append((n, seconds, time.time()))
+            with _LIVE_LOCK:
+                _LIVE[self._run_id] = _LIVE.get(self._run_id, 0) + n
 
         result = self._processor.process(shard, on_batch=on_batch)
         for n, seconds, at in done:

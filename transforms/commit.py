@@ -18,6 +18,7 @@ import datetime as _dt
 from collections import Counter
 import hashlib
 import json
+import math
 import os
 import posixpath
 import time
@@ -29,12 +30,13 @@ import pyarrow as pa
 
 from ._fs import is_local
 from .deadletters import DEAD_LETTER_SCHEMA
-from .errors import CommitError, ConfigError
+from .errors import CommitError, ConfigError, OutcomeError
 from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
+from .stats import merge_results
 
-__all__ = ["OutputLock", "commit_run", "inputs_digest", "assemble", "publish"]
+__all__ = ["OutputLock", "commit_run", "check_outcome", "inputs_digest", "assemble", "publish"]
 
 
 class OutputLock:
@@ -147,6 +149,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
         CommitError: the input changed since the launcher listed it, a shard is missing or
             doubled, counts do not reconcile (`read = written + dead`), or workers built
             different models. Nothing is committed then.
+        OutcomeError: no rows, or too many dead letters (`check_outcome`).
     """
     results = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in results]
     cfg = manifest_base["config"]
@@ -200,6 +203,8 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
             "format": cfg["output"]["format"],
         }
     )
+    check_outcome(dict(manifest["counts"], shard_errors=shard_errors), cfg["output"].get("max_dead_letter_fraction"))
+    manifest["statistics"] = merge_results(results)  # the shards' partial statistics, merged
     publish(layout, manifest, overwrite=cfg["output"]["overwrite"])
     return manifest["counts"]
 
@@ -213,6 +218,47 @@ def _name_files(fmt: str, results: Sequence[Mapping], run_id: str) -> list[dict]
     for r in results:
         r["files"] = [dict(f, final_path=next(names)) for f in r["files"]]
     return results
+
+
+def check_outcome(counts: Mapping, max_fraction: float | None) -> None:
+    """The last check before publishing: is this run's outcome worth a `_SUCCESS`?
+
+    A run with no rows always fails (every record a dead letter, or no record read at all,
+    e.g. a wrong `input.compression` failing every shard); so does one whose dead letters
+    exceed `max_fraction` of the records read (`output.max_dead_letter_fraction`; None:
+    no limit). Nothing is published then; the shards stay staged, so the same command with
+    the input fixed, or with a higher limit, resumes instead of redoing them.
+
+    Args:
+        counts: `records_read`, `rows_written`, `dead_letters`, `dead_letter_reasons`, and
+            optionally `shard_errors` (`[{reason, detail, path, ...}]`: shards that failed
+            as a whole, the first named in the message).
+
+    Raises:
+        OutcomeError: naming the counts, the top reasons and the fix.
+    """
+    read, rows, dead = counts["records_read"], counts["rows_written"], counts["dead_letters"]
+    reasons = sorted(counts.get("dead_letter_reasons", {}).items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{r} {n:,}" for r, n in reasons[:3])
+    errs = list(counts.get("shard_errors") or ())
+    whole = ""
+    if errs:
+        e = errs[0]
+        whole = f", {len(errs)} shard error{'s' if len(errs) != 1 else ''}, e.g. {e.get('reason')} in {e.get('path')}: {str(e.get('detail', ''))[:160]}"
+    if rows == 0:
+        why = f"all {read:,} records became dead letters ({top})" if read else "no record was read"
+        raise OutcomeError(
+            f"the run wrote no rows: {why}{whole}; nothing was published. See the dead letters under the output's staging folder; "
+            "fix the config (feature names, types, input.compression, input.format) and run again",
+            dict(counts),
+        )
+    if max_fraction is not None and read and dead / read > max_fraction:
+        raise OutcomeError(
+            f"{dead:,} of {read:,} records ({dead / read:.1%}) became dead letters, over output.max_dead_letter_fraction = {max_fraction:g} "
+            f"({top}{whole}); nothing was published, finished shards are kept. Fix the input or config, or accept them: "
+            f"--max-dead-letter-fraction {min(1.0, math.ceil(dead / read * 1000 - 1e-9) / 1000):g} (the same command resumes)",
+            dict(counts),
+        )
 
 
 def _repeated_keys(layout, results: Sequence[Mapping]) -> dict[str, dict[bytes, dict]]:

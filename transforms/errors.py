@@ -6,7 +6,7 @@ with code 2. Anything else is a bug or an infrastructure failure and keeps its t
 
 from __future__ import annotations
 
-__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError", "OutputError", "CommitError", "first_line"]
+__all__ = ["LayerbeamError", "ConfigError", "ModelError", "SelectionError", "OutputError", "CommitError", "OutcomeError", "first_line"]
 
 
 class LayerbeamError(ValueError):
@@ -32,6 +32,18 @@ class OutputError(LayerbeamError):
 class CommitError(RuntimeError):
     """The run's results do not add up, or its staged files are not as reported; nothing
     was committed. Not the user's input: it keeps its traceback."""
+
+
+class OutcomeError(RuntimeError):
+    """The run did its work but its outcome is not acceptable (no rows, or more dead letters
+    than `output.max_dead_letter_fraction`); nothing was published, finished shards stay
+    staged for a resumed run. The CLI prints it in one line (plus the top reasons) and exits
+    with code 1. `counts` holds the run's counts (`records_read`, `rows_written`,
+    `dead_letters`, `dead_letter_reasons`, `shard_errors`) where known."""
+
+    def __init__(self, message: str, counts: dict | None = None):
+        super().__init__(message)
+        self.counts = counts or {}
 
 
 def first_line(e: BaseException) -> str:

@@ -82,7 +82,21 @@ def open_output(path: str) -> Output:
     if "storage" not in manifest:
         raise OutputError(f"{path!r}: the manifest has no 'storage' spec (written by an older layerbeam); re-run the job to read it back here")
     files = tuple(f"{root}/{f['path']}" for f in manifest["files"])
+    if manifest.get("sample"):
+        import warnings
+
+        warnings.warn(
+            f"{path!r} is a sample (a smoke run over {manifest.get('shards_planned', '?')} of {manifest.get('shards_total', '?')} shards"
+            + (f", at most {manifest['config']['input']['max_examples_per_shard']} examples each" if manifest["config"]["input"].get("max_examples_per_shard") else "")
+            + "), not the whole input",
+            SampleWarning,
+            stacklevel=3,
+        )
     return Output(root, manifest, files)
+
+
+class SampleWarning(UserWarning):
+    """The output read is a smoke run's sample (`--max-shards`, `--max-examples-per-shard`)."""
 
 
 def _as_output(path: str | Output) -> Output:

@@ -22,6 +22,7 @@ from .models import ModelSpec
 from .readers import ReadSpec, Shard, ShardEnd, read_shard
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import OutputLayout
+from .stats import ShardStats
 
 __all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
 
@@ -79,6 +80,7 @@ class ShardResult:
     seconds: float = 0.0
     timing: Mapping[str, float] | None = None
     resumed: bool = False
+    stats: Mapping[str, Mapping[str, Any]] | None = None  # per output: `stats.ShardStats` partials
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -166,6 +168,7 @@ class ShardProcessor:
         kept_hash: list[np.ndarray] = []
         kept_index: list[np.ndarray] = []
         dupes: list[Failure] = []
+        shard_stats = ShardStats([s.name for s in self.specs])
 
         def batches() -> Iterable[pa.RecordBatch]:
             t = time.perf_counter()
@@ -192,6 +195,7 @@ class ShardProcessor:
                 if on_batch:
                     on_batch(len(batch), tm - tb)
                 rb = to_record_batch(self.schema, batch.columns, outputs)
+                shard_stats.update(rb)  # over the values as stored
                 t = time.perf_counter()
                 timing["to_arrow"] += t - tm
                 yield rb
@@ -224,6 +228,7 @@ class ShardProcessor:
             model_fingerprint=self.model_fingerprint,
             seconds=seconds,
             timing={k: round(v, 3) for k, v in timing.items()},
+            stats=shard_stats.to_json(),
         )
         if result.rows != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result.rows}")

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from .._fs import arrow_fs
 from ..errors import CommitError
-from ..schema import _ARROW, restore_table, storage_spec, stored_schema, tensor_leaf_paths, to_stored_batch
+from ..schema import _ARROW, read_schema, restore_table, storage_spec, stored_schema, tensor_leaf_paths, to_stored_batch
 from . import WriteSpec, WrittenFile, tables_tf_dataset
 
 __all__ = ["ParquetShardWriter", "writer", "rewrite_without", "read_parquet", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths"]
@@ -227,6 +227,8 @@ def arrow_dataset(out):
     """
     import pyarrow.dataset as ds
 
+    if not out.files:  # an empty output: no file to take the schema from
+        return ds.dataset(read_schema(out.columns).empty_table())
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None

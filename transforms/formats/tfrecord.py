@@ -335,7 +335,8 @@ def tf_dataset(out, cols: Sequence[dict]):
     """Parsed by tf.data itself with the manifest's feature spec, files in manifest order."""
     import tensorflow as tf
 
-    ds = tf.data.TFRecordDataset(list(out.files), compression_type=out.storage.get("compression") or "")
+    # a tf.string constant: an output of no rows has no files, and [] would be float32
+    ds = tf.data.TFRecordDataset(tf.constant(list(out.files), tf.string), compression_type=out.storage.get("compression") or "")
     return ds.map(parse_example_fn(out.storage, [c["name"] for c in cols]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
