@@ -483,7 +483,7 @@ def _commit_written(results: list[ShardResult], signatures, spec, run_id: str) -
         "input": {"kind": "beam"},
         "model": {"source": None},
         "layers": {},
-        "output": {"path": spec.path, "format": spec.format, "partition_by": list(spec.partition_by), "overwrite": spec.overwrite},
+        "output": {"path": spec.path, "format": spec.format, "partition_by": list(spec.partition_by), "overwrite": spec.overwrite, "allow_empty": True},
     }
     model = {"source": None, "weights": None, "fingerprint": "", "input_shapes": {}}
     commit_rows(results, manifest_base(run_id, config, model, specs, writer.storage_spec()))

@@ -203,7 +203,7 @@ def commit_run(results: list[dict], shards: list, manifest_base: Mapping, run_id
             "format": cfg["output"]["format"],
         }
     )
-    check_outcome(dict(manifest["counts"], shard_errors=shard_errors), cfg["output"].get("max_dead_letter_fraction"))
+    check_outcome(dict(manifest["counts"], shard_errors=shard_errors), cfg["output"].get("max_dead_letter_fraction"), cfg["output"].get("allow_empty", False))
     manifest["statistics"] = merge_results(results)  # the shards' partial statistics, merged
     publish(layout, manifest, overwrite=cfg["output"]["overwrite"])
     return manifest["counts"]
@@ -220,13 +220,14 @@ def _name_files(fmt: str, results: Sequence[Mapping], run_id: str) -> list[dict]
     return results
 
 
-def check_outcome(counts: Mapping, max_fraction: float | None) -> None:
+def check_outcome(counts: Mapping, max_fraction: float | None, allow_empty: bool = False) -> None:
     """The last check before publishing: is this run's outcome worth a `_SUCCESS`?
 
     A run with no rows always fails (every record a dead letter, or no record read at all,
     e.g. a wrong `input.compression` failing every shard); so does one whose dead letters
     exceed `max_fraction` of the records read (`output.max_dead_letter_fraction`; None:
-    no limit). Nothing is published then; the shards stay staged, so the same command with
+    no limit). `allow_empty` lets an input of no records at all commit an empty output:
+    `WriteLayers` of an empty PCollection writes one, a file-pattern job never does. Nothing is published then; the shards stay staged, so the same command with
     the input fixed, or with a higher limit, resumes instead of redoing them.
 
     Args:
@@ -245,7 +246,7 @@ def check_outcome(counts: Mapping, max_fraction: float | None) -> None:
     if errs:
         e = errs[0]
         whole = f", {len(errs)} shard error{'s' if len(errs) != 1 else ''}, e.g. {e.get('reason')} in {e.get('path')}: {str(e.get('detail', ''))[:160]}"
-    if rows == 0:
+    if rows == 0 and not (allow_empty and read == 0):
         why = f"all {read:,} records became dead letters ({top})" if read else "no record was read"
         raise OutcomeError(
             f"the run wrote no rows: {why}{whole}; nothing was published. See the dead letters under the output's staging folder; "
