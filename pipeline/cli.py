@@ -389,6 +389,14 @@ def _print_plan(console, plan, human) -> None:
         + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
         markup=False,
     )
+    lost = plan.unreadable_by
+    if lost:
+        console.print(
+            f"readers: output.parquet_encoding={plan.parquet_encoding} cannot be read by "
+            + "; ".join(f"{r} ({why})" for r, why in lost.items())
+            + "; the default 'portable' reads everywhere",
+            markup=False,
+        )
 
 
 def _loads_note(metrics: dict) -> str:
@@ -447,7 +455,7 @@ def _show(args) -> int:
     console = _console()
     files = m["files"]
     nbytes = sum(f["bytes"] for f in files)
-    fmt = st["format"] + (" (compat: plain list<float32>)" if st.get("compat") else "") + (f", {st['compression']}" if st.get("compression") else "")
+    fmt = st["format"] + (f" ({st['encoding']})" if st.get("encoding") else " (compat: plain list<float32>)" if st.get("compat") else "") + (f", {st['compression']}" if st.get("compression") else "")
     model = m["model"]
     console.print(f"[bold]{out.path}[/bold] · {fmt} · created {m.get('created', '?')} · run {m.get('run_id', '?')}", highlight=False)
     console.print(f"model: {model['source']} (weights: {model.get('weights')}) · fingerprint {model['fingerprint'][:12]} · inputs {model.get('input_shapes')}", markup=False)

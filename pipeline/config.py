@@ -127,13 +127,35 @@ class OutputConfig(_Strict):
     row_group_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="target uncompressed bytes per Parquet row group")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec")
     compression_level: int | None = Field(1, description="codec level (zstd 1 is fastest with nearly the best ratio on activations)")
-    float16_byte_stream_split: bool = Field(True, description="Parquet: BYTE_STREAM_SPLIT on float16 tensor columns (about 2.7× faster to write and 20% smaller on activations; pyarrow and polars read it, DuckDB 2.0 cannot decode those columns: set false for DuckDB, or use parquet_compat)")
-    parquet_compat: bool = Field(False, description="Parquet: store outputs as plain list<float32> (no fixed-size lists, no tensor extension type, float16 widened) for Spark, ClickHouse and other readers; shapes stay in _manifest.json")
+    parquet_encoding: Literal["portable", "arrow_tensor", "nested_float16", "list"] = Field(
+        "portable",
+        description="Parquet: how tensor columns are stored. portable (nested fixed-size lists of float32, float16 widened exactly; every reader we test opens it with the shape) | "
+        "arrow_tensor (Arrow fixed_shape_tensor, float16 kept: the smallest files; Spark, DuckDB and Hugging Face datasets cannot read them) | "
+        "nested_float16 (nested lists, float16 kept: Spark cannot read float16) | list (flat list<float32>, shape only in the metadata)",
+    )
     tfrecord_compression: Literal["none", "gzip"] = Field("none", description="TFRecord: none, or gzip (smaller files, ~10x slower to write)")
     max_bytes_per_file: int = Field(256 * 1024 * 1024, ge=1024, description="TFRecord: start a new file after this many (uncompressed) bytes; Parquet files are bounded by max_rows_per_file")
     overwrite: bool = Field(False, description="replace an existing layerbeam output (only one: a folder without layerbeam's manifest or staging is never deleted)")
     max_dead_letter_fraction: float = Field(0.1, ge=0.0, le=1.0, description="fail the run (exit 1, no _SUCCESS, finished shards kept for a resumed run) when more than this fraction of the records read become dead letters; a run with no rows always fails")
     max_files: int = Field(100_000, ge=1, description="refuse, before any work, a run projected to write more data files than this (partition_by × shards × rows per file)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_encoding_keys(cls, data):
+        # Replaced by parquet_encoding: refused rather than mapped, because `parquet_compat:
+        # false` meant the old default (arrow_tensor), which is no longer the default.
+        if isinstance(data, dict):
+            if "parquet_compat" in data:
+                raise ValueError(
+                    f"output.parquet_compat = {data['parquet_compat']!r} was replaced by output.parquet_encoding; "
+                    "write output.parquet_encoding: list for the old compat layout, arrow_tensor for the old default, or delete the key for the portable default"
+                )
+            if "float16_byte_stream_split" in data:
+                raise ValueError(
+                    f"output.float16_byte_stream_split = {data['float16_byte_stream_split']!r} was replaced by output.parquet_encoding; "
+                    "delete it (the portable default stores float32, which every reader decodes), or write output.parquet_encoding: nested_float16 to keep float16 readable by DuckDB"
+                )
+        return data
 
 
 class JobConfig(_Strict):
@@ -144,9 +166,9 @@ class JobConfig(_Strict):
     output: OutputConfig
 
     @model_validator(mode="after")
-    def _compat_is_parquet(self):
-        if self.output.parquet_compat and self.output.format != "parquet":
-            raise ValueError(f"output.parquet_compat is set but output.format is {self.output.format!r}; the compatibility mode is for Parquet only, drop it or set output.format=parquet")
+    def _encoding_is_parquet(self):
+        if "parquet_encoding" in self.output.model_fields_set and self.output.format != "parquet":
+            raise ValueError(f"output.parquet_encoding is set but output.format is {self.output.format!r}; the encoding is for Parquet only, drop it or set output.format=parquet")
         return self
 
     @model_validator(mode="after")

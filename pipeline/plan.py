@@ -15,7 +15,7 @@ from .config import ConfigError, JobConfig, config_to_dict, to_spec
 from .transforms._fs import is_local, require_filesystem
 from .transforms.errors import ModelError, SelectionError, first_line
 from .transforms.formats import make_writer
-from .transforms.schema import column_types, output_schema, stored_bytes
+from .transforms.schema import column_types, output_schema, stored_bytes, unreadable_by
 from .transforms.commit import OutputLock
 from .transforms.staging import OutputLayout
 
@@ -55,9 +55,21 @@ class Plan:
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    @property
+    def parquet_encoding(self) -> str | None:
+        """The Parquet encoding of tensor columns; None for TFRecord."""
+        out = self.config["output"]
+        return out.get("parquet_encoding", "portable") if out.get("format", "parquet") == "parquet" else None
+
     def stored_bytes(self, spec) -> int:
-        """One output's bytes per example as stored (`output.parquet_compat` widens float16)."""
-        return stored_bytes(spec, bool(self.config["output"].get("parquet_compat")))
+        """One output's bytes per example as stored (the `portable` and `list` Parquet
+        encodings widen float16)."""
+        return stored_bytes(spec, self.parquet_encoding)
+
+    @property
+    def unreadable_by(self) -> dict[str, str]:
+        """Readers that cannot open this output (an opt-in Parquet encoding), with why."""
+        return unreadable_by(self.parquet_encoding, [s.dtype for s in self.outputs])
 
     @property
     def bytes_per_example(self) -> int:

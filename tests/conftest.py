@@ -134,9 +134,10 @@ def read_manifest(out: Path) -> dict:
 @pytest.fixture(scope="session")
 def three_formats(png_dataset, tmp_path_factory):
     """One job (MobileNetV2 α=0.35 at 64 px, block_1_expand_relu as mean float32, unreduced
-    float16 and mean bfloat16) written three ways: Parquet, Parquet compat, TFRecord+GZIP.
+    float16 and mean bfloat16) written three ways: Parquet (the portable default), Parquet
+    `list` encoding, TFRecord+GZIP.
 
-    Returns {"parquet" | "compat" | "tfrecord": (out path, manifest)}."""
+    Returns {"parquet" | "list" | "tfrecord": (out path, manifest)}."""
     from layerbeam.run import run_job
     from layerbeam.config import load_config
 
@@ -149,7 +150,7 @@ def three_formats(png_dataset, tmp_path_factory):
     ]
     variants = {
         "parquet": {},
-        "compat": {"output.parquet_compat": True},
+        "list": {"output.parquet_encoding": "list"},
         "tfrecord": {"output.format": "tfrecord", "output.tfrecord_compression": "gzip"},
     }
     out = {}

@@ -7,7 +7,6 @@ import io
 import os
 
 import numpy as np
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +14,7 @@ from layerbeam.run import run_job
 from layerbeam.config import load_config
 from tests.conftest import encode_png, example, photo_crops, write_tfrecords
 from tests.tiny import SIZE, reference, save_tiny_model, tiny_config
+from layerbeam.transforms.readback import to_arrow
 
 
 def _enc(img, fmt: str, **kw) -> bytes:
@@ -95,7 +95,7 @@ def test_every_record_is_a_row_or_a_dead_letter(bad_run):
         "duplicate_key": 2, "empty_image": 1, "missing_feature": 1, "not_an_image": 1, "truncated_image": 1,
         "undecodable_image": 1, "unparseable_record": 1, "unsupported_image_format": 1, "wrong_feature_type": 2,
     }
-    table = ds.dataset(str(root / "out"), format="parquet").to_table()
+    table = to_arrow(str(root / "out"))
     assert sorted(table.column("key").to_pylist()) == sorted(refs)
 
 
@@ -127,7 +127,7 @@ def test_a_file_corrupt_part_way_keeps_its_first_records_and_one_shard_dead_lett
 
 def test_good_records_of_every_image_mode_equal_keras_predict(bad_run):
     root, model, _, refs, _ = bad_run
-    table = ds.dataset(str(root / "out"), format="parquet").to_table()
+    table = to_arrow(str(root / "out"))
     rows = {k: i for i, k in enumerate(table.column("key").to_pylist())}
     keys = sorted(refs)
     got = table.column("conv1").combine_chunks().to_numpy_ndarray()[[rows[k] for k in keys]]
@@ -158,7 +158,7 @@ def test_image_folders_empty_and_non_image_files_are_dead_letters(tmp_path, bad_
     assert dead["empty.png"] == ("empty_image", "the file is empty (0 bytes)")
     assert dead["notes.txt"][0] == "not_an_image"
     assert dead["cut.png"][0] == "truncated_image"
-    table = ds.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
+    table = to_arrow(str(tmp_path / "out"))
     rows = {os.path.basename(k): i for i, k in enumerate(table.column("key").to_pylist())}
     got = table.column("conv1").combine_chunks().to_numpy_ndarray()[[rows[n] for n in ("a.png", "b.png", "c.png")]]
     np.testing.assert_allclose(got, reference(model, "conv1", np.stack(imgs)), rtol=1e-5, atol=1e-5)

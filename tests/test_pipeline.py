@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 
 from layerbeam.run import run_job
 from layerbeam.config import load_config
 from tests.conftest import base_config, encode_png, example, photo_crops, read_manifest, run_cli, write_tfrecords
+from layerbeam.transforms.readback import to_arrow
 
 
 def _read(out) -> pa.Table:
-    return ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    return to_arrow(str(out))
 
 
 def _tensor(table: pa.Table, name: str) -> np.ndarray:

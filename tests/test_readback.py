@@ -1,7 +1,7 @@
-"""Reading outputs back: the layerbeam API returns the same data for Parquet, Parquet
-compat and TFRecord; pandas, polars and DuckDB read the Parquet outputs with shapes
-recoverable from the manifest; float16 survives every format bit-exactly; `layerbeam show`
-summarizes an output."""
+"""Reading outputs back: the layerbeam API returns the same data for every Parquet
+encoding and TFRecord (older outputs included); pandas, polars and DuckDB read the Parquet
+outputs with shapes from the files; float16 survives every format bit-exactly; `layerbeam
+show` summarizes an output. (Every other reader: tests/test_reader_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ import pytest
 
 from layerbeam.transforms.readback import head, open_output, to_arrow, to_pandas, to_tf_dataset
 
-FORMATS = ["parquet", "compat", "tfrecord"]
+FORMATS = ["parquet", "list", "tfrecord"]
+ENCODINGS = ["portable", "arrow_tensor", "nested_float16", "list"]
 
 
 def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by("key")
+
+
+def _dense(x) -> np.ndarray:
+    """pandas' nested object arrays (one per list level) → one numeric array."""
+    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype == object):
+        return np.stack([_dense(y) for y in x])
+    return np.asarray(x)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -26,13 +34,15 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(three_formats):
-    """The Parquet output read with plain pyarrow: {key: {column: value}}."""
-    import pyarrow.dataset as ds
+    """The Parquet output read with plain pyarrow (nested lists, shape from the data):
+    {key: {column: value}}."""
+    import pyarrow.parquet as pq
 
     out, _ = three_formats["parquet"]
-    t = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    t = pq.read_table(str(out), partitioning=None)
     rows = {}
-    arrays = {n: t.column(n).combine_chunks().to_numpy_ndarray() for n in ("pooled", "map16", "pooled_bf16")}
+    arrays = {n: np.array(t.column(n).to_pylist(), dtype=np.float32) for n in ("pooled", "map16", "pooled_bf16")}
+    arrays["map16"] = arrays["map16"].astype(np.float16)  # widened exactly by the portable encoding
     for i, key in enumerate(t.column("key").to_pylist()):
         rows[key] = {"label": t.column("label")[i].as_py(), **{n: a[i] for n, a in arrays.items()}}
     return rows
@@ -82,7 +92,7 @@ def test_pandas_readback_has_shaped_cells(three_formats, reference):
             np.testing.assert_array_equal(_bits(m), _bits(reference[key]["map16"]))
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "compat"])
+@pytest.mark.parametrize("fmt", ["parquet", "list"])
 def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(three_formats, reference, fmt):
     import duckdb
     import pandas as pd
@@ -92,47 +102,38 @@ def test_pandas_polars_duckdb_read_the_parquet_with_shapes_from_the_manifest(thr
     shapes = {c["name"]: c["shape"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
     logical = {c["name"]: c["logical_dtype"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
     stored = {c["name"]: c["dtype"] for c in manifest["storage"]["columns"] if c["role"] == "output"}
-    assert stored["map16"] == ("float32" if fmt == "compat" else "float16")
+    assert stored["map16"] == "float32"  # both encodings widen float16 exactly
 
     def check(key, name, values):
         v = np.asarray(values, dtype=stored[name]).reshape(shapes[name])
         if logical[name] == "float16":
-            v = v.astype(np.float16)  # compat widened float16 exactly; narrowing back is exact
+            v = v.astype(np.float16)  # widened float16 exactly; narrowing back is exact
         np.testing.assert_array_equal(_bits(v), _bits(reference[key][name]), err_msg=f"{fmt} {name} {key}")
 
-    # pandas, through its pyarrow engine: a plain read of the folder
-    df = pd.read_parquet(str(out))
+    # pandas, through its pyarrow engine: the folder, the label from the files
+    df = pd.read_parquet(str(out), partitioning=None)
     assert sorted(df["key"]) == sorted(reference)
     for key, label, values in zip(df["key"], df["label"], df["map16"]):
         assert int(label) == reference[key]["label"]
-        check(key, "map16", np.asarray(values).reshape(-1))
+        check(key, "map16", _dense(values).reshape(-1))
 
-    # polars: the tensor extension over an Array (fixed-size list), or a plain List (compat)
-    pdf = pl.read_parquet(f"{out}/**/part-*.parquet", hive_partitioning=True)
-    dtype = pdf.schema["pooled"]
-    assert ("Array(Float32" in str(dtype)) if fmt == "parquet" else dtype == pl.List(pl.Float32), dtype
+    # polars: an Array with the tensor's shape (portable), or a plain List (list)
+    pdf = pl.read_parquet(f"{out}/**/*.parquet")
+    dtype = pdf.schema["map16"]
+    assert dtype == pl.Array(pl.Float32, (32, 32, 48)) if fmt == "parquet" else dtype == pl.List(pl.Float32), dtype
     for key, m, p in zip(pdf["key"].to_list(), pdf["map16"].to_list(), pdf["pooled_bf16"].to_list()):
         check(key, "map16", np.asarray(m).reshape(-1))
         check(key, "pooled_bf16", p)
 
-    # DuckDB: plain lists; compat files hold only float32 (no FLOAT16, no fixed-size lists).
-    # Default Parquet stores float16 tensors with BYTE_STREAM_SPLIT, which DuckDB 2.0 cannot
-    # decode: it reads every other column (output.float16_byte_stream_split=false or compat
-    # mode make the float16 column readable too; test_duckdb_reads_float16_without_bss).
+    # DuckDB: nested lists (portable) or flat lists; both only float32
     con = duckdb.connect()
-    glob = f"read_parquet('{out}/**/part-*.parquet', hive_partitioning=true)"
-    if fmt == "parquet":
-        with pytest.raises(duckdb.Error, match="BYTE_STREAM_SPLIT"):
-            con.execute(f"select map16 from {glob}").fetchall()
-    cols = "key, label, map16, pooled" if fmt == "compat" else "key, label, pooled, pooled"
-    rows = con.execute(f"select {cols} from {glob}").fetchall()
+    rows = con.execute(f"select key, label, map16, pooled from read_parquet('{out}/**/*.parquet')").fetchall()
     assert sorted(r[0] for r in rows) == sorted(reference)
     for key, label, m, p in rows:
         assert int(label) == reference[key]["label"]
-        if fmt == "compat":
-            check(key, "map16", m)
+        check(key, "map16", np.asarray(m).reshape(-1))
         check(key, "pooled", p)
-    if fmt == "compat":
+    if fmt == "list":
         import pyarrow.parquet as pq
 
         f = next(out.rglob("*.parquet"))
@@ -156,7 +157,7 @@ def _float16_batch(n: int = 6):
     return schema, values, to_record_batch(schema, {"key": np.array([f"r{i}" for i in range(n)], dtype=object)}, {"h": values})
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ENCODINGS + ["tfrecord"])
 def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     """±0, ±inf, NaN payloads, subnormals and the largest float16 through each writer,
     read back by the project API and by an independent reader."""
@@ -166,7 +167,7 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     from layerbeam.transforms.staging import OutputLayout
 
     schema, values, batch = _float16_batch()
-    cfg = OutputConfig(path=str(tmp_path / "out"), format="tfrecord" if fmt == "tfrecord" else "parquet", parquet_compat=fmt == "compat")
+    cfg = OutputConfig(path=str(tmp_path / "out"), **({"format": "tfrecord"} if fmt == "tfrecord" else {"parquet_encoding": fmt}))
     writer = make_writer(cfg, schema)
     layout = OutputLayout(cfg.path, "run")
     files = writer.write_shard(iter([batch]), layout.shard_dir("s0", "a0"), "part-s0")
@@ -182,15 +183,23 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
     if fmt == "tfrecord":
         import tensorflow as tf
 
-        recs = tf.data.TFRecordDataset([str(tmp_path / "out" / f.path) for f in files])
-        parsed = [tf.io.parse_tensor(tf.io.parse_single_example(r, {"h": tf.io.FixedLenFeature([], tf.string)})["h"], tf.float16).numpy() for r in recs]
-        independent = np.stack(parsed)
+        # raw little-endian bytes: numpy alone decodes them, and so does tf.io.decode_raw
+        recs = [r.numpy() for r in tf.data.TFRecordDataset([str(tmp_path / "out" / f.path) for f in files])]
+        raw = [tf.train.Example.FromString(r).features.feature["h"].bytes_list.value[0] for r in recs]
+        independent = np.stack([np.frombuffer(b, "<f2").reshape(4, 3) for b in raw])
+        decoded = np.stack([tf.reshape(tf.io.decode_raw(b, tf.float16, little_endian=True), (4, 3)).numpy() for b in raw])
+        np.testing.assert_array_equal(decoded.view(np.uint16), values.view(np.uint16))
     else:
         import pyarrow.parquet as pq
 
         col = pq.read_table(str(tmp_path / "out" / files[0].path)).column("h").combine_chunks()
-        flat = (col.storage if fmt == "parquet" else col).flatten().to_numpy(zero_copy_only=False)
-        assert flat.dtype == (np.float16 if fmt == "parquet" else np.float32)
+        # the shape is in the file itself: field metadata (and nested lists, but for `list`)
+        assert json.loads(pq.read_schema(str(tmp_path / "out" / files[0].path)).field("h").metadata[b"layerbeam.shape"]) == [4, 3]
+        flat = (col.storage if fmt == "arrow_tensor" else col).flatten()
+        while pa.types.is_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
+            flat = flat.flatten()
+        flat = flat.to_numpy(zero_copy_only=False)
+        assert flat.dtype == (np.float16 if fmt in ("arrow_tensor", "nested_float16") else np.float32)
         independent = flat.astype(np.float16).reshape(values.shape)
     np.testing.assert_array_equal(independent.view(np.uint16), values.view(np.uint16))
 
@@ -202,7 +211,7 @@ def test_show_prints_the_summary_and_first_rows(three_formats, capsys):
     assert main(["show", str(out), "--rows", "2"]) == 0
     text = capsys.readouterr().out
     for expected in ("tfrecord", "GZIP", "keras.applications.MobileNetV2", manifest["model"]["fingerprint"][:12],
-                     "map16", "32×32×48", "float16 tensor_proto", "pooled_bf16", "bfloat16", "rows: 10", f"files: {len(manifest['files'])}",
+                     "map16", "32×32×48", "float16 raw_bytes", "pooled_bf16", "bfloat16", "rows: 10", f"files: {len(manifest['files'])}",
                      "label=0", "first 2 rows", "min", "std"):
         assert expected in text, expected
     first_keys = head(str(out), 2).column("key").to_pylist()
@@ -221,8 +230,10 @@ def test_show_and_open_refuse_an_incomplete_output(tmp_path, capsys):
     assert err.count("\n") == 1 and "no _SUCCESS" in err
 
 
-def test_duckdb_reads_float16_without_bss(tmp_path):
-    """With output.float16_byte_stream_split=false, DuckDB reads float16 tensors bit-exactly."""
+def test_duckdb_reads_float16_of_nested_float16(tmp_path):
+    """`nested_float16` keeps float16 without BYTE_STREAM_SPLIT, which DuckDB 2.0 decodes
+    bit-exactly; `arrow_tensor` splits float16 leaves too (the old default), the
+    portable default splits its float32 leaves, one `.list.element` per nesting level."""
     import duckdb
 
     from layerbeam.config import OutputConfig
@@ -233,14 +244,75 @@ def test_duckdb_reads_float16_without_bss(tmp_path):
     values = np.array([[0.0, -0.0, 1.5, 65504.0], [6e-8, -2.0, np.inf, 0.333]], np.float16).reshape(2, 2, 2)
     spec = OutputSpec(name="m16", path="m16", layer_type="Conv2D", reduce="none", dtype="float16", shape=(2, 2))
     schema = output_schema([spec], {"key": pa.string()})
-    writer = make_writer(OutputConfig(path=str(tmp_path), float16_byte_stream_split=False), schema)
+    writer = make_writer(OutputConfig(path=str(tmp_path), parquet_encoding="nested_float16"), schema)
     assert writer.byte_stream_split == []  # the config reaches the writer
-    assert make_writer(OutputConfig(path=str(tmp_path)), schema).byte_stream_split == ["m16.list.element"]
+    assert make_writer(OutputConfig(path=str(tmp_path), parquet_encoding="arrow_tensor"), schema).byte_stream_split == ["m16.list.element"]
+    assert make_writer(OutputConfig(path=str(tmp_path)), schema).byte_stream_split == ["m16.list.element.list.element"]
     batch = to_record_batch(schema, {"key": np.array([b"a", b"b"], dtype=object)}, {"m16": values})
     files = writer.write_shard(iter([batch]), str(tmp_path), "part-x")
     rows = duckdb.connect().execute(f"select key, m16 from read_parquet('{tmp_path}/{files[0].path}') order by key").fetchall()
     got = np.array([r[1] for r in rows], np.float16).reshape(values.shape)
     np.testing.assert_array_equal(got.view(np.uint16), values.view(np.uint16))
+
+
+def test_bss_reaches_every_nested_leaf(tmp_path):
+    """The portable encoding's BYTE_STREAM_SPLIT is on the leaf of a 3-D nested list (the
+    path repeats `.list.element` per level; a wrong path is silently ignored)."""
+    import pyarrow.parquet as pq
+
+    from layerbeam.config import OutputConfig
+    from layerbeam.transforms.formats import make_writer
+    from layerbeam.transforms.layers import OutputSpec
+    from layerbeam.transforms.schema import output_schema, to_record_batch
+
+    spec = OutputSpec(name="m", path="m", layer_type="Conv2D", reduce="none", dtype="float16", shape=(2, 3, 4))
+    schema = output_schema([spec], {"key": pa.string()})
+    values = np.arange(48, dtype=np.float16).reshape(2, 2, 3, 4)
+    batch = to_record_batch(schema, {"key": np.array([b"a", b"b"], dtype=object)}, {"m": values})
+    files = make_writer(OutputConfig(path=str(tmp_path)), schema).write_shard(iter([batch]), str(tmp_path), "p")
+    md = pq.read_metadata(str(tmp_path / files[0].path))
+    col = next(md.row_group(0).column(i) for i in range(md.num_columns) if md.row_group(0).column(i).path_in_schema.startswith("m."))
+    assert col.path_in_schema == "m.list.element.list.element.list.element"
+    assert "BYTE_STREAM_SPLIT" in col.encodings and col.physical_type == "FLOAT"
+
+
+def test_old_outputs_still_read(tmp_path):
+    """Outputs written before the portable default: Parquet `fixed_shape_tensor<float16>`
+    (the old default, spec_version 1, partition values only in folder names) and TFRecord
+    float16 as a serialized TensorProto, read back by their manifest's storage spec."""
+    import pyarrow.dataset as ds
+    import tensorflow as tf
+
+    values = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    col = {"name": "h", "role": "output", "dtype": "float16", "shape": [3, 4], "logical_dtype": "float16"}
+    key = {"name": "key", "role": "column", "dtype": "string", "shape": []}
+    label = {"name": "label", "role": "partition", "dtype": "int64", "shape": []}
+    # Parquet, as the old writer did: write_dataset drops the partition column from the files
+    old = tmp_path / "old_parquet"
+    table = pa.table({"key": ["a", "b"], "label": pa.array([3, 3], pa.int64()), "h": pa.FixedShapeTensorArray.from_numpy_ndarray(values)})
+    ds.write_dataset(table, str(old), format="parquet", partitioning=ds.partitioning(pa.schema([("label", pa.int64())]), flavor="hive"), basename_template="part-{i}.parquet")
+    spec = {"spec_version": 1, "format": "parquet", "compression": None, "partition_by": ["label"], "compat": False,
+            "columns": [dict(key, parquet={"type": "string", "in": "file"}), dict(label, parquet={"type": "int64", "in": "path"}), dict(col, parquet={"type": "fixed_shape_tensor<float16>", "in": "file"})]}
+    (old / "_manifest.json").write_text(json.dumps({"files": [{"path": "label=3/part-0.parquet", "rows": 2, "bytes": 0}], "storage": spec}))
+    (old / "_SUCCESS").write_text("")
+    # TFRecord, float16 as tf.io.serialize_tensor
+    oldtf = tmp_path / "old_tfrecord"
+    oldtf.mkdir()
+    with tf.io.TFRecordWriter(str(oldtf / "part-0.tfrecord")) as w:
+        for k, v in zip(["a", "b"], values):
+            feat = {"key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[k.encode()])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3])),
+                    "h": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(tf.constant(v)).numpy()]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
+    spec = {"spec_version": 1, "format": "tfrecord", "compression": None, "partition_by": [], "compat": False,
+            "columns": [dict(key, tfrecord={"feature": "key", "kind": "bytes_list"}), dict(label, role="column", tfrecord={"feature": "label", "kind": "int64_list"}),
+                        dict(col, tfrecord={"feature": "h", "kind": "tensor_proto"})]}
+    (oldtf / "_manifest.json").write_text(json.dumps({"files": [{"path": "part-0.tfrecord", "rows": 2, "bytes": 0}], "storage": spec}))
+    (oldtf / "_SUCCESS").write_text("")
+    for out in (old, oldtf):
+        t = to_arrow(str(out))
+        assert t.column("key").to_pylist() == ["a", "b"] and t.column("label").to_pylist() == [3, 3]
+        np.testing.assert_array_equal(t.column("h").combine_chunks().to_numpy_ndarray().view(np.uint16), values.view(np.uint16))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -251,3 +323,32 @@ def test_the_size_plan_counts_outputs_as_they_are_stored(three_formats, fmt):
     width = {"float32": 4, "float16": 2}
     outputs = [c for c in manifest["storage"]["columns"] if c["role"] == "output"]
     assert manifest["bytes_per_example"] == sum(int(np.prod(c["shape"])) * width[c["dtype"]] for c in outputs)
+
+
+def test_the_size_plan_names_the_readers_an_opt_in_encoding_loses(tmp_path, png_dataset):
+    """`--plan-only` says which readers cannot open an opt-in encoding, and nothing for the
+    portable default; a float16 output sized as stored (widened by the default)."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from layerbeam.cli import main
+    from tests.conftest import base_config
+
+    folder, _, _ = png_dataset
+    select = [{"layer": "block_1_expand_relu", "as": "m16", "reduce": "none", "dtype": "float16"}]
+    texts = {}
+    for enc in ("portable", "arrow_tensor", "nested_float16"):
+        cfg = tmp_path / f"{enc}.yaml"
+        cfg.write_text(yaml.safe_dump(base_config(f"{folder}/*.tfrecord", str(tmp_path / enc), **{"layers.select": select, "output.parquet_encoding": enc})))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["run", str(cfg), "--plan-only", "-q"]) == 0
+        texts[enc] = " ".join(out.getvalue().split())
+    assert "cannot be read by" not in texts["portable"]
+    assert "32×32×48" in texts["portable"]
+    for reader in ("Spark", "DuckDB", "Hugging Face datasets"):
+        assert reader in texts["arrow_tensor"].split("cannot be read by", 1)[1], reader
+    lost = texts["nested_float16"].split("cannot be read by", 1)[1]
+    assert "Spark" in lost and "DuckDB" not in lost

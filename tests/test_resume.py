@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 import yaml
 
@@ -23,6 +22,7 @@ from layerbeam.run import run_job
 from layerbeam.config import load_config
 from tests.conftest import ROOT, encode_png, example, photo_crops, read_manifest, run_cli, write_tfrecords
 from tests.tiny import SIZE, save_tiny_model, tiny_config
+from layerbeam.transforms.readback import to_arrow
 
 SHARDS = 12
 
@@ -41,7 +41,7 @@ def many_shards(tmp_path_factory):
 
 
 def _sorted_table(out) -> pa.Table:
-    t = ds.dataset(str(out), format="parquet").to_table()
+    t = to_arrow(str(out))
     return t.sort_by("key")
 
 
@@ -153,7 +153,7 @@ def test_a_reader_during_a_run_sees_nothing_or_the_previous_complete_output(many
     def read_loop():
         while not stop.is_set():
             try:
-                t = ds.dataset(str(out), format="parquet").to_table().sort_by("key")
+                t = to_arrow(str(out)).sort_by("key")
             except FileNotFoundError:
                 seen.append("nothing")
                 continue

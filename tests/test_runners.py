@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 import yaml
 
 from layerbeam.run import run_job
 from layerbeam.config import load_config
+from layerbeam.transforms.readback import to_arrow
 from tests.conftest import ROOT, base_config
 
 PY = sys.executable
@@ -47,7 +47,7 @@ def _config(tmp: Path, pattern: str, out: Path, **overrides):
 
 def _rows(out: Path) -> dict[str, dict]:
     """{key: {column: value}}: every row the job wrote, tensors as numpy arrays."""
-    table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    table = to_arrow(str(out))
     cols = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()

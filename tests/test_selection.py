@@ -9,7 +9,6 @@ import json
 import math
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 import yaml
 
@@ -17,6 +16,7 @@ from layerbeam.cli import main
 from layerbeam.config import load_config
 from layerbeam.transforms.errors import SelectionError
 from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
+from layerbeam.transforms.readback import to_arrow
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_seed_two_input_model_through_the_pipeline(tmp_path):
     names = ["conv_a", "conv_b", "pool_a", "pool_b", "merged", "flatten", "dense1", "output"]
     assert [o["name"] for o in manifest["outputs"]] == names
     assert manifest["counts"]["rows_written"] == 5
-    table = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    table = to_arrow(str(tmp_path / "out"))
     order = [table.column("key").to_pylist().index(k) for k in keys]
     xa = np.stack([a for a, _ in gray])[..., None].astype("float32") / 255.0
     xb = np.stack([b for _, b in gray])[..., None].astype("float32") / 255.0

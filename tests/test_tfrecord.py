@@ -5,15 +5,16 @@ with plain tf.data from the manifest's spec alone, equal to the same run's Parqu
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 
 from layerbeam.transforms.formats.tfrecord import ExampleEncoder, TFRecordShardWriter
+from layerbeam.transforms.readback import to_arrow
 from layerbeam.transforms.schema import output_schema, to_record_batch
 
 
@@ -71,8 +72,10 @@ def test_encoded_examples_parse_with_protobuf_and_tf_io_bit_exactly():
         ex = tf.train.Example.FromString(rec)
         assert ex.ByteSize() == len(rec)
         assert set(ex.features.feature) == set(spec)
-        # TensorFlow's TensorProto serialization of the float16 tensor is byte-identical
-        assert ex.features.feature["map"].bytes_list.value[0] == tf.io.serialize_tensor(outs["map"][i]).numpy()
+        # float16: the raw little-endian values, numpy alone decodes them
+        raw = ex.features.feature["map"].bytes_list.value[0]
+        assert raw == outs["map"][i].astype("<f2").tobytes()
+        np.testing.assert_array_equal(np.frombuffer(raw, "<f2").reshape(2, 3, 2).view(np.uint16), outs["map"][i].view(np.uint16))
         got = tf.io.parse_single_example(rec, spec)
         assert got["key"].numpy().decode() == cols["key"][i]
         assert got["label"].numpy() == cols["label"][i]
@@ -80,8 +83,7 @@ def test_encoded_examples_parse_with_protobuf_and_tf_io_bit_exactly():
         assert got["note"].numpy().decode() == cols["note"][i]
         np.testing.assert_array_equal(got["vec"].numpy().view(np.uint32), outs["vec"][i].view(np.uint32))
         assert got["vec.shape"].numpy().tolist() == [5]
-        m = tf.io.parse_tensor(got["map"], tf.float16).numpy()
-        assert m.shape == (2, 3, 2)
+        m = tf.reshape(tf.io.decode_raw(got["map"], tf.float16, little_endian=True), (2, 3, 2)).numpy()
         np.testing.assert_array_equal(m.view(np.uint16), outs["map"][i].view(np.uint16))
 
 
@@ -124,13 +126,13 @@ def test_tfrecord_read_with_plain_tf_data_from_manifest_spec_equals_parquet(thre
     features = {}
     for c in spec["columns"]:
         t = c["tfrecord"]
-        features[t["feature"]] = tf.io.FixedLenFeature([], tf.string) if t["kind"] == "tensor_proto" else tf.io.FixedLenFeature(c["shape"], dtypes[c["dtype"]])
+        features[t["feature"]] = tf.io.FixedLenFeature([], tf.string) if t["kind"] == "raw_bytes" else tf.io.FixedLenFeature(c["shape"], dtypes[c["dtype"]])
 
     def parse(r):
         x = tf.io.parse_single_example(r, features)
         for c in spec["columns"]:
-            if c["tfrecord"]["kind"] == "tensor_proto":
-                x[c["name"]] = tf.reshape(tf.io.parse_tensor(x[c["name"]], tf.float16), c["shape"])
+            if c["tfrecord"]["kind"] == "raw_bytes":
+                x[c["name"]] = tf.reshape(tf.io.decode_raw(x[c["name"]], tf.float16, little_endian=True), c["shape"])
         return x
 
     files = sorted(str(p) for p in out.rglob("*.tfrecord.gz"))
@@ -140,7 +142,7 @@ def test_tfrecord_read_with_plain_tf_data_from_manifest_spec_equals_parquet(thre
         got[row["key"].decode()] = row
 
     pq_out, _ = three_formats["parquet"]
-    table = ds.dataset(str(pq_out), format="parquet", partitioning="hive").to_table()
+    table = to_arrow(str(pq_out))
     assert sorted(got) == sorted(table.column("key").to_pylist()) and len(got) == 10
     outputs = [c for c in spec["columns"] if c["role"] == "output"]
     assert [c["name"] for c in outputs] == ["pooled", "map16", "pooled_bf16"]
@@ -159,7 +161,7 @@ def test_bfloat16_is_float32_rounded_to_nearest_even(three_formats):
     import ml_dtypes
 
     out, manifest = three_formats["parquet"]
-    table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    table = to_arrow(str(out))
     pooled = table.column("pooled").combine_chunks().to_numpy_ndarray()
     bf = table.column("pooled_bf16").combine_chunks().to_numpy_ndarray()
     assert bf.dtype == np.float32
@@ -170,12 +172,17 @@ def test_bfloat16_is_float32_rounded_to_nearest_even(three_formats):
     assert {o["name"]: o["bytes_per_example"] for o in manifest["outputs"]}["pooled_bf16"] == 4 * spec["pooled_bf16"]["shape"][0]
 
 
-def test_compat_mode_is_parquet_only(tmp_path):
+def test_parquet_encoding_is_parquet_only_and_old_keys_say_what_to_use(tmp_path):
     from layerbeam.config import ConfigError, load_config
     from tests.conftest import base_config
 
-    with pytest.raises(ConfigError, match="parquet_compat.*tfrecord"):
-        load_config(raw=base_config("x/*.tfrecord", str(tmp_path), **{"output.format": "tfrecord", "output.parquet_compat": True}))
+    with pytest.raises(ConfigError, match="parquet_encoding.*tfrecord"):
+        load_config(raw=base_config("x/*.tfrecord", str(tmp_path), **{"output.format": "tfrecord", "output.parquet_encoding": "list"}))
+    with pytest.raises(ConfigError, match=r"output.parquet_compat = True was replaced by output.parquet_encoding; write output.parquet_encoding: list") as e:
+        load_config(raw=base_config("x/*.tfrecord", str(tmp_path), **{"output.parquet_compat": True}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="float16_byte_stream_split = False was replaced by output.parquet_encoding"):
+        load_config(raw=base_config("x/*.tfrecord", str(tmp_path), **{"output.float16_byte_stream_split": False}))
 
 
 def test_writer_uploads_to_a_non_local_destination():
@@ -205,7 +212,6 @@ def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, 
     from layerbeam.run import run_job
     from layerbeam.config import load_config
     from tests.conftest import base_config, encode_png, example, photo_crops, write_tfrecords
-    from layerbeam.transforms.readback import to_arrow
 
     imgs = photo_crops(5, 64, seed=7)
     rec = lambda i, key, label: example({"image/encoded": encode_png(imgs[i]), "image/key": key, "image/class/label": label})  # noqa: E731
@@ -218,8 +224,9 @@ def test_a_key_repeated_across_shards_is_written_once_in_tfrecord_too(tmp_path, 
     assert manifest["counts"]["records_read"] == 5
     assert manifest["counts"]["rows_written"] == 4
     assert manifest["counts"]["dead_letter_reasons"] == {"duplicate_key": 1}
-    ext = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
-    assert all(f["path"].endswith(ext) for f in manifest["files"])
+    # gzip keeps the writer's names; uncompressed files are named as TFDS shards
+    pattern = r"label=\d/part-\w+-s\d+-\d+\.tfrecord\.gz" if compression == "gzip" else r"label=\d/part-\w{8}\.tfrecord-\d{5}-of-\d{5}"
+    assert all(re.fullmatch(pattern, f["path"]) for f in manifest["files"]), [f["path"] for f in manifest["files"]]
     table = to_arrow(str(tmp_path / "out"))
     rows = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
     assert rows == {"a": 0, "b": 1, "c": 0, "d": 1}  # the kept "a" is shard 0's

@@ -593,7 +593,7 @@ class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]
         partition_by: Hive partition columns (scalar values of the dicts).
         num_shards: how many shards (each at least one file per partition) to write.
         overwrite: replace an existing complete output.
-        max_rows_per_file, compression, parquet_compat: as the `output` config's fields.
+        max_rows_per_file, compression, parquet_encoding: as the `output` config's fields.
 
     Raises:
         ConfigError: when built, if `path` holds an output already (without
@@ -610,7 +610,7 @@ class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]
         overwrite: bool = False,
         max_rows_per_file: int = 100_000,
         compression: str = "zstd",
-        parquet_compat: bool = False,
+        parquet_encoding: str = "portable",
     ):
         super().__init__()
         from .formats import FORMATS, WriteSpec
@@ -625,7 +625,7 @@ class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]
             partition_by = (partition_by,)
         self._spec = WriteSpec(
             path=path, format=format, partition_by=tuple(partition_by), overwrite=overwrite,
-            max_rows_per_file=max_rows_per_file, compression=compression, parquet_compat=parquet_compat,
+            max_rows_per_file=max_rows_per_file, compression=compression, parquet_encoding=parquet_encoding,
         )
         self._run_id = uuid.uuid4().hex[:16]
         self._num_shards = num_shards

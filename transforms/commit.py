@@ -52,7 +52,7 @@ import pyarrow as pa
 from ._fs import atomic_create_supported, create_exclusive, is_local
 from .deadletters import DEAD_LETTER_SCHEMA
 from .errors import CommitError, ConfigError, OutcomeError
-from .formats import rewrite_without
+from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
 from .stats import merge_results
@@ -596,12 +596,17 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
     )
     check_outcome(dict(manifest["counts"], shard_errors=manifest["shard_errors"]), cfg["output"].get("max_dead_letter_fraction"), cfg["output"].get("allow_empty", False))
     manifest["statistics"] = merge_results(summaries)  # the shards' partial statistics, merged
+    fs = layout.fs
+    local = is_local(fs)
+    final = f"{layout.run_dir}/final" if local else layout.out
+    _apply_final_names(fs, final, manifest, manifest_base.get("run_id", layout.run_id))
     # compact: a reader loads the manifest whole (~100 B per file instead of ~480 with indent=2)
     data = json.dumps(manifest, separators=(",", ":")).encode()
-    fs = layout.fs
-    if is_local(fs):
-        final = f"{layout.run_dir}/final"
+    extra = sidecars(manifest["format"], manifest)  # e.g. TFDS's dataset_info.json
+    if local:
         os.makedirs(final, exist_ok=True)
+        for name, content in extra.items():
+            _write_local(f"{final}/{name}", content)
         _write_local(f"{final}/{layout.MANIFEST}", data)
         _write_local(f"{final}/{layout.SUCCESS}", b"")
         old = f"{layout.run_dir}/old"
@@ -624,10 +629,31 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
         except (OSError, ValueError):
             old_files = []
         fs.pipe_file(replaced, json.dumps(old_files).encode())
+    for name, content in extra.items():
+        fs.pipe_file(f"{layout.out}/{name}", content)
     fs.pipe_file(f"{layout.out}/{layout.MANIFEST}", data)  # one PUT: readers switch here
     fs.pipe_file(f"{layout.out}/{layout.SUCCESS}", b"")
     _drop_replaced(layout)
     return manifest["counts"]
+
+
+def _apply_final_names(fs, root: str, manifest: dict, run_id: str) -> None:
+    """Give the data files the names their format wants over the whole output (TFDS shard
+    names `…tfrecord-00000-of-00004` for TFRecord, which need the run's file count), and
+    update the manifest's file list. A name already in place is skipped, so a finalize run
+    again after a crash finishes the renames. Locally these are renames inside the run's
+    folder; on object stores one more server-side move per TFRecord file (Parquet files
+    keep their names and cost nothing here)."""
+    staged = [f["path"] for f in manifest["files"]]
+    names = final_paths(manifest["format"], staged, run_id)
+    for f, new in zip(manifest["files"], names):
+        old = f["path"]
+        if new == old:
+            continue
+        src, dst = f"{root}/{old}", f"{root}/{new}"
+        if fs.exists(src) and not fs.exists(dst):
+            fs.mv(src, dst)
+        f["path"] = new
 
 
 def _write_local(path: str, data: bytes) -> None:

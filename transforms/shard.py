@@ -143,7 +143,7 @@ class ShardProcessor:
         with precision(cfg.batching.precision):
             launcher = _launcher_model(run_id)  # compares the policy in force
             self.extractor = ExtractorPool(build, self.device_plan)
-        stored = sum(stored_bytes(s, cfg.output.parquet_compat) for s in self.specs)
+        stored = sum(stored_bytes(s, cfg.output.parquet_encoding if cfg.output.format == "parquet" else None) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
         plans = check_inputs(cfg.input, self.input_shapes, self.input_dtypes)
         images = any(p.kind == "image" for p in plans.values())  # preprocessing is for images only

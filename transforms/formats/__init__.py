@@ -4,21 +4,33 @@ knows which formats exist.
 The contract (`ShardWriter`): `write_shard(batches, dest, basename)` receives Arrow record
 batches of one input shard and a staging folder, writes them (Hive partition folders
 inside) and returns the `WrittenFile`s; `storage_spec()` describes how each column is
-stored, for the manifest. Each format module also has `rewrite_without(fs, src, dst,
-keep)`, which copies one of its data files without some rows (the cross-shard dedupe).
+stored, for the manifest. Each format module also has
+
+* `rewrite_without(fs, src, dst, keep)`: copy one of its data files without some rows
+  (the cross-shard dedupe);
+* `read_tables(out, cols)`: the committed output `out` (`readback.Output`) as a stream of
+  Arrow tables with the columns `cols` (storage-spec entries) in their read-back types
+  (`schema.read_schema`), files in manifest order;
+* `tf_dataset(out, cols)`: the same as a `tf.data.Dataset` of one dict per example;
+* `arrow_dataset(out)`: a `pyarrow.dataset.Dataset` over the output;
+* `final_paths(paths, run_id)`: the committed names of a run's data files (staged
+  relative paths in commit order; TFRecord names them as TFDS shards);
+* `sidecars(manifest)` → {relative path: bytes}: extra metadata files the format's own
+  ecosystem needs next to the data (TFDS's `dataset_info.json`), written by the commit.
+
 Nothing outside this package branches on the format.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["WriteSpec", "WrittenFile", "ShardWriter", "FORMATS", "make_writer", "rewrite_without"]
+__all__ = ["WriteSpec", "WrittenFile", "ShardWriter", "FORMATS", "make_writer", "rewrite_without", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths", "tables_tf_dataset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +44,7 @@ class WriteSpec:
     row_group_bytes: int = 64 << 20
     compression: str = "zstd"
     compression_level: int | None = 1
-    float16_byte_stream_split: bool = True
-    parquet_compat: bool = False
+    parquet_encoding: str = "portable"
     tfrecord_compression: str = "none"
     max_bytes_per_file: int = 256 << 20
     overwrite: bool = False
@@ -88,3 +99,44 @@ def rewrite_without(fs, src: str, dst: str, keep: Callable[[Sequence], np.ndarra
 
         raise CommitError(f"cannot filter repeated keys out of {src!r}: unknown data file type")
     return _module(fmt).rewrite_without(fs, src, dst, keep)
+
+
+def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
+    """The committed output `out` as Arrow tables of `cols` in their read-back types."""
+    return _module(out.format).read_tables(out, cols)
+
+
+def tf_dataset(out, cols: Sequence[dict]):
+    """The committed output `out` as a `tf.data.Dataset` of {column: tensor}."""
+    return _module(out.format).tf_dataset(out, cols)
+
+
+def arrow_dataset(out):
+    """A `pyarrow.dataset.Dataset` over the committed output `out`."""
+    return _module(out.format).arrow_dataset(out)
+
+
+def sidecars(fmt: str, manifest: dict) -> dict[str, bytes]:
+    """Extra metadata files (relative path → content) the format writes next to its data."""
+    return _module(fmt).sidecars(manifest)
+
+
+def final_paths(fmt: str, paths: Sequence[str], run_id: str) -> list[str]:
+    """The committed relative paths of a run's data files (staged paths, commit order)."""
+    return _module(fmt).final_paths(paths, run_id)
+
+
+def tables_tf_dataset(tables: Callable[[], Iterator[pa.Table]], cols: Sequence[dict]):
+    """A `tf.data.Dataset` of one dict per example from a stream of read-back tables (for
+    formats TensorFlow cannot parse itself)."""
+    import tensorflow as tf
+
+    from ..schema import column_numpy, result_dtype
+
+    signature = {c["name"]: tf.TensorSpec((None, *c["shape"]), tf.as_dtype(result_dtype(c))) for c in cols}
+
+    def batches():
+        for table in tables():
+            yield {c["name"]: column_numpy(table.column(c["name"]), c) for c in cols}
+
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).unbatch()

@@ -1,29 +1,37 @@
-"""Parquet: one shard's rows as Hive-partitioned Parquet files (`pyarrow.dataset`)."""
+"""Parquet: one shard's rows as Hive-partitioned Parquet files (`pyarrow.parquet.ParquetWriter`), and reading them back."""
 
 from __future__ import annotations
 
 import dataclasses
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from .._fs import arrow_fs
 from ..errors import CommitError
-from ..schema import compat_schema, storage_spec, to_compat_batch
-from . import WriteSpec, WrittenFile
+from ..schema import _ARROW, read_schema, restore_table, storage_spec, stored_schema, tensor_leaf_paths, to_stored_batch
+from . import WriteSpec, WrittenFile, tables_tf_dataset
 
-__all__ = ["ParquetShardWriter", "writer", "rewrite_without", "read_parquet"]
+__all__ = ["ParquetShardWriter", "writer", "rewrite_without", "read_parquet", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths"]
 
 
 class ParquetShardWriter:
-    """Writes a shard's rows as Hive-partitioned Parquet with `pyarrow.dataset.write_dataset`.
+    """Writes a shard's rows as Hive-partitioned Parquet files.
 
-    zstd (level 1 by default), BYTE_STREAM_SPLIT and no dictionary on tensor leaf columns
-    (`<col>.list.element`: the bare column name is silently ignored), row groups sized by
-    bytes with both a minimum and a maximum, and a cap on rows per file.
+    Tensor columns are stored as `encoding` says (`schema.PARQUET_ENCODINGS`; `portable`
+    by default: nested fixed-size lists of float32 that every reader we test opens with
+    the shape intact). zstd (level 1 by default), BYTE_STREAM_SPLIT and no dictionary on
+    tensor leaves (`<col>.list.element…`, one per nesting level: the bare column name is
+    silently ignored), except float16 leaves outside `arrow_tensor` (DuckDB 2.0 cannot
+    decode those); row groups sized by bytes; a cap on rows per file.
+
+    Partition columns stay in the files as well as in the `k=v` folder names: readers
+    that do not parse folder names (Hugging Face `datasets`) still get them, and the
+    folders still prune for those that do. (`pyarrow.dataset.write_dataset` drops them
+    from the files, hence the writer's own partition loop.)
 
     Args:
         schema: the output schema (`output_schema`).
@@ -31,11 +39,7 @@ class ParquetShardWriter:
         max_rows_per_file: rows per file at most.
         row_group_bytes: target uncompressed bytes per row group.
         compression, compression_level: the Parquet codec.
-        compat: plain `list<float32>` columns (see `compat_schema`).
-        float16_byte_stream_split: BYTE_STREAM_SPLIT on float16 tensors too. On real
-            activations it writes them about 2.7× faster and 20% smaller with zstd, and
-            pyarrow and polars read it; DuckDB 2.0 cannot decode such a column (its other
-            columns it reads). Set False for DuckDB, or use `compat`.
+        encoding: one of `schema.PARQUET_ENCODINGS`.
     """
 
     extension = "parquet"
@@ -48,73 +52,114 @@ class ParquetShardWriter:
         row_group_bytes: int = 64 << 20,
         compression: str = "zstd",
         compression_level: int | None = 1,
-        compat: bool = False,
-        float16_byte_stream_split: bool = True,
+        encoding: str = "portable",
     ):
         self.source_schema = schema
-        self.compat = compat
-        self.schema = schema = compat_schema(schema) if compat else schema
+        self.encoding = encoding
+        self.schema = stored_schema(schema, encoding)
         self.partition_by = tuple(partition_by)
-        tensor_cols = [f.name for f in self.source_schema if isinstance(f.type, pa.FixedShapeTensorType)]
-        width = {c: 4 if compat else self.source_schema.field(c).type.value_type.bit_width // 8 for c in tensor_cols}
-        row_bytes = sum(int(np.prod(self.source_schema.field(c).type.shape)) * width[c] for c in tensor_cols) + 64
+        leaves = tensor_leaf_paths(self.schema)
+        row_bytes = sum(int(np.prod(self.source_schema.field(c).type.shape)) * t.bit_width // 8 for c, (_, t) in leaves.items()) + 64
         rows = max(1, row_group_bytes // row_bytes)
         self.max_rows_per_group = int(min(rows, max_rows_per_file, 1 << 20))
         self.min_rows_per_group = max(1, self.max_rows_per_group // 2)
         self.max_rows_per_file = max_rows_per_file
         self.compression = None if compression == "none" else compression
         self.compression_level = compression_level if self.compression in ("zstd", "gzip") else None
-        self.byte_stream_split = [f"{c}.list.element" for c in tensor_cols if width[c] == 4 or float16_byte_stream_split]
-        self.dictionary = [f.name for f in schema if f.name not in tensor_cols]
+        self.byte_stream_split = [p for p, t in leaves.values() if t == pa.float32() or encoding == "arrow_tensor"]
+        self.dictionary = [f.name for f in self.schema if f.name not in leaves]
+
+    def _options(self) -> dict:
+        return dict(
+            compression=self.compression or "none",
+            compression_level=self.compression_level,
+            use_dictionary=self.dictionary or False,
+            use_byte_stream_split=self.byte_stream_split or False,
+            write_statistics=self.dictionary or False,
+        )
+
+    def _folder(self, values) -> str:
+        from urllib.parse import quote
+
+        return "/".join(f"{c}={quote(str(v), safe='')}" for c, v in zip(self.partition_by, values))
 
     def write_shard(self, batches: Iterable[pa.RecordBatch], dest: str, basename: str) -> list[WrittenFile]:
-        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
 
         filesystem, root = arrow_fs(dest)
-        fmt = ds.ParquetFileFormat()
-        options = fmt.make_write_options(
-            compression=self.compression,
-            compression_level=self.compression_level,
-            use_dictionary=self.dictionary,
-            use_byte_stream_split=self.byte_stream_split or False,
-            write_statistics=self.dictionary,
-        )
-        written: list[WrittenFile] = []
+        pending: dict[str, list] = {}  # partition folder → [tables, rows]
+        open_files: dict[str, list] = {}  # partition folder → [ParquetWriter, relative path, rows]
+        written: list[tuple[str, int]] = []
+        counter = 0
 
-        def visit(f):
-            rel = posixpath.relpath(f.path, root)
-            written.append(WrittenFile(rel, f.metadata.num_rows, f.size if hasattr(f, "size") else 0))
+        def emit(folder: str, table: pa.Table) -> None:
+            nonlocal counter
+            while len(table):
+                f = open_files.get(folder)
+                if f is None:
+                    rel = posixpath.join(folder, f"{basename}-{counter}.parquet") if folder else f"{basename}-{counter}.parquet"
+                    counter += 1
+                    filesystem.create_dir(posixpath.dirname(posixpath.join(root, rel)), recursive=True)
+                    f = open_files[folder] = [pq.ParquetWriter(posixpath.join(root, rel), self.schema, filesystem=filesystem, **self._options()), rel, 0]
+                take = min(len(table), self.max_rows_per_file - f[2])
+                f[0].write_table(table.slice(0, take), row_group_size=self.max_rows_per_group)
+                f[2] += take
+                table = table.slice(take)
+                if f[2] >= self.max_rows_per_file:
+                    f[0].close()
+                    written.append((f[1], f[2]))
+                    del open_files[folder]
 
-        if self.compat:
-            batches = (to_compat_batch(self.schema, b) for b in batches)
-        reader = pa.RecordBatchReader.from_batches(self.schema, iter(batches))
-        ds.write_dataset(
-            reader,
-            root,
-            format=fmt,
-            file_options=options,
-            filesystem=filesystem,
-            partitioning=ds.partitioning(self.schema.empty_table().select(list(self.partition_by)).schema, flavor="hive") if self.partition_by else None,
-            basename_template=f"{basename}-{{i}}.parquet",
-            existing_data_behavior="overwrite_or_ignore",
-            max_rows_per_file=self.max_rows_per_file,
-            max_rows_per_group=self.max_rows_per_group,
-            min_rows_per_group=self.min_rows_per_group,
-            max_partitions=1 << 16,
-            use_threads=True,
-            file_visitor=visit,
-        )
+        def flush(folder: str, final: bool) -> None:
+            tables, rows = pending[folder]
+            if not rows or (not final and rows < self.min_rows_per_group):
+                return
+            table = pa.concat_tables(tables).combine_chunks()
+            # whole row groups now; a remainder under the minimum waits for more rows
+            keep = len(table) if final else len(table) - len(table) % self.max_rows_per_group if len(table) >= self.max_rows_per_group else len(table)
+            emit(folder, table.slice(0, keep))
+            rest = table.slice(keep)
+            pending[folder] = [[rest] if len(rest) else [], len(rest)]
+
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                table = pa.Table.from_batches([to_stored_batch(self.schema, batch)])
+                for folder, part in self._groups(table):
+                    p = pending.setdefault(folder, [[], 0])
+                    p[0].append(part)
+                    p[1] += len(part)
+                    flush(folder, final=False)
+            for folder in list(pending):
+                flush(folder, final=True)
+        finally:
+            for f in open_files.values():
+                f[0].close()
+                written.append((f[1], f[2]))
         # Verify: every reported file exists with its size (never trust a writer blindly).
         out = []
-        for w in written:
-            info = filesystem.get_file_info(posixpath.join(root, w.path))
+        for rel, rows in written:
+            info = filesystem.get_file_info(posixpath.join(root, rel))
             if info.type.name != "File":
-                raise CommitError(f"the Parquet writer reported {w.path!r} under {dest!r}, but the file is missing")
-            out.append(dataclasses.replace(w, bytes=info.size))
+                raise CommitError(f"the Parquet writer reported {rel!r} under {dest!r}, but the file is missing")
+            out.append(WrittenFile(rel, rows, info.size))
         return out
 
+    def _groups(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """The batch's rows per partition folder, in order of first appearance (a Python
+        pass over the rows' partition values, not over tensor data)."""
+        if not self.partition_by:
+            return [("", table)]
+        rows: dict[tuple, list[int]] = {}
+        for i, values in enumerate(zip(*(table.column(c).to_pylist() for c in self.partition_by))):
+            rows.setdefault(values, []).append(i)
+        if len(rows) == 1:
+            return [(self._folder(next(iter(rows))), table)]
+        return [(self._folder(v), table.take(pa.array(idx, pa.int64()))) for v, idx in rows.items()]
+
     def storage_spec(self) -> dict:
-        return storage_spec(self.source_schema, "parquet", self.partition_by, compat=self.compat, compression=self.compression)
+        return storage_spec(self.source_schema, "parquet", self.partition_by, encoding=self.encoding, compression=self.compression)
 
 
 def writer(spec: WriteSpec, schema: pa.Schema) -> ParquetShardWriter:
@@ -125,8 +170,7 @@ def writer(spec: WriteSpec, schema: pa.Schema) -> ParquetShardWriter:
         row_group_bytes=spec.row_group_bytes,
         compression=spec.compression,
         compression_level=spec.compression_level,
-        compat=spec.parquet_compat,
-        float16_byte_stream_split=spec.float16_byte_stream_split,
+        encoding=spec.parquet_encoding,
     )
 
 
@@ -166,3 +210,50 @@ def write_parquet_like(fs, template: str | None, path: str, table: pa.Table) -> 
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f, **kwargs)
     fs.mv(tmp, path)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def arrow_dataset(out):
+    """A lazy `pyarrow.dataset.Dataset` over the committed files (filter and project without
+    reading everything; tensor columns as stored).
+
+    Partition columns are typed from the manifest and parsed from the folder names with an
+    explicit Hive schema, so filters on them prune folders. Without it, pyarrow would infer
+    `dictionary<int32>` from the folder names and refuse to merge it with the same column
+    stored in the files (`int64`): that is what plain `pq.read_table(out)` does, and why
+    the README tells pyarrow users to pass `partitioning=None`.
+    """
+    import pyarrow.dataset as ds
+
+    if not out.files:  # an empty output: no file to take the schema from
+        return ds.dataset(read_schema(out.columns).empty_table())
+    fs, root = arrow_fs(out.path)
+    parts = [c for c in out.columns if c["role"] == "partition"]
+    partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None
+    files = [posixpath.join(root, f["path"]) for f in out.manifest["files"]]
+    return ds.dataset(files, format="parquet", filesystem=fs, partitioning=partitioning, partition_base_dir=root)
+
+
+def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
+    """Batch by batch, every encoding (old ones too) restored to the read-back types."""
+    if not out.files:  # an output of no rows has no data files (a dataset of none has no columns)
+        return
+    names = [c["name"] for c in cols]
+    for batch in arrow_dataset(out).to_batches(columns=names, use_threads=False):
+        yield restore_table(pa.Table.from_batches([batch]), cols)
+
+
+def tf_dataset(out, cols: Sequence[dict]):
+    return tables_tf_dataset(lambda: read_tables(out, cols), cols)
+
+
+def final_paths(paths: Sequence[str], run_id: str) -> list[str]:
+    """Committed names are the staged ones."""
+    return list(paths)
+
+
+def sidecars(manifest: dict) -> dict[str, bytes]:
+    """Parquet needs none: the schema (with each tensor's shape) is in every file."""
+    return {}

@@ -9,16 +9,16 @@ front of the values are the same for every row (tag, lengths, key), so a row is 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from .._fs import fsspec_fs
-from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, storage_spec
+from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, read_schema, storage_spec, table_from_numpy
 from . import WriteSpec, WrittenFile
 
-__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without"]
+__all__ = ["ExampleEncoder", "TFRecordShardWriter", "writer", "rewrite_without", "feature_spec", "parse_example_fn", "read_tables", "tf_dataset", "arrow_dataset", "sidecars", "final_paths"]
 
 
 def _varint(n: int) -> bytes:
@@ -60,18 +60,14 @@ def _int64_feature(values: Iterable[int]) -> bytes:
     return _ld(3, len(body)) + body  # Feature.int64_list
 
 
-def _tensor_proto_prefix(shape: Sequence[int], nbytes: int) -> bytes:
-    """TensorProto (DT_HALF) up to its `tensor_content`, as `tf.io.serialize_tensor` writes it."""
-    dims = b"".join(_ld(2, len(d)) + d for d in (b"\x08" + _varint(int(n)) if n else b"" for n in shape))
-    return b"\x08\x13" + _ld(2, len(dims)) + dims + _ld(4, nbytes)  # dtype=DT_HALF(19), tensor_shape, tensor_content
-
-
 class ExampleEncoder:
     """Arrow record batches (the output schema) → serialized `tf.train.Example`s.
 
     Tensor columns: float32 as a `float_list` (plus a constant `<name>.shape` int64_list),
-    float16 as a bytes feature holding a TensorProto (`tf.io.parse_tensor(x, tf.float16)`),
-    so nothing is widened. Scalars: string → bytes_list, int64 → int64_list, float32 →
+    float16 as one bytes value holding the row-major values as little-endian float16
+    (`tf.io.decode_raw(x, tf.float16)`, `np.frombuffer(x, "<f2")`, TFDS's `Tensor`
+    feature with `encoding: bytes`), so nothing is widened and no TensorFlow-only
+    serialization is needed to read it. Scalars: string → bytes_list, int64 → int64_list, float32 →
     float_list. The result parses with `tf.io.parse_single_example` like any Example.
     """
 
@@ -87,10 +83,9 @@ class ExampleEncoder:
                 shape = list(f.type.shape)
                 size = int(np.prod(shape))
                 if f.type.value_type == pa.float16():
-                    tp = _tensor_proto_prefix(shape, size * 2)
-                    value_len = len(tp) + size * 2
-                    body = _ld(1, value_len) + tp  # BytesList.value = the TensorProto
-                    body_len = len(_ld(1, value_len)) + value_len
+                    value_len = size * 2
+                    body = _ld(1, value_len)  # BytesList.value = the raw little-endian values
+                    body_len = len(body) + value_len
                     prefix = _ld(1, body_len) + body
                     self._fixed.append((f.name, *self._entry(key, prefix, len(_ld(1, body_len)) + body_len, size * 2)))
                 else:
@@ -284,3 +279,164 @@ def rewrite_without(fs, src: str, dst: str, keep: Callable[[Sequence], np.ndarra
                     w.write(r)
         fs.put(local_out, dst)
     return int(mask.sum())
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def feature_spec(storage: dict, columns: Sequence[str] | None = None) -> dict:
+    """`tf.io.parse_single_example` features for a TFRecord output's storage spec.
+
+    Args:
+        storage: the manifest's `storage` section.
+        columns: a subset of columns; default all.
+    """
+    import tensorflow as tf
+
+    dtypes = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
+    spec = {}
+    for c in storage["columns"]:
+        if columns is not None and c["name"] not in columns:
+            continue
+        t = c["tfrecord"]
+        if t["kind"] in ("raw_bytes", "tensor_proto"):
+            spec[t["feature"]] = tf.io.FixedLenFeature([], tf.string)
+        else:
+            spec[t["feature"]] = tf.io.FixedLenFeature(c["shape"], dtypes[c["dtype"]])
+    return spec
+
+
+def parse_example_fn(storage: dict, columns: Sequence[str] | None = None):
+    """A function: serialized tf.train.Example → {column: tensor of its shape and dtype}.
+    Reads float16 stored as raw little-endian bytes and, in outputs written before that,
+    as a serialized TensorProto."""
+    import tensorflow as tf
+
+    spec = feature_spec(storage, columns)
+    cols = [c for c in storage["columns"] if columns is None or c["name"] in columns]
+
+    def parse(record):
+        raw = tf.io.parse_single_example(record, spec)
+        out = {}
+        for c in cols:
+            v = raw[c["tfrecord"]["feature"]]
+            kind = c["tfrecord"]["kind"]
+            if kind == "raw_bytes":
+                v = tf.reshape(tf.io.decode_raw(v, tf.as_dtype(c["dtype"]), little_endian=True), c["shape"])
+            elif kind == "tensor_proto":
+                v = tf.ensure_shape(tf.io.parse_tensor(v, tf.as_dtype(c["dtype"])), c["shape"])
+            out[c["name"]] = v
+        return out
+
+    return parse
+
+
+def tf_dataset(out, cols: Sequence[dict]):
+    """Parsed by tf.data itself with the manifest's feature spec, files in manifest order."""
+    import tensorflow as tf
+
+    # a tf.string constant: an output of no rows has no files, and [] would be float32
+    ds = tf.data.TFRecordDataset(tf.constant(list(out.files), tf.string), compression_type=out.storage.get("compression") or "")
+    return ds.map(parse_example_fn(out.storage, [c["name"] for c in cols]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:
+    for batch in tf_dataset(out, cols).batch(1024).as_numpy_iterator():
+        yield table_from_numpy(batch, cols)
+
+
+def arrow_dataset(out):
+    """An in-memory `pyarrow.dataset.Dataset` of the whole output (TFRecord has no lazy Arrow reader)."""
+    import pyarrow.dataset as ds
+
+    tables = list(read_tables(out, out.columns))
+    return ds.dataset(pa.concat_tables(tables) if tables else read_schema(out.columns).empty_table())
+
+
+# --------------------------------------------------------------------------- TFDS metadata
+#
+# `tfds.builder_from_directory(out)` needs `dataset_info.json` and `features.json` in `out`,
+# and files named by a per-split template ending in `{SHARD_X_OF_Y}` (`…-00000-of-00002`,
+# at least 5 digits). One TFDS split per Hive partition folder (`label=3/` → `label_3`),
+# `train` for an unpartitioned output; `split="all"` reads everything. Gzip-compressed
+# outputs get no TFDS metadata: TFDS reads uncompressed TFRecord only.
+
+TFDS_NAME = "layerbeam"
+_TENSOR = "tensorflow_datasets.core.features.tensor_feature.Tensor"
+_TEXT = "tensorflow_datasets.core.features.text_feature.Text"
+_DICT = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
+
+
+def _split_name(folder: str, taken: set) -> str:
+    import re
+
+    name = re.sub(r"\W+", "_", folder.replace("=", "_")).strip("_") or "train"
+    base, i = name, 1
+    while name in taken:  # two folders that sanitize alike
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def final_paths(paths: Sequence[str], run_id: str) -> list[str]:
+    """The committed names of a run's TFRecord files (staged paths, in commit order): TFDS
+    shard names per partition folder, `<folder>/part-<run>.tfrecord-00000-of-00002`, so
+    TFDS finds them from its template (the run id stays in the name)."""
+    if any(p.endswith(".gz") for p in paths):
+        return list(paths)
+    by_folder: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_folder.setdefault(posixpath.dirname(p), []).append(i)
+    out = list(paths)
+    for folder, idx in by_folder.items():
+        digits = max(5, len(str(len(idx))))
+        for n, i in enumerate(idx):
+            name = f"part-{run_id[:8]}.tfrecord-{n:0{digits}d}-of-{len(idx):0{digits}d}"
+            out[i] = posixpath.join(folder, name) if folder else name
+    return out
+
+
+def _feature(c: dict) -> dict:
+    if c["dtype"] == "string":
+        return {"pythonClassName": _TEXT, "text": {}}
+    shape = {"dimensions": [str(int(d)) for d in c["shape"]]} if c["shape"] else {}
+    encoding = "bytes" if c["tfrecord"]["kind"] == "raw_bytes" else "none"
+    return {"pythonClassName": _TENSOR, "tensor": {"dtype": c["dtype"], "encoding": encoding, "shape": shape}}
+
+
+def sidecars(manifest: dict) -> dict[str, bytes]:
+    """`dataset_info.json` and `features.json` for TFDS (see above); {} for gzip outputs
+    and for files not named by `final_paths` (TFDS could not find them)."""
+    import json
+    import re
+
+    storage = manifest["storage"]
+    if storage.get("compression"):
+        return {}
+    splits: dict[str, list[dict]] = {}
+    for f in manifest["files"]:
+        splits.setdefault(posixpath.dirname(f["path"]), []).append(f)
+    taken: set = set()
+    info_splits = []
+    for folder, files in sorted(splits.items()):
+        names = [re.fullmatch(r"(.+)\.tfrecord-(\d{5,})-of-(\d{5,})", posixpath.basename(f["path"])) for f in files]
+        if not all(names) or [int(m[2]) for m in names] != list(range(len(files))) or {(m[1], int(m[3])) for m in names} != {(names[0][1], len(files))}:
+            return {}
+        prefix = names[0][1]
+        template = (f"{folder}/" if folder else "") + prefix + ".{FILEFORMAT}-{SHARD_X_OF_Y}"
+        info_splits.append({
+            "name": _split_name(folder, taken),
+            "filepathTemplate": template,
+            "shardLengths": [str(int(f["rows"])) for f in files],
+            "numBytes": str(int(sum(f["bytes"] for f in files))),
+        })
+    info = {
+        "moduleName": "layerbeam",
+        "name": TFDS_NAME,
+        "description": f"layerbeam layer outputs of {manifest.get('model', {}).get('source', '?')}, run {manifest.get('run_id', '?')}",
+        "version": "1.0.0",
+        "fileFormat": "tfrecord",
+        "splits": info_splits,
+    }
+    features = {"pythonClassName": _DICT, "featuresDict": {"features": {c["tfrecord"]["feature"]: _feature(c) for c in storage["columns"]}}}
+    return {"dataset_info.json": json.dumps(info, indent=2).encode(), "features.json": json.dumps(features, indent=2).encode()}
