@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from layerbeam.transforms.commit import _name_files, assemble, publish
+from layerbeam.transforms.commit import finalize, publish_shard
 from layerbeam.transforms.formats import make_writer
 from layerbeam.transforms.formats import WriteSpec
 from layerbeam.transforms.layers import OutputSpec
@@ -41,13 +41,13 @@ def _commit(tmp_path, partition_by=("label",), shards=2, compression="none"):
         for i, k in enumerate(keys):
             rows[k] = {"label": int(labels[i]), "pooled": outs["pooled"][i], "map16": outs["map16"][i]}
         batch = to_record_batch(schema, {"key": keys, "label": labels}, outs)
-        files = writer.write_shard(iter([batch]), layout.shard_dir(f"s{s}"), f"part-{RUN[:8]}-s{s}")
-        results.append({"shard": f"s{s}", "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files],
-                        "rows": n, "dead_letters": 0, "dead_reasons": {}})
-    results = assemble(layout, _name_files("tfrecord", results, RUN))
-    files = [{"path": f["final_path"], "rows": f["rows"], "bytes": f["bytes"]} for r in results for f in r["files"]]
-    manifest = {"run_id": RUN, "model": {"source": "test"}, "files": files, "storage": writer.storage_spec(), "outputs": []}
-    publish(layout, manifest, overwrite=False)
+        files = writer.write_shard(iter([batch]), layout.shard_dir(f"s{s}", "a0"), f"part-{RUN[:8]}-s{s}")
+        results.append({"shard": f"s{s}", "attempt": "a0", "paths": [f"in{s}"], "bytes_in": 0, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
+                        "files": [{"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files]})
+    base = {"run_id": RUN, "model": {"source": "test"}, "config": {"output": {"partition_by": list(partition_by), "format": "tfrecord"}},
+            "storage": writer.storage_spec(), "outputs": []}
+    finalize(layout, [publish_shard(layout, r) for r in results], base)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     return tmp_path / "out", manifest, rows
 
 
