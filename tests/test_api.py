@@ -543,3 +543,22 @@ def test_readme_imports_only_layerbeam():
     text = (ROOT / "README.md").read_text()
     assert not re.findall(r"^\s*(from|import) (transforms|pipeline)\b", text, re.M)
     assert "from transforms" not in text and "import pipeline" not in text
+
+
+def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(images):
+    """The launcher and the in-process worker each build a `module:function` model whose
+    input Keras names itself (`input_layer`, then `input_layer_1`): elements still reach the
+    worker's input by position, and the outputs equal Keras."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+    from tests.tiny import unnamed_input_model
+
+    model = unnamed_input_model()
+    ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("pool")], np.stack([v.astype(np.float32) for v in images]))
+    want = {f"k{i}": {"conv1": ref[0][i].mean(axis=(0, 1))} for i in range(len(images))}
+    with TestPipeline() as p:
+        out = p | beam.Create([(f"k{i}", v) for i, v in enumerate(images)]) | layerbeam.ExtractLayers("tests.tiny:unnamed_input_model", select=["conv1"], batch_size=4)
+        assert_that(out, _CloseTo(want))

@@ -44,3 +44,14 @@ def reference(model_path: Path, layer: str, images: np.ndarray) -> np.ndarray:
     model = keras.saving.load_model(model_path, compile=False)
     sub = keras.Model(model.inputs, model.get_layer(layer).output)
     return sub.predict(np.asarray(images, np.float32), verbose=0).mean(axis=(1, 2))
+
+
+def unnamed_input_model():
+    """A seeded `module:function` model whose input Keras names itself: built twice in one
+    process, the copies' inputs get different names (`input_layer`, `input_layer_1`)."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(inp)
+    return keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(x))

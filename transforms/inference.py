@@ -79,7 +79,12 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         model: Extractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        inputs = {n: np.stack([ex[n] for ex in batch]) for n in model.input_names}
+        given = list(batch[0])  # the launcher's input names, in the model's input order
+        if set(given) != set(model.input_names):
+            # This worker's copy was built with other auto-generated names (a model built
+            # twice in one process gets `input_layer_1`); its inputs come in the same order.
+            given = given[: len(model.input_names)]
+        inputs = {n: np.stack([ex[k] for ex in batch]) for n, k in zip(model.input_names, given)}
         try:
             out = model(inputs)
         except Exception as e:  # TensorFlow's OpErrors bury the cause under a node trace
