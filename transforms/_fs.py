@@ -58,13 +58,18 @@ def arrow_fs(url: str):
         return pafs.LocalFileSystem(), url
     if url.startswith("file://"):
         return pafs.LocalFileSystem(), url[len("file://"):]
-    try:
-        return pafs.FileSystem.from_uri(url)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        import fsspec
+    # gs:// goes through gcsfs, like every other gs:// access here: Arrow's own GCS client
+    # takes neither gcsfs's credentials nor STORAGE_EMULATOR_HOST, and retries a refused
+    # upload for minutes instead of failing
+    if not url.startswith(("gs://", "gcs://")):
+        try:
+            return pafs.FileSystem.from_uri(url)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            pass
+    import fsspec
 
-        fs, path = fsspec.core.url_to_fs(url)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    fs, path = fsspec.core.url_to_fs(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def is_local(fs) -> bool:

@@ -99,7 +99,8 @@ class ParquetShardWriter:
                 if f is None:
                     rel = posixpath.join(folder, f"{basename}-{counter}.parquet") if folder else f"{basename}-{counter}.parquet"
                     counter += 1
-                    filesystem.create_dir(posixpath.dirname(posixpath.join(root, rel)), recursive=True)
+                    if filesystem.type_name == "local":  # object stores have no folders; GCS's directory markers only cost requests
+                        filesystem.create_dir(posixpath.dirname(posixpath.join(root, rel)), recursive=True)
                     f = open_files[folder] = [pq.ParquetWriter(posixpath.join(root, rel), self.schema, filesystem=filesystem, **self._options()), rel, 0]
                 take = min(len(table), self.max_rows_per_file - f[2])
                 f[0].write_table(table.slice(0, take), row_group_size=self.max_rows_per_group)
