@@ -97,7 +97,10 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # 3, not 2: TensorFlow also logs notices at ERROR level while a job runs ("oneDNN
+    # supports DT_UINT8 only on …"); real failures still reach the user as exceptions, and
+    # -v (or TF_CPP_MIN_LOG_LEVEL=0) shows everything
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = _parser().parse_known_args(argv)
