@@ -1,6 +1,6 @@
 """How fast the TFRecord writer serializes tensor data, against the protobuf-API baseline.
 
-    PYTHONPATH=. python scripts/bench_tfrecord.py [--shape 28,28,192] [--rows 512]
+    .venv/bin/python scripts/bench_tfrecord.py [--shape 28,28,192] [--rows 512]
 
 Prints MB/s of tensor data (float32 values only, not framing) for:
   * protobuf API: `tf.train.Example(... FloatList(value=row) ...).SerializeToString()`
