@@ -8,7 +8,8 @@ that cannot feed the model is refused before any work (exit 2, one line, nothing
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.dataset as ds
+
+import layerbeam
 import pytest
 import yaml
 
@@ -36,7 +37,7 @@ def _tf_example(features: dict) -> bytes:
 
 
 def _table(out) -> dict:
-    t = ds.dataset(str(out), format="parquet").to_table()
+    t = layerbeam.read(str(out))
     return {"keys": t.column("key").to_pylist(), "table": t}
 
 
