@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ..deadletters import Failure
 from ..errors import first_line
+from .tensors import dummy
 
-__all__ = ["without_autotune", "tagged", "explain_by_retry"]
+__all__ = ["without_autotune", "tagged", "sentinel_row", "explain_by_retry"]
 
 
 def without_autotune(ds):
@@ -49,3 +50,17 @@ def explain_by_retry(index: int, key: str, parse, item) -> Failure:
     except Exception as e:  # whatever the map function raised is the answer
         return Failure(index, key, "decode", "decode_failed", first_line(e))
     return Failure(index, key, "decode", "decode_failed", "failed inside tf.data but decoded when retried alone")
+
+
+def sentinel_row(cfg, plans) -> dict:
+    """The sentinel's columns, as every parser's `fake()` returns them: a zero of each
+    column's type (only the sentinel's bookkeeping is read)."""
+    import tensorflow as tf
+
+    out = {f"__input__{n}": dummy(p) for n, p in plans.items()}
+    out["key"] = tf.constant("")
+    if cfg.label_feature:
+        out["label"] = tf.zeros([], tf.as_dtype(cfg.label_type))
+    for name, typ in cfg.passthrough.items():
+        out[name] = tf.zeros([], tf.as_dtype(typ))
+    return out

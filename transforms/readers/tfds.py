@@ -18,9 +18,9 @@ import posixpath
 import numpy as np
 
 from ..deadletters import Failure
-from ._common import explain_by_retry, tagged, without_autotune
+from ._common import explain_by_retry, sentinel_row, tagged, without_autotune
 from .images import classify_image, decode_image
-from .tensors import decode_tensor, dummy
+from .tensors import decode_tensor
 
 __all__ = ["FRAMED", "is_framed", "shards", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples"]
 
@@ -151,13 +151,7 @@ def parser(shard, cfg, plans, preprocess):
             return out
 
         def fake():
-            out = {f"__input__{n}": dummy(p) for n, p in plans.items()}
-            out["key"] = tf.constant("")
-            if cfg.label_feature:
-                out["label"] = tf.constant("") if cfg.label_type == "string" else tf.zeros([], tf.int64)
-            for name, typ in cfg.passthrough.items():
-                out[name] = tf.constant("") if typ == "string" else tf.zeros([], types[typ])
-            return out
+            return sentinel_row(cfg, plans)
 
         return tagged(is_sentinel, fake, real, index, nbytes)
 

@@ -10,10 +10,10 @@ import numpy as np
 
 from ..deadletters import Failure
 from ..errors import first_line
-from ._common import explain_by_retry, tagged, without_autotune
+from ._common import explain_by_retry, sentinel_row, tagged, without_autotune
 from .images import classify_image, decode_image
 from .framing import count_records
-from .tensors import decode_tensor, dummy, list_kind, tensor_parse_spec
+from .tensors import decode_tensor, list_kind, tensor_parse_spec
 
 __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "feature_map"]
 
@@ -74,13 +74,7 @@ def _tfrecord_parser(cfg, plans, preprocess, shard_base):
             return out
 
         def fake():
-            out = {f"__input__{n}": dummy(p) for n, p in plans.items()}
-            out["key"] = tf.constant("")
-            if cfg.label_feature:
-                out["label"] = tf.zeros([], tf.as_dtype(cfg.label_type))
-            for name, typ in cfg.passthrough.items():
-                out[name] = tf.zeros([], tf.as_dtype(typ))
-            return out
+            return sentinel_row(cfg, plans)
 
         return tagged(is_sentinel, fake, real, index, nbytes)
 

@@ -22,9 +22,9 @@ import numpy as np
 
 from ..deadletters import Failure
 from ..errors import first_line
-from ._common import explain_by_retry, tagged
+from ._common import explain_by_retry, sentinel_row, tagged
 from .images import classify_image, decode_image
-from .tensors import decode_tensor, dummy
+from .tensors import decode_tensor
 
 __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "samples"]
 
@@ -125,13 +125,7 @@ def parser(shard, cfg, plans, preprocess):
             return out
 
         def fake():
-            out = {f"__input__{n}": dummy(p) for n, p in plans.items()}
-            out["key"] = tf.constant("")
-            if cfg.label_feature:
-                out["label"] = tf.constant("") if cfg.label_type == "string" else tf.zeros([], tf.int64)
-            for name, typ in cfg.passthrough.items():
-                out[name] = tf.constant("") if typ == "string" else tf.zeros([], types[typ])
-            return out
+            return sentinel_row(cfg, plans)
 
         return tagged(is_sentinel, fake, real, index, nbytes)
 
