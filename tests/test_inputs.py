@@ -347,3 +347,73 @@ def test_variable_length_ids_are_padded_per_batch(tmp_path):
         row = got["keys"].index(f"v{i}")
         ref = model.predict(s[None].astype("int32"), verbose=0)
         np.testing.assert_allclose(_column(got["table"], "head", [row])[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def _seed_example1():
+    """The article's example 1 as written (unnamed layers): a CNN on 28×28×1."""
+    import keras
+    from keras.layers import Conv2D, Dense, Flatten, MaxPooling2D
+
+    keras.utils.set_random_seed(1)
+    input_layer = keras.Input(shape=(28, 28, 1))
+    conv1 = Conv2D(32, (3, 3), activation="relu")(input_layer)
+    pool1 = MaxPooling2D((2, 2))(conv1)
+    conv2 = Conv2D(64, (3, 3), activation="relu")(pool1)
+    pool2 = MaxPooling2D((2, 2))(conv2)
+    flatten = Flatten()(pool2)
+    dense1 = Dense(128, activation="relu")(flatten)
+    output_layer = Dense(10, activation="softmax")(dense1)
+    return keras.Model(inputs=input_layer, outputs=[output_layer, conv1, pool2])
+
+
+def _seed_example3():
+    """The article's example 3 as written: two 28×28×1 branches, concatenated."""
+    import keras
+    from keras.layers import Conv2D, Dense, Flatten, Input, MaxPooling2D, concatenate
+
+    keras.utils.set_random_seed(3)
+    input_a = Input(shape=(28, 28, 1))
+    input_b = Input(shape=(28, 28, 1))
+    branch_a = MaxPooling2D((2, 2))(Conv2D(32, (3, 3), activation="relu")(input_a))
+    branch_b = MaxPooling2D((2, 2))(Conv2D(32, (3, 3), activation="relu")(input_b))
+    merged = concatenate([branch_a, branch_b])
+    output = Dense(10, activation="softmax")(Dense(128, activation="relu")(Flatten()(merged)))
+    return keras.Model(inputs=[input_a, input_b], outputs=[output, branch_a, branch_b])
+
+
+@pytest.mark.parametrize("build", [_seed_example1, _seed_example3], ids=["example1", "example3"])
+def test_seed_examples_1_and_3_through_the_cli_from_tfrecord_tensors_equal_keras(build, tmp_path):
+    """The article's other two models (np.random.rand inputs, as it feeds them) from
+    float_list features through `layerbeam run`: the outputs the article taps, each equal to
+    Keras `predict` of the model itself."""
+    import keras
+
+    from layerbeam.transforms.layers import ModelGraph
+
+    model = build()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    names = ModelGraph(loaded).input_names
+    rng = np.random.default_rng(0)
+    x = {n: rng.random((6, 28, 28, 1)).astype("float32") for n in names}
+    keys = [f"r{i}" for i in range(6)]
+    recs = [_tf_example({**{f"x{j}": x[n][i].ravel() for j, n in enumerate(names)}, "id": k}) for i, k in enumerate(keys)]
+    write_tfrecords(tmp_path / "data", [recs[:4], recs[4:]])
+    tapped = [t._keras_history.operation.name for t in loaded.outputs]  # the layers the article taps
+    cfg = {
+        "input": {"pattern": f"{tmp_path}/data/*.tfrecord", "key_feature": "id",
+                  "inputs": {n: {"feature": f"x{j}", "dtype": "float32", "shape": [28, 28, 1]} for j, n in enumerate(names)}},
+        "model": {"source": str(path)},
+        "layers": {"select": tapped, "reduce": "none"},
+        "batching": {"batch_size": 4},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli(["run", str(tmp_path / "job.yaml")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _table(tmp_path / "out")
+    order = [got["keys"].index(k) for k in keys]
+    refs = loaded.predict([x[n] for n in names] if len(names) > 1 else x[names[0]], verbose=0)
+    for name, ref in zip(tapped, refs):
+        np.testing.assert_allclose(_column(got["table"], name, order), ref, rtol=1e-5, atol=1e-6, err_msg=name)
