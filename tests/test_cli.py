@@ -338,13 +338,21 @@ def test_verify_passes_on_a_good_output_and_fails_on_one_tampered_value(job, tmp
     bad = tmp_path / "tampered"
     shutil.copytree(out, bad)
     f = sorted(bad.rglob("part-*.parquet"))[0]
-    t = pq.read_table(f)
-    col = t.column("conv1").combine_chunks()
-    arr = col.to_numpy_ndarray().copy()
-    arr[0, 2] += 0.5  # one value of one row
     import pyarrow as pa
 
-    t = t.set_column(t.schema.get_field_index("conv1"), "conv1", pa.FixedShapeTensorArray.from_numpy_ndarray(arr))
+    t = pq.read_table(f)
+    i = t.schema.get_field_index("conv1")
+    col = values = t.column("conv1").combine_chunks()
+    sizes = []
+    while pa.types.is_fixed_size_list(values.type):  # the stored encoding: nested fixed-size lists
+        sizes.append(values.type.list_size)
+        values = values.flatten()
+    flat = values.to_numpy(zero_copy_only=False).copy()
+    flat[2] += 0.5  # one value of the first row
+    tampered = pa.array(flat, type=values.type)
+    for size in reversed(sizes):
+        tampered = pa.FixedSizeListArray.from_arrays(tampered, size)
+    t = t.set_column(i, t.schema.field(i), tampered.cast(col.type))
     pq.write_table(t, f)
     r = run_cli(["verify", str(bad), "--sample", "100"])
     line = _one_line(r, 1)
