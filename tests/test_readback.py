@@ -184,7 +184,8 @@ def test_float16_specials_survive_every_format_bit_exactly(tmp_path, fmt):
         import tensorflow as tf
 
         # raw little-endian bytes: numpy alone decodes them, and so does tf.io.decode_raw
-        recs = [r.numpy() for r in tf.data.TFRecordDataset([str(tmp_path / "out" / f.path) for f in files])]
+        committed = json.loads((tmp_path / "out" / "_manifest.json").read_text())["files"]  # TFDS shard names
+        recs = [r.numpy() for r in tf.data.TFRecordDataset([str(tmp_path / "out" / f["path"]) for f in committed])]
         raw = [tf.train.Example.FromString(r).features.feature["h"].bytes_list.value[0] for r in recs]
         independent = np.stack([np.frombuffer(b, "<f2").reshape(4, 3) for b in raw])
         decoded = np.stack([tf.reshape(tf.io.decode_raw(b, tf.float16, little_endian=True), (4, 3)).numpy() for b in raw])
