@@ -8,7 +8,6 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
 from .config import ConfigError, JobConfig, config_to_dict, to_spec
@@ -16,7 +15,7 @@ from .transforms._fs import is_local, require_filesystem
 from .transforms.errors import ModelError, SelectionError, first_line
 from .transforms.formats import make_writer
 from .transforms.schema import column_types, output_schema, stored_bytes, unreadable_by
-from .transforms.commit import OutputLock
+from .transforms.commit import OutputLock, versions
 from .transforms.staging import OutputLayout
 
 __all__ = ["Plan", "OverCapError", "prepare", "human", "manifest_base"]
@@ -78,16 +77,6 @@ class Plan:
     @property
     def projected_bytes(self) -> int | None:
         return None if self.estimated_examples is None else self.estimated_examples * self.bytes_per_example
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("layerbeam", "tensorflow", "keras", "apache-beam", "pyarrow", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
@@ -460,5 +449,5 @@ def manifest_base(plan: Plan) -> dict:
         "sample": plan.sample,  # a smoke run: `show` and `read` say so
         "shards_planned": plan.shards,
         "shards_total": plan.shards_total,
-        "versions": _versions(),
+        "versions": versions(),
     }

@@ -42,6 +42,7 @@ import os
 import posixpath
 import time
 import uuid
+from importlib import metadata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -764,3 +765,14 @@ def _pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that made an output, for its manifest."""
+    out = {}
+    for pkg in ("layerbeam", "tensorflow", "keras", "apache-beam", "pyarrow", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

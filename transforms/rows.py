@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .commit import OutputLock, commit_run
+from .commit import OutputLock, commit_run, versions
 from .deadletters import Failure, count_reasons, dead_letter_table, write_dead_letters
 from .errors import ConfigError
 from .formats import ShardWriter
@@ -104,17 +103,6 @@ def write_rows(
     )
     layout.write_marker(shard_id, result.to_dict())
     return result
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that made an output, for its manifest."""
-    out = {}
-    for pkg in ("layerbeam", "tensorflow", "keras", "apache-beam", "pyarrow", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def manifest_base(run_id: str, config: Mapping[str, Any], model: Mapping[str, Any], outputs: Sequence[OutputSpec], storage: Mapping[str, Any]) -> dict:
