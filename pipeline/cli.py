@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run a job from a YAML config", description="Run a job. Flags Beam knows go to Beam (e.g. --runner=DataflowRunner).")
     run.add_argument("config", help="YAML config file (see configs/demo.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. --set output.path=/tmp/out (repeatable)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing complete output")
+    run.add_argument("--overwrite", action="store_true", help="build from scratch as a new lineage (a changed model or extraction config needs it); earlier versions stay readable until `vacuum`")
     run.add_argument("--unsafe-model", action="store_true", help="load .keras/.h5 files with Python code (Lambda layers); only for files you trust")
     run.add_argument("--max-shards", type=int, help="smoke run: only the first N shards")
     run.add_argument("--max-examples-per-shard", type=int, help="smoke run: at most N records per shard")
@@ -77,7 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", parents=[common], help="summarize a finished output: model, outputs, partitions, files, first rows", description="Print an output's manifest summary and its first rows' keys and value statistics (Parquet or TFRecord).")
     show.add_argument("output", help="an output directory written by `layerbeam run` (local or fsspec URL)")
     show.add_argument("--rows", type=int, default=5, help="how many rows to show (default 5; 0 for none)")
+    show.add_argument("--version", dest="at_version", type=int, metavar="N", help="an earlier version of the output (`layerbeam history` lists them)")
     show.add_argument("--plot", metavar="FILE.png", help="also draw each output's value histogram and statistics into this PNG (needs matplotlib: pip install 'layerbeam[plot]')")
+
+    history = sub.add_parser("history", parents=[common], help="list an output's versions", description="List the versions of an output: number, created, parent, shards new/changed/reused/removed, rows.")
+    history.add_argument("output", help="an output directory written by `layerbeam run`")
+    vacuum = sub.add_parser("vacuum", parents=[common], help="delete history no kept version needs", description="Delete the files and manifests of versions older than the K newest from the output's history folder (never the latest version's files) and print what it frees.")
+    vacuum.add_argument("output", help="an output directory written by `layerbeam run`")
+    vacuum.add_argument("--keep", type=int, required=True, metavar="K", help="how many of the newest versions stay readable (at least 1: the latest)")
 
     verify = sub.add_parser("verify", parents=[common], help="recompute random rows with plain Keras and compare", description="Recompute N random rows of an output from its original inputs with plain Keras (predict on a sub-model per output, reduced in numpy) and print each output's largest absolute and relative error. Exit 1 when one is above its dtype's tolerance.")
     verify.add_argument("output", help="an output directory written by `layerbeam run`")
@@ -113,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "history":
+            return _history(args)
+        if args.command == "vacuum":
+            return _vacuum(args)
         return _layers(args)
     except (_UsageError, LayerbeamError) as e:
         _error(str(e))
@@ -256,6 +267,9 @@ def _run(args, beam_args: list[str]) -> int:
         if plan.output_problem:
             console.print(f"a run would refuse: {plan.output_problem}", markup=False)
         return 0
+    if plan.up_to_date:  # nothing new, changed or removed: nothing written, success
+        print(f"up to date at version {plan.parent}")
+        return 0
     with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         manifest = run_job(cfg, beam_args, plan, progress=progress)
     if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
@@ -392,6 +406,19 @@ def _print_plan(console, plan, human) -> None:
         + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
         markup=False,
     )
+    d = plan.delta
+    if d is not None:
+        if plan.up_to_date:
+            console.print(f"versions: nothing new, changed or removed since version {plan.parent}: up to date", markup=False)
+        elif d.get("rebuild"):
+            console.print(f"versions: --overwrite: all {plan.shards} shards extracted as a new lineage (version {plan.parent + 1}; version {plan.parent} stays readable)", markup=False)
+        else:
+            console.print(
+                f"versions: version {plan.parent + 1} from version {plan.parent}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
+                + (f", {d['redone']} extracted again (they had lost keys to a shard that changed or left)" if d.get("redone") else "")
+                + f" · {plan.to_extract} to extract",
+                markup=False,
+            )
     lost = plan.unreadable_by
     if lost:
         console.print(
@@ -450,7 +477,7 @@ def _show(args) -> int:
     from .plan import human
     from .transforms.readback import head, open_output
 
-    out = open_output(args.output)
+    out = open_output(args.output, args.at_version)
     if out.format == "tfrecord" and args.rows > 0:
         _import_tensorflow_quietly()  # reading TFRecord rows imports TensorFlow: its start-up lines stay out
     m = out.manifest
@@ -460,7 +487,7 @@ def _show(args) -> int:
     nbytes = sum(f["bytes"] for f in files)
     fmt = st["format"] + (f" ({st['encoding']})" if st.get("encoding") else " (compat: plain list<float32>)" if st.get("compat") else "") + (f", {st['compression']}" if st.get("compression") else "")
     model = m["model"]
-    console.print(f"[bold]{out.path}[/bold] · {fmt} · created {m.get('created', '?')} · run {m.get('run_id', '?')}", highlight=False)
+    console.print(f"[bold]{out.path}[/bold] · version {out.version} · {fmt} · created {m.get('created', '?')} · run {m.get('run_id', '?')}", highlight=False)
     console.print(f"model: {model['source']} (weights: {model.get('weights')}) · fingerprint {model['fingerprint'][:12]} · inputs {model.get('input_shapes')}", markup=False)
     if m.get("sample"):
         inp = m["config"]["input"]
@@ -529,6 +556,36 @@ def _show(args) -> int:
             rows.add_row(key if j == 0 else "", others if j == 0 else "", n, f"{v.min():.3g}", f"{v.mean():.3g}", f"{v.max():.3g}", f"{v.std():.3g}", f"{(v == 0).mean():.0%}",
                          end_section=j == len(tensors) - 1)
     console.print(rows)
+    return 0
+
+
+def _history(args) -> int:
+    from .transforms.errors import OutputError
+    from .transforms.versions import list_versions, manifest_version
+
+    versions = list_versions(args.output)
+    if not versions:
+        raise OutputError(f"{args.output!r} is not a complete layerbeam output (no _SUCCESS); nothing to list")
+    print(f"{'version':>7}  {'created':<25}  {'parent':>6}  {'lineage':>7}  {'new':>5}  {'changed':>7}  {'reused':>6}  {'removed':>7}  {'rows':>12}  {'files':>6}")
+    for m in versions:
+        d = m.get("delta") or {}
+        n = len(m.get("inputs", []))
+        print(
+            f"{manifest_version(m):>7}  {m.get('created', '?'):<25}  {m.get('parent') if m.get('parent') is not None else '-':>6}  {m.get('lineage', manifest_version(m)):>7}  "
+            f"{d.get('new', n) + d.get('redone', 0):>5}  {d.get('changed', 0):>7}  {d.get('reused', 0):>6}  {d.get('removed', 0):>7}  {m['counts']['rows_written']:>12,}  {len(m.get('files', [])):>6}"
+        )
+    return 0
+
+
+def _vacuum(args) -> int:
+    from .plan import human
+    from .transforms.versions import vacuum
+
+    r = vacuum(args.output, args.keep)
+    print(
+        f"kept versions {r['kept']}; removed versions {r['removed_versions'] or 'none'}: "
+        f"{r['files']} files, {human(r['bytes'])} freed from {args.output.rstrip('/')}.layerbeam-history"
+    )
     return 0
 
 

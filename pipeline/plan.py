@@ -17,6 +17,7 @@ from .transforms.formats import make_writer
 from .transforms.schema import column_types, output_schema, stored_bytes, unreadable_by
 from .transforms.commit import OutputLock, versions
 from .transforms.staging import OutputLayout
+from .transforms.versions import extraction_fingerprint, latest_manifest, manifest_version
 
 __all__ = ["Plan", "OverCapError", "prepare", "human", "manifest_base"]
 
@@ -53,6 +54,20 @@ class Plan:
     # The model the checks loaded (`transforms.shard.LauncherModel`); a worker that runs in
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Versions (incremental builds): the latest committed version this run builds on (None:
+    # no output yet), what happens to each input shard ({new, changed, reused, removed,
+    # redone, rebuild}), the shards taken from that version (their small summaries, with
+    # their ids in this listing), and whether there is nothing to do.
+    parent: int | None = None
+    delta: dict | None = None
+    reuse: tuple = ()
+    up_to_date: bool = False
+    extraction: str = ""
+
+    @property
+    def to_extract(self) -> int:
+        """Shards the run extracts (all of them, less those reused)."""
+        return self.shards - len(self.reuse)
 
     @property
     def parquet_encoding(self) -> str | None:
@@ -156,7 +171,10 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     reading = tuple((n, describe(p, how)) for n, p in plans.items())
     fp = offered.fingerprint
     config = config_to_dict(cfg)
-    run_id = _run_id(config, fp, shards)
+    latest = latest_manifest(OutputLayout(cfg.output.path, "").out)
+    parent = manifest_version(latest) if latest else None
+    delta, reuse = _delta(latest, shards, cfg.output.overwrite)
+    run_id = _run_id(config, fp, shards, parent)
     total = sum(s.size for s in shards)
     plan = Plan(
         config=config,
@@ -173,7 +191,15 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         launcher_model=offered,
         sample=len(shards) < len(all_shards) or cfg.input.max_examples_per_shard is not None,
         shards_total=len(all_shards),
+        parent=parent,
+        delta=delta,
+        reuse=reuse,
+        extraction=extraction_fingerprint(config, fp),
     )
+    if latest is not None and not cfg.output.overwrite and _differences_from(latest, plan) is None and plan.sample == bool(latest.get("sample")):
+        if not (delta["new"] or delta["changed"] or delta["removed"] or delta["redone"]):
+            # nothing to do: nothing is written, not even the staging folder or the lock
+            return dataclasses.replace(plan, up_to_date=True)
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
         raise OverCapError(
@@ -193,7 +219,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
             f"partition by fewer or coarser columns, use larger shards (input.files_per_shard), or raise the cap knowingly: --set output.max_files={files}"
         )
     try:
-        _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id), plan.sample)
+        _check_output(cfg, run_id, OutputLayout(cfg.output.path, run_id), plan.sample, plan, latest)
     except ConfigError as e:
         if not plan_only:
             raise
@@ -218,21 +244,101 @@ def projected_files(cfg: JobConfig, shards: Sequence, estimated_examples: int | 
     return len(shards) * per_value
 
 
-def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
-    """The run fingerprint: config (less `output.overwrite`), model weights, input shards.
+def _delta(latest: Mapping | None, shards: Sequence, overwrite: bool) -> tuple[dict | None, tuple]:
+    """What an incremental run does with each shard of the listing, against the latest version.
+
+    A shard whose identity (`shard_identity`: files, bytes, content fingerprint) is an input of
+    the latest version is reused: its committed files and kept key hashes go into the new
+    version. Unless it had lost keys to the duplicate-key check against a shard that is not
+    reused now (changed or gone): its committed files lack rows a from-scratch build would
+    keep, so it is extracted again (`redone`; repeated until no reused shard depends on a
+    re-extracted one). Shards of the listing that match nothing are `new`, or `changed` if
+    the latest version read the same paths with other content; inputs of the latest version
+    matching no shard of the listing are `removed`. With `overwrite` (or no output yet)
+    nothing is reused.
+
+    Returns:
+        (delta counts or None without an output, reuse entries: one small summary per reused
+        shard, keyed by its id in this listing).
+    """
+    from .transforms.readers import shard_identity
+
+    if latest is None:
+        return None, ()
+    olds = latest.get("inputs", [])
+    if overwrite:
+        return {"new": len(shards), "changed": 0, "reused": 0, "removed": len(olds), "redone": 0, "rebuild": True}, ()
+    by_identity = {shard_identity(i): i for i in olds if i.get("keys") and "version" in i}
+    found = {s.id: by_identity[shard_identity(s)] for s in shards if shard_identity(s) in by_identity}
+    kept = {e["shard"] for e in found.values()}
+    redone: set[str] = set()
+    while True:
+        drop = [sid for sid, e in found.items() if any(w not in kept for w in e.get("lost_to") or ())]
+        if not drop:
+            break
+        for sid in drop:
+            kept.discard(found.pop(sid)["shard"])
+        redone.update(drop)
+    old_paths = {tuple(i["paths"]) for i in olds}
+    new_paths = {tuple(s.paths) for s in shards}
+    fresh = [s for s in shards if s.id not in found and s.id not in redone]
+    changed = sum(1 for s in fresh if tuple(s.paths) in old_paths)
+    delta = {
+        "new": len(fresh) - changed, "changed": changed, "reused": len(found),
+        "removed": sum(1 for i in olds if tuple(i["paths"]) not in new_paths), "redone": len(redone),
+    }
+    files: dict[str, list] = {}
+    for f in latest.get("files", []):
+        files.setdefault(f.get("shard"), []).append({"path": f["path"], "rows": f["rows"], "bytes": f["bytes"]})
+    errors: dict[str, list] = {}
+    for e in latest.get("shard_errors", []):
+        errors.setdefault(e.get("shard"), []).append({k: v for k, v in e.items() if k not in ("shard", "records_kept")})
+    reuse = tuple(
+        {
+            "shard": sid, "paths": list(e["paths"]), "bytes_in": e["bytes"], "input_version": e.get("version", ""), "read": e["records"],
+            "rows": e["rows"], "dead_letters": e["dead_letters"], "dead_reasons": e.get("dead_reasons") or {}, "dead_letter_file": e.get("dead_letter_file"),
+            "keys": e["keys"], "dedupe_lost": e.get("dedupe_lost", 0), "files": files.get(e["shard"], []), "shard_errors": errors.get(e["shard"], []),
+            "stats": e.get("stats"), "timing": e.get("timing"),
+        }
+        for sid, e in sorted(found.items())
+    )
+    return delta, reuse
+
+
+def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence, parent: int | None = None) -> str:
+    """The run fingerprint: config (less `output.overwrite`), model weights, input shards, and
+    the version the run builds on.
 
     Deterministic: the same command over the same input gives the same id, which is how a
-    re-run after a crash finds its staged shards (and how a changed config does not).
+    re-run after a crash finds its staged shards (and how a changed config does not). The
+    parent version makes file names unique per version (they carry the run id): a file name
+    in an output names one content for good, which is what lets older versions be read.
     """
     key = dict(config)
     # Not what the run computes: a higher dead-letter limit or --overwrite resumes the same run.
     key["output"] = {k: v for k, v in config["output"].items() if k not in ("overwrite", "max_dead_letter_fraction")}
     # the version is the store's content fingerprint: a same-size rewrite is another input
     inputs = [[list(s.paths), s.size] + ([s.version] if getattr(s, "version", "") else []) for s in shards]
-    return hashlib.sha256(json.dumps([key, model_fingerprint, inputs], sort_keys=True).encode()).hexdigest()[:16]
+    parts = [key, model_fingerprint, inputs] + ([parent] if parent is not None else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_output(cfg: JobConfig, run_id: str, layout, sample: bool = False) -> None:
+def _differences_from(latest: Mapping, plan: Plan) -> str | None:
+    """Why the latest version's rows differ from what this run extracts (None: they don't)."""
+    from .transforms.versions import extraction_fields
+
+    mine, theirs = extraction_fields(plan.config), extraction_fields(latest.get("config", {}))
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    parts = []
+    if keys:
+        parts.append("differs in " + ", ".join(f"{k} ({theirs.get(k)!r} → {mine.get(k)!r})" for k in keys[:4]) + (" …" if len(keys) > 4 else ""))
+    old_fp = (latest.get("model") or {}).get("fingerprint")
+    if old_fp != plan.model_fingerprint:
+        parts.append(f"model weights differ (fingerprint {old_fp} → {plan.model_fingerprint})")
+    return "; ".join(parts) or None
+
+
+def _check_output(cfg: JobConfig, run_id: str, layout, sample: bool = False, plan: Plan | None = None, latest: Mapping | None = None) -> None:
     """Refuse, before any work, an output this run must not write (see `prepare`).
 
     `--overwrite` replaces only what layerbeam wrote: a folder with layerbeam's manifest,
@@ -255,14 +361,20 @@ def _check_output(cfg: JobConfig, run_id: str, layout, sample: bool = False) -> 
             "write the sample elsewhere: --set output.path=<another folder>"
         )
     if layout.is_complete() and not overwrite:
-        raise ConfigError(f"output {path!r} already holds a complete output; pass --overwrite to replace it or choose another output.path")
+        why = _differences_from(latest, plan) if latest is not None and plan is not None else "it was not written by layerbeam's run"
+        if why:
+            v = manifest_version(latest) if latest else "?"
+            raise ConfigError(
+                f"output {path!r} holds version {v}, extracted differently ({why}); pass --overwrite to build a new lineage from scratch "
+                f"(version {v + 1 if latest else '?'}; earlier versions stay readable until `layerbeam vacuum`) or choose another output.path"
+            )
     if layout.has_foreign_files() and not overwrite:
         raise ConfigError(f"output {path!r} holds a half-published layerbeam output (files but no _SUCCESS); pass --overwrite to replace it, or choose another output.path")
     lock = OutputLock(layout)
     holder = lock.holder()
     if holder is not None:
         raise lock.error(holder)
-    others = layout.other_runs()
+    others = [r for r in layout.other_runs() if not superseded(layout, r, plan)]
     if others and not overwrite:
         info = layout.read_run_info(others[0])
         why = _differences(info, cfg, run_id) if info else "its config is unknown"
@@ -271,6 +383,17 @@ def _check_output(cfg: JobConfig, run_id: str, layout, sample: bool = False) -> 
             f"or pass --overwrite to discard it and build this one"
         )
     _check_writable(layout)
+
+
+def superseded(layout, run_id: str, plan: Plan | None) -> bool:
+    """A half-built run staged for the output extracted as this run does, over another listing
+    (a scheduled run that crashed before the input grew): this run replaces it."""
+    if plan is None:
+        return False
+    from .transforms.versions import extraction_fingerprint
+
+    info = layout.read_run_info(run_id) or {}
+    return bool(info.get("config")) and extraction_fingerprint(info["config"], info.get("model_fingerprint", "")) == plan.extraction
 
 
 def _is_layerbeam_output(layout) -> bool:
@@ -322,6 +445,7 @@ def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
     input, and a later run would read its own output (or its staging) as input."""
     out = _norm(cfg.output.path)
     staging = f"{out}.layerbeam-staging"
+    history = f"{out}.layerbeam-history"
     pattern = _norm(cfg.input.pattern)
     if not any(ch in pattern for ch in "*?["):  # a folder: read as match_shards reads it
         pattern += "/**" if cfg.input.format == "images" else "/*"
@@ -330,13 +454,13 @@ def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
         static = static.split(ch, 1)[0]
     root = static.rsplit("/", 1)[0]
     fix = "choose an output.path outside the input (e.g. a sibling folder)"
-    for target in (out, staging):
+    for target in (out, staging, history):
         if target == root or root.startswith(target + "/"):
             raise ConfigError(f"output.path {cfg.output.path!r} is or contains the input folder {root!r}; {fix}")
     for s in shards:
         for p in s.paths:
             p = _norm(p)
-            if p == out or p.startswith(out + "/") or p.startswith(staging + "/"):
+            if p == out or p.startswith(out + "/") or p.startswith(staging + "/") or p.startswith(history + "/"):
                 raise ConfigError(f"output.path {cfg.output.path!r} contains the input file {p!r}; {fix}")
             if out.startswith(p + "/"):
                 raise ConfigError(f"output.path {cfg.output.path!r} lies inside the input file {p!r}; {fix}")
@@ -450,4 +574,7 @@ def manifest_base(plan: Plan) -> dict:
         "shards_planned": plan.shards,
         "shards_total": plan.shards_total,
         "versions": versions(),
+        "parent": plan.parent,  # the version this run builds on: the commit refuses if another run moved it
+        "extraction": plan.extraction,
+        "delta": plan.delta,
     }

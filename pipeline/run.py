@@ -54,15 +54,23 @@ class Progress(dict):
 def build_pipeline(pipeline, plan: Plan):
     """Add the job to `pipeline`: match → extract+write each shard → commit (distributed)."""
     from .transforms.beam import CommitShards, ExtractShards, MatchShards
+    import apache_beam as beam
+
     from .transforms.commit import inputs_digest
 
     cfg = plan.config
     shards = pipeline | "MatchShards" >> MatchShards(
         cfg["input"]["pattern"], cfg["input"]["format"], cfg["input"]["files_per_shard"], cfg["input"]["max_shards"], spec=plan.spec.input
     )  # Shard(id, paths, size)
-    results = shards | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
+    todo = shards
+    if plan.reuse:  # an incremental run: only new and changed shards reach the extraction
+        from .transforms.readers import shard_identity
+
+        skip = {shard_identity({"paths": e["paths"], "bytes": e["bytes_in"], "version": e["input_version"]}) for e in plan.reuse}
+        todo = shards | "NewOrChanged" >> beam.Filter(lambda s: shard_identity(s) not in skip)
+    results = todo | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
     # the commit, distributed: check → bucketed dedupe → parallel publish → manifest + _SUCCESS
-    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
+    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs), reuse=plan.reuse)
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -98,6 +106,11 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     from .transforms.staging import OutputLayout
 
     plan = plan or prepare(cfg)
+    if plan.up_to_date:  # nothing new, changed or removed: success, nothing written
+        from .transforms.versions import latest_manifest
+
+        manifest = latest_manifest(plan.config["output"]["path"])
+        return dict(manifest, _up_to_date=True, _seconds=0.0, _metrics={})
     runner, options = make_runner(beam_args)
     if options.view_as(TestOptions).dry_run:
         p = beam.Pipeline(runner=runner, options=options)
@@ -107,11 +120,16 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     lock = OutputLock(layout)
     lock.acquire()
     try:
+        _check_still_parent(layout, plan)
         if cfg.output.overwrite:
             stale = layout.other_runs()
             if layout.is_complete() and layout.committed_run_id() == plan.run_id:
                 stale.append(plan.run_id)  # left by the committed run itself: nothing to resume
             layout.discard_runs(stale)
+        else:  # half-built runs of the same extraction over an older listing: this one replaces them
+            from .plan import superseded
+
+            layout.discard_runs([r for r in layout.other_runs() if superseded(layout, r, plan)])
         layout.write_run_info({
             "run_id": plan.run_id,
             "config": plan.config,
@@ -158,6 +176,21 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
+
+
+def _check_still_parent(layout, plan: Plan) -> None:
+    """With the lock held: the output is still at the version this run planned from (another
+    run may have committed between planning and the lock)."""
+    from .config import ConfigError
+    from .transforms.versions import latest_manifest, manifest_version
+
+    m = latest_manifest(layout.out, layout.fs)
+    now = manifest_version(m) if m else None
+    if now != plan.parent:
+        raise ConfigError(
+            f"output {layout.out!r} moved to version {now} while this run was planned on {plan.parent if plan.parent is not None else 'no output'} "
+            "(another run committed); run the same command again: it starts from the new version"
+        )
 
 
 def _metrics(result) -> dict:

@@ -186,9 +186,9 @@ def test_cli_run_end_to_end(tmp_path, png_dataset):
     labels_seen = _read(tmp_path / "out").column("label").to_pylist()
     assert sorted(labels_seen) == sorted(labels.values())
 
-    # a complete output is not replaced silently
+    # the same command again over the same input: up to date, nothing replaced (tests/test_versions.py has the rest)
     again = run_cli(["run", str(cfg), "-q"])
-    assert again.returncode == 2 and "already holds a complete output" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 0 and again.stdout.strip() == "up to date at version 1", again.stdout + again.stderr
     assert "Traceback" not in again.stderr
 
 

@@ -231,8 +231,10 @@ def test_an_existing_complete_output_is_refused_without_overwrite(many_shards, t
     from layerbeam.config import ConfigError
 
     root, model, cfg, _ = many_shards
-    with pytest.raises(ConfigError, match="already holds a complete output; pass --overwrite"):
-        prepare(load_config(raw=dict(cfg, output={"path": str(root / "reference")})))
+    # the same extraction over the same input: up to date (nothing to do); another one: refused
+    assert prepare(load_config(raw=dict(cfg, output={"path": str(root / "reference")}))).up_to_date
+    with pytest.raises(ConfigError, match=r"holds version 1, extracted differently \(differs in layers.reduce .*\); pass --overwrite"):
+        prepare(load_config(raw=dict(cfg, output={"path": str(root / "reference")}, layers=dict(cfg["layers"], reduce="max"))))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds files that layerbeam did not write"):

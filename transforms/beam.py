@@ -149,7 +149,7 @@ def ExtractShards(shards: beam.PCollection, spec: JobSpec, run_id: str):
 
 
 @beam.ptransform_fn
-def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id: str, planned_inputs: str | None = None, buckets: int | None = None):
+def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id: str, planned_inputs: str | None = None, buckets: int | None = None, reuse: Sequence[Mapping] = ()):
     """PCollection[ShardResult] → PCollection[counts]: the commit, distributed
     (`commit.py`'s steps; no step on one worker grows with rows, files or bytes).
 
@@ -165,6 +165,9 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     Args:
         shards: the shards the workers listed (a side input: the completeness check).
         buckets: hash buckets of the dedupe (default `commit.DEDUPE_BUCKETS`).
+        reuse: an incremental run's shards taken from the latest version (small summaries,
+            one per shard): their kept key hashes join the dedupe, and each is carried
+            into the new version by `commit.reuse_shard` in parallel with publishing.
     """
     from . import commit
     from .staging import OutputLayout
@@ -183,24 +186,37 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         dicts
         | "Brief" >> beam.Map(commit.brief)
         | "AllBriefs" >> beam.combiners.ToList()
-        | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs)
+        | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs, [e["shard"] for e in reuse])
     )
+    reused = results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])
     lost = (
-        dicts
-        | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb))
+        (
+            dicts | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb)),
+            reused | "ReusedKeyBuckets" >> beam.FlatMap(lambda e: commit.key_parts(layout(), e.value, nb)),
+        )
+        | "AllKeyBuckets" >> beam.Flatten()
         | "ByBucket" >> beam.GroupByKey()
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
     keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
 
+    fmt = manifest_base["config"]["output"]["format"]
+
     def publish(kv, go):
         shard, grouped = kv
+        if not go:  # this run's output is committed already
+            return
+        lost_rows = [x for part in grouped["lost"] for x in part]
+        if grouped["reused"]:
+            (e,) = grouped["reused"]
+            yield _Pickled(commit.reuse_shard(layout(), e.value, lost_rows, fmt))
+            return
         (r,) = grouped["result"]
-        if go:  # False: this run's output is committed already
-            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part]))
+        yield _Pickled(commit.publish_shard(layout(), r, lost_rows))
 
+    reused_keyed = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
     summaries = (
-        {"result": keyed, "lost": lost}
+        {"result": keyed, "reused": reused_keyed, "lost": lost}
         | "Join" >> beam.CoGroupByKey()
         | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict))
     )

@@ -57,10 +57,11 @@ from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
 from .stats import merge_results
+from .versions import history_root, manifest_version, version_path
 
 __all__ = [
     "OutputLock", "commit_run", "inputs_digest", "check_results", "key_parts", "find_repeats",
-    "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
+    "publish_shard", "reuse_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
 ]
 
 # Hash buckets of the distributed duplicate-key check: at 10^9 rows a bucket holds ~4 M rows
@@ -231,13 +232,28 @@ def committed_counts(layout: OutputLayout) -> dict | None:
     return m.get("counts") if m.get("run_id") == layout.run_id else None
 
 
-def check_results(briefs: Sequence[Mapping], shards: Sequence, manifest_base: Mapping, run_id: str, planned_inputs: str | None = None) -> bool:
+def _committed_manifest(layout: OutputLayout) -> dict | None:
+    """The committed output's manifest, or None (no `_SUCCESS`, unreadable)."""
+    if not layout.is_complete():
+        return None
+    try:
+        layout.fs.invalidate_cache(layout.out)
+        with layout.fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if "layerbeam_manifest" in m else None
+
+
+def check_results(briefs: Sequence[Mapping], shards: Sequence, manifest_base: Mapping, run_id: str, planned_inputs: str | None = None, reused: Sequence[str] = ()) -> bool:
     """Refuse to publish anything unless every shard is there once and the run is consistent.
 
     Args:
         briefs: `brief(result)` of every shard result that reached the commit.
         shards: the shards the workers listed.
         planned_inputs: `inputs_digest` of the shards the launcher listed.
+        reused: ids of the listed shards an incremental run takes from the latest version
+            (no result of theirs is expected).
 
     Returns:
         True, or False when this run's output is already committed (nothing to do).
@@ -256,7 +272,7 @@ def check_results(briefs: Sequence[Mapping], shards: Sequence, manifest_base: Ma
             f"the files matching input.pattern {cfg['input']['pattern']!r} changed while the job ran "
             f"({len(shards)} shards now); nothing committed. Re-run when the input is stable (finished shards are kept only for the same input)"
         )
-    expected = {s.id if hasattr(s, "id") else s[0] for s in shards}
+    expected = {s.id if hasattr(s, "id") else s[0] for s in shards} - set(reused)
     got = [r["shard"] for r in briefs]
     if sorted(got) != sorted(expected):
         counts = Counter(got)
@@ -272,7 +288,17 @@ def check_results(briefs: Sequence[Mapping], shards: Sequence, manifest_base: Ma
     fs = layout.fs
     fs.invalidate_cache(layout.out)
     mine = fs.exists(layout.publishing_flag)  # a re-run of a commit that had started publishing
-    if not cfg["output"]["overwrite"] and not mine and fs.exists(layout.out) and fs.ls(layout.out):
+    if manifest_base.get("parent") is not None and not mine:
+        # a run builds on the version it planned from: another run that committed
+        # meanwhile (a schedule overlapping a manual run) makes this one stale
+        now = _committed_manifest(layout)
+        now_v = manifest_version(now) if now else None
+        if now_v != manifest_base["parent"]:
+            raise CommitError(
+                f"output {layout.out!r} moved to version {now_v} while this run built on version {manifest_base['parent']}; nothing committed. "
+                "Run the same command again: it starts from the new version"
+            )
+    elif not cfg["output"]["overwrite"] and not mine and fs.exists(layout.out) and fs.ls(layout.out):
         raise CommitError(f"output {layout.out!r} appeared during the run; nothing was replaced. Re-run with --overwrite to replace it")
     # from here on, files of this run may sit in <out> before _SUCCESS (object stores): a
     # re-run must recognise them as its own (`has_foreign_files`), not as someone else's
@@ -337,7 +363,14 @@ def bucket_of(hashes: np.ndarray, buckets: int) -> np.ndarray:
 def key_parts(layout: OutputLayout, result, buckets: int = DEDUPE_BUCKETS) -> Iterable[tuple[int, tuple[str, np.ndarray, np.ndarray]]]:
     """One shard's key hashes split by bucket: `(bucket, (shard, hashes, record indices))`."""
     r = result.to_dict() if hasattr(result, "to_dict") else result
-    h, idx = layout.read_keys(r["shard"], r.get("attempt", ""))
+    if r.get("reused"):  # a shard taken from the latest version: its kept key hashes
+        import io
+
+        with layout.fs.open(f"{history_root(layout.out)}/{r['keys']}", "rb") as f:
+            z = np.load(io.BytesIO(f.read()))
+            h, idx = z["hash"], z["index"]
+    else:
+        h, idx = layout.read_keys(r["shard"], r.get("attempt", ""))
     b = bucket_of(h, buckets)
     order = np.argsort(b, kind="stable")
     h, idx, b = h[order], idx[order], b[order]
@@ -427,8 +460,13 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
         moves.append((dead_src, dead_dst, None))
     for src, dst, f in moves:
         _put(fs, src, dst, f, local, shard)
+    keys = _keep_keys(layout, shard, attempt)
     _drop_other_attempts(layout, shard, attempt)
     return {
+        "input_version": r.get("input_version", ""),
+        "keys": keys,
+        "dedupe_lost": len(repeats),
+        "lost_to": sorted({x[2] for x in repeats}),
         "shard": shard,
         "paths": list(r["paths"]),
         "bytes_in": r["bytes_in"],
@@ -442,6 +480,99 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
         "timing": r.get("timing"),
         "attempt": attempt,
         "stats": r.get("stats"),
+    }
+
+
+def _keep_keys(layout: OutputLayout, shard: str, attempt: str) -> str | None:
+    """Keep the accepted attempt's key hashes beside the output (`<out>.layerbeam-history/
+    _keys/`), so a later incremental run can check its new shards' keys against this shard
+    without reading its data: a hard link locally, one server-side copy on object stores.
+    Returns the path relative to the history folder."""
+    fs = layout.fs
+    rel = f"_keys/{layout.run_id[:8]}-{shard}.npz"
+    src, dst = layout.keys_file(shard, attempt), f"{history_root(layout.out)}/{rel}"
+    if is_local(fs):
+        if not os.path.exists(dst):
+            if not os.path.exists(src):
+                return None
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.{uuid.uuid4().hex}.tmp"
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+        return rel
+    try:
+        _server_copy(fs, src, dst, None)
+    except FileNotFoundError:
+        return rel if fs.exists(dst) else None
+    return rel
+
+
+def reuse_shard(layout: OutputLayout, entry: Mapping, repeats: Sequence[tuple[bytes, int, str, int]], fmt: str) -> dict:
+    """Carry one shard of the latest version into the new one; return its summary.
+
+    `entry` is the shard's summary in the latest version (`plan`'s reuse list, with its id in
+    the new listing). Its files stay where they are: on object stores nothing happens; locally
+    each is hard-linked into `<run>/final/` (no byte copied). If the new version's
+    duplicate-key check takes more of its keys than it lost before (a new shard earlier in
+    shard order holds them), its files are rewritten without them, under new names (older
+    versions keep the old files).
+    """
+    fs, shard = layout.fs, entry["shard"]
+    local = is_local(fs)
+    dest_root = f"{layout.run_dir}/final" if local else layout.out
+    files = [dict(f) for f in entry["files"]]
+    dead_name = entry.get("dead_letter_file")
+    dead, reasons = entry["dead_letters"], dict(entry.get("dead_reasons") or {})
+    if len(repeats) > int(entry.get("dedupe_lost") or 0):
+        from .formats import _module
+        from .staging import key_hashes
+
+        old_dead = read_parquet(fs, f"{layout.out}/{dead_name}") if dead_name else DEAD_LETTER_SCHEMA.empty_table()
+        old_dead = old_dead.cast(DEAD_LETTER_SCHEMA)
+        had = {r["key"] for r in old_dead.to_pylist() if r["reason"] == "duplicate_key" and r["key"] is not None}
+        had_h = set(key_hashes(sorted(had)).tolist()) if had else set()
+        gone = {h: {"key": None, "shard": entry["paths"][0] if len(entry["paths"]) == 1 else entry["paths"][i], "index": i, "stage": "dedupe",
+                    "reason": "duplicate_key", "detail": f"the key was already written by record {fi} of shard {fs_}"}
+                for h, i, fs_, fi in repeats if h not in had_h}
+        tag = layout.run_id[:8]
+        for f in files:
+            head, tail = posixpath.split(f["path"])
+            stem, dot, ext = tail.partition(".")
+            new = posixpath.join(head, f"{stem}-r{tag}{dot}{ext}")
+            dst = f"{dest_root}/{new}"
+            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            f["rows"] = _module(fmt).rewrite_without(fs, f"{layout.out}/{f['path']}", dst, _keep_unless(gone))
+            f["bytes"] = fs.size(dst)
+            f["path"] = new
+        extra = pa.Table.from_pylist(sorted(gone.values(), key=lambda d: d["index"]), schema=DEAD_LETTER_SCHEMA)
+        dead_name = f"{layout.DEAD_DIR}/{shard}-{tag}.parquet"
+        write_parquet_like(fs, None, f"{dest_root}/{dead_name}", pa.concat_tables([old_dead, extra]))
+        dead += len(gone)
+        reasons["duplicate_key"] = reasons.get("duplicate_key", 0) + len(gone)
+    elif local:
+        for rel in [f["path"] for f in files] + ([dead_name] if dead_name else []):
+            dst = f"{dest_root}/{rel}"
+            if not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.link(f"{layout.out}/{rel}", dst)
+    return {
+        "shard": shard,
+        "reused": True,
+        "paths": list(entry["paths"]),
+        "bytes_in": entry["bytes_in"],
+        "input_version": entry.get("input_version", ""),
+        "keys": entry["keys"],
+        "dedupe_lost": len(repeats),
+        "lost_to": sorted({x[2] for x in repeats}),
+        "read": entry["read"],
+        "rows": sum(f["rows"] for f in files),
+        "dead_letters": dead,
+        "dead_reasons": reasons,
+        "shard_errors": [dict(e) for e in entry.get("shard_errors", ())],
+        "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"]} for f in files],
+        "dead_letter_file": dead_name,
+        "timing": entry.get("timing"),
+        "stats": entry.get("stats"),
     }
 
 
@@ -571,7 +702,9 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
     done = committed_counts(layout)
     if done is not None:
         _drop_replaced(layout)
+        _retire_old(layout)
         return done
+    prev = _committed_manifest(layout)
     cfg = manifest_base["config"]
     summaries = sorted(summaries, key=lambda s: s["shard"])
     read = sum(s["read"] for s in summaries)
@@ -588,7 +721,15 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": dict(sorted(reasons.items()))},
             "shard_errors": [dict(e, shard=s["shard"], records_kept=s["read"]) for s in summaries for e in s["shard_errors"]],
-            "inputs": [{"shard": s["shard"], "paths": s["paths"], "bytes": s["bytes_in"], "records": s["read"], "rows": s["rows"], "dead_letters": s["dead_letters"], "timing": s.get("timing")} for s in summaries],
+            # per input shard: what an incremental run needs to reuse it (identity, files
+            # via `files[].shard`, dead letters, key hashes, what the duplicate-key check took)
+            "inputs": [
+                {"shard": s["shard"], "paths": s["paths"], "bytes": s["bytes_in"], "version": s.get("input_version", ""), "records": s["read"],
+                 "rows": s["rows"], "dead_letters": s["dead_letters"], "dead_reasons": s["dead_reasons"], "dead_letter_file": s.get("dead_letter_file"),
+                 "keys": s.get("keys"), "dedupe_lost": s.get("dedupe_lost", 0), "lost_to": s.get("lost_to", []), "reused": bool(s.get("reused")),
+                 "stats": s.get("stats"), "timing": s.get("timing")}
+                for s in summaries
+            ],
             "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"], "shard": s["shard"]} for s in summaries for f in s["files"]],
             "dead_letter_files": [s["dead_letter_file"] for s in summaries if s.get("dead_letter_file")],
             "partition_by": cfg["output"]["partition_by"],
@@ -597,13 +738,24 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
     )
     check_outcome(dict(manifest["counts"], shard_errors=manifest["shard_errors"]), cfg["output"].get("max_dead_letter_fraction"), cfg["output"].get("allow_empty", False))
     manifest["statistics"] = merge_results(summaries)  # the shards' partial statistics, merged
+    # the version: one more than the committed one; the lineage (the version a chain of
+    # incremental builds started from) goes on unless this run rebuilt everything
+    pv = manifest_version(prev) if prev else None
+    version = (pv or 0) + 1
+    incremental = prev is not None and manifest_base.get("parent") == pv and not cfg["output"].get("overwrite")
+    manifest.update({"version": version, "parent": pv, "lineage": prev.get("lineage", pv) if incremental else version})
     fs = layout.fs
     local = is_local(fs)
     final = f"{layout.run_dir}/final" if local else layout.out
-    _apply_final_names(fs, final, manifest, manifest_base.get("run_id", layout.run_id))
+    _apply_final_names(fs, final, manifest, manifest_base.get("run_id", layout.run_id), keep=set() if local or not prev else {f["path"] for f in prev["files"]})
     # compact: a reader loads the manifest whole (~100 B per file instead of ~480 with indent=2)
     data = json.dumps(manifest, separators=(",", ":")).encode()
     extra = sidecars(manifest["format"], manifest)  # e.g. TFDS's dataset_info.json
+    # every version's manifest is kept beside the output (before the switch: a reader that
+    # finds version N in <out> finds it in the history too)
+    if prev is not None and not fs.exists(version_path(layout.out, pv)):  # written before versions existed
+        _put_bytes(fs, version_path(layout.out, pv), json.dumps(prev, separators=(",", ":")).encode())
+    _put_bytes(fs, version_path(layout.out, version), data)
     if local:
         os.makedirs(final, exist_ok=True)
         for name, content in extra.items():
@@ -618,6 +770,7 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
                 shutil.rmtree(old)
             os.rename(layout.out, old)
         os.rename(final, layout.out)
+        _retire_old(layout)
         return manifest["counts"]
     # object stores: keep the old manifest's file list in staging, so the old files can be
     # deleted once the new manifest is in place (also by a re-run after a crash)
@@ -638,13 +791,23 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
     return manifest["counts"]
 
 
-def _apply_final_names(fs, root: str, manifest: dict, run_id: str) -> None:
+def _put_bytes(fs, path: str, data: bytes) -> None:
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_local(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _apply_final_names(fs, root: str, manifest: dict, run_id: str, keep: set = frozenset()) -> None:
     """Give the data files the names their format wants over the whole output (TFDS shard
     names `…tfrecord-00000-of-00004` for TFRecord, which need the run's file count), and
     update the manifest's file list. A name already in place is skipped, so a finalize run
     again after a crash finishes the renames. Locally these are renames inside the run's
     folder; on object stores one more server-side move per TFRecord file (Parquet files
-    keep their names and cost nothing here)."""
+    keep their names and cost nothing here). A file in `keep` (an object store's file that
+    the previous version lists, reused by an incremental run) is copied instead of moved:
+    the previous version still reads it under its old name until it moves to the history."""
     staged = [f["path"] for f in manifest["files"]]
     names = final_paths(manifest["format"], staged, run_id)
     for f, new in zip(manifest["files"], names):
@@ -653,7 +816,10 @@ def _apply_final_names(fs, root: str, manifest: dict, run_id: str) -> None:
             continue
         src, dst = f"{root}/{old}", f"{root}/{new}"
         if fs.exists(src) and not fs.exists(dst):
-            fs.mv(src, dst)
+            if old in keep:
+                _server_copy(fs, src, dst, f.get("bytes"))
+            else:
+                fs.mv(src, dst)
         f["path"] = new
 
 
@@ -664,8 +830,38 @@ def _write_local(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _retire_old(layout: OutputLayout) -> None:
+    """Local: move the files of the replaced version (renamed aside to `<run>/old`) that the
+    new version does not list into the history folder (one rename each; reused files are hard
+    links of the new version's and just go), then drop the rest of the old folder. Run again
+    after a crash, it finishes the job."""
+    import shutil
+
+    old = f"{layout.run_dir}/old"
+    if not is_local(layout.fs) or not os.path.exists(old):
+        return
+    try:
+        with open(f"{old}/{layout.MANIFEST}") as f:
+            before = json.load(f)
+        with open(f"{layout.out}/{layout.MANIFEST}") as f:
+            now = json.load(f)
+    except (OSError, ValueError):
+        before = now = None
+    if before and now:
+        from .versions import referenced
+
+        hist = history_root(layout.out)
+        for rel in sorted(referenced(before) - referenced(now)):
+            src = f"{old}/{rel}"
+            if os.path.exists(src):
+                os.makedirs(os.path.dirname(f"{hist}/{rel}"), exist_ok=True)
+                os.replace(src, f"{hist}/{rel}")
+    shutil.rmtree(old)
+
+
 def _drop_replaced(layout: OutputLayout) -> None:
-    """Delete the replaced output's files that the new manifest does not list (object stores)."""
+    """Move the replaced version's files that the new manifest does not list into the
+    history folder (object stores: one server-side copy each, then batched deletes)."""
     fs = layout.fs
     replaced = f"{layout.run_dir}/_replaced.json"
     if is_local(fs) or not fs.exists(replaced):
@@ -675,10 +871,21 @@ def _drop_replaced(layout: OutputLayout) -> None:
     with fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
         m = json.load(f)
     keep = {x["path"] for x in m["files"]} | set(m.get("dead_letter_files", []))
-    gone = [f"{layout.out}/{p}" for p in sorted(old - keep)]
-    if gone:
+    gone = sorted(old - keep)
+    hist = history_root(layout.out)
+
+    def retire(rel: str) -> str | None:
         try:
-            fs.rm(gone)  # batched: S3 deletes up to 1000 keys per request
+            _server_copy(fs, f"{layout.out}/{rel}", f"{hist}/{rel}", None)
+        except FileNotFoundError:  # retired by an earlier try
+            return None
+        return f"{layout.out}/{rel}"
+
+    with ThreadPoolExecutor(16) as pool:
+        moved = [p for p in pool.map(retire, gone) if p]
+    if moved:
+        try:
+            fs.rm(moved)  # batched: S3 deletes up to 1000 keys per request
         except FileNotFoundError:
             pass
     fs.rm(replaced)
@@ -711,7 +918,7 @@ def cleanup_run(layout: OutputLayout) -> None:
 # ---------------------------------------------------------------------------- in one process
 
 
-def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str, planned_inputs: str | None = None, threads: int = 16) -> dict:
+def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str, planned_inputs: str | None = None, threads: int = 16, reuse: Sequence[Mapping] = ()) -> dict:
     """Check, dedupe, publish and finalize in this process; return the committed counts.
 
     The Beam-free commit (`layerbeam.extract(..., output=...)`, `WriteLayers`, tests). The
@@ -724,26 +931,35 @@ def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str,
         shards: the shards the workers listed.
         manifest_base: the manifest's run-level part (`layerbeam.plan.manifest_base`).
         planned_inputs: `inputs_digest` of the shards the launcher listed.
+        reuse: shards taken from the latest version (an incremental run; see `reuse_shard`).
 
     Raises:
         CommitError: see `check_results` and `publish_shard`; nothing is committed then.
     """
     results = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in results]
     layout = OutputLayout(manifest_base["config"]["output"]["path"], run_id)
-    if not check_results([brief(r) for r in results], shards, manifest_base, run_id, planned_inputs):
+    reuse = [dict(e, reused=True) for e in reuse]
+    if not check_results([brief(r) for r in results], shards, manifest_base, run_id, planned_inputs, [e["shard"] for e in reuse]):
         counts = finalize(layout, [], manifest_base)  # committed already: finish its cleanup only
         cleanup_run(layout)
         return counts
     buckets: dict[int, list] = {}
-    for r in results:
+    for r in [*results, *reuse]:
         for b, part in key_parts(layout, r, DEDUPE_BUCKETS):
             buckets.setdefault(b, []).append(part)
     repeats: dict[str, list] = {}
     for b in sorted(buckets):
         for shard, rows in find_repeats(buckets.pop(b)):
             repeats.setdefault(shard, []).extend(rows)
-    with ThreadPoolExecutor(max(1, min(threads, len(results)))) as pool:
-        summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ())), results))
+    fmt = manifest_base["config"]["output"]["format"]
+
+    def one(r):
+        if r.get("reused"):
+            return reuse_shard(layout, r, repeats.get(r["shard"], ()), fmt)
+        return publish_shard(layout, r, repeats.get(r["shard"], ()))
+
+    with ThreadPoolExecutor(max(1, min(threads, len(results) + len(reuse)))) as pool:
+        summaries = list(pool.map(one, [*results, *reuse]))
     counts = finalize(layout, summaries, manifest_base)
     cleanup_run(layout)
     return counts

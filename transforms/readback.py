@@ -40,6 +40,15 @@ class Output:
     path: str
     manifest: dict
     files: tuple[str, ...]
+    # relative paths of this version's files that left the latest version: they are read
+    # from the history folder beside the output (`versions.history_root`)
+    in_history: frozenset = frozenset()
+
+    @property
+    def version(self) -> int:
+        from .versions import manifest_version
+
+        return manifest_version(self.manifest)
 
     @property
     def format(self) -> str:
@@ -63,25 +72,34 @@ class Output:
         return list(self.columns) if columns is None else [self.column(c) for c in columns]
 
 
-def open_output(path: str) -> Output:
-    """Open a committed output directory (local or any fsspec URL).
+def open_output(path: str, version: int | None = None) -> Output:
+    """Open a committed output directory (local or any fsspec URL), at its latest version or
+    at an earlier `version` (see `layerbeam history`): the files of that version are read
+    where they lie, in the output or in its history folder.
 
     Raises:
         OutputError: no `_SUCCESS` (the run is unfinished or failed), or no manifest, or a
-            manifest written before layerbeam stored the feature spec.
+            manifest written before layerbeam stored the feature spec, or no such version.
     """
+    from .versions import history_root, load_version, resolve
+
     root = path.rstrip("/")
     fs, fs_root = fsspec_fs(root)
     if not fs.exists(f"{fs_root}/_SUCCESS"):
         raise OutputError(f"{path!r} is not a complete layerbeam output (no _SUCCESS); wait for the run to finish or re-run it")
-    try:
-        with fs.open(f"{fs_root}/_manifest.json", "r") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise OutputError(f"{path!r} has _SUCCESS but no _manifest.json; it was not written by layerbeam, read it with pyarrow directly") from None
+    if version is not None:
+        manifest, latest = load_version(root, version)
+    else:
+        try:
+            with fs.open(f"{fs_root}/_manifest.json", "r") as f:
+                manifest = latest = json.load(f)
+        except FileNotFoundError:
+            raise OutputError(f"{path!r} has _SUCCESS but no _manifest.json; it was not written by layerbeam, read it with pyarrow directly") from None
     if "storage" not in manifest:
         raise OutputError(f"{path!r}: the manifest has no 'storage' spec (written by an older layerbeam); re-run the job to read it back here")
-    files = tuple(f"{root}/{f['path']}" for f in manifest["files"])
+    files = tuple(resolve(root, manifest, latest, f["path"]) for f in manifest["files"])
+    hist = history_root(root)
+    in_history = frozenset(f["path"] for f, full in zip(manifest["files"], files) if full.startswith(hist + "/"))
     if manifest.get("sample"):
         import warnings
 
@@ -92,15 +110,15 @@ def open_output(path: str) -> Output:
             SampleWarning,
             stacklevel=3,
         )
-    return Output(root, manifest, files)
+    return Output(root, manifest, files, in_history)
 
 
 class SampleWarning(UserWarning):
     """The output read is a smoke run's sample (`--max-shards`, `--max-examples-per-shard`)."""
 
 
-def _as_output(path: str | Output) -> Output:
-    return path if isinstance(path, Output) else open_output(path)
+def _as_output(path: str | Output, version: int | None = None) -> Output:
+    return path if isinstance(path, Output) else open_output(path, version)
 
 
 def to_tf_dataset(path: str | Output, columns: Sequence[str] | None = None) -> Any:
@@ -127,24 +145,25 @@ def arrow_dataset(path: str | Output) -> Any:
     return formats.arrow_dataset(_as_output(path))
 
 
-def to_arrow(path: str | Output, columns: Sequence[str] | None = None) -> pa.Table:
-    """The whole output (or some columns) as one `pyarrow.Table`.
+def to_arrow(path: str | Output, columns: Sequence[str] | None = None, version: int | None = None) -> pa.Table:
+    """The whole output (or some columns) as one `pyarrow.Table`; `version`: an earlier
+    version of it (`layerbeam history` lists them), default the latest.
 
     Columns in manifest order (key, label, passthrough, outputs), partition columns
     included and typed as written; outputs as `fixed_shape_tensor` columns in their
     configured dtype (see the module docstring).
     """
-    out = _as_output(path)
+    out = _as_output(path, version)
     cols = out.select(columns)
     tables = list(formats.read_tables(out, cols))
     return pa.concat_tables(tables) if tables else read_schema(cols).empty_table()
 
 
-def to_pandas(path: str | Output, columns: Sequence[str] | None = None):
+def to_pandas(path: str | Output, columns: Sequence[str] | None = None, version: int | None = None):
     """A pandas DataFrame: scalar columns as usual, each output cell an ndarray of its shape."""
     import pandas as pd
 
-    table = to_arrow(path, columns)
+    table = to_arrow(path, columns, version)
     data = {}
     for f in table.schema:
         col = table.column(f.name)

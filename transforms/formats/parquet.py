@@ -233,8 +233,19 @@ def arrow_dataset(out):
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None
-    files = [posixpath.join(root, f["path"]) for f in out.manifest["files"]]
-    return ds.dataset(files, format="parquet", filesystem=fs, partitioning=partitioning, partition_base_dir=root)
+    rel = [f["path"] for f in out.manifest["files"]]
+    in_history = getattr(out, "in_history", frozenset())
+    here = [posixpath.join(root, p) for p in rel if p not in in_history]
+    if not in_history:
+        return ds.dataset(here, format="parquet", filesystem=fs, partitioning=partitioning, partition_base_dir=root)
+    # an earlier version: some of its files left the output for the history folder beside it
+    from ..versions import history_root
+
+    hfs, hroot = arrow_fs(history_root(out.path))
+    there = ds.dataset([posixpath.join(hroot, p) for p in rel if p in in_history], format="parquet", filesystem=hfs, partitioning=partitioning, partition_base_dir=hroot)
+    if not here:
+        return there
+    return ds.dataset([ds.dataset(here, format="parquet", filesystem=fs, partitioning=partitioning, partition_base_dir=root), there])
 
 
 def read_tables(out, cols: Sequence[dict]) -> Iterator[pa.Table]:

@@ -41,7 +41,7 @@ from ..deadletters import Failure
 from ._common import without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "shard_identity", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
 KINDS = ("tfrecord", "images", "parquet", "webdataset", "tfds")
 
@@ -113,6 +113,16 @@ class Shard:
     paths: tuple[str, ...]
     size: int = 0
     version: str = ""
+
+
+def shard_identity(shard) -> tuple:
+    """What makes a shard the same input across runs: its files, bytes and content
+    fingerprint, not its id (ids are positional and shift when the input grows). Incremental
+    builds match shards of a new listing to a committed version's inputs with this alone.
+    Takes a `Shard` or a manifest's `inputs` entry (`{paths, bytes, version}`)."""
+    if isinstance(shard, Mapping):
+        return (tuple(shard["paths"]), int(shard["bytes"]), shard.get("version") or "")
+    return (tuple(shard.paths), int(shard.size), shard.version or "")
 
 
 @dataclasses.dataclass
