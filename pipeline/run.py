@@ -170,7 +170,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     manifest["_seconds"] = seconds
     if progress and _is_local_runner(runner):  # the final state, from the manifest (the markers went with the staging)
         c = manifest["counts"]
-        progress(Progress(shards_done=plan.shards, shards=plan.shards, examples_done=c["records_read"], examples=plan.estimated_examples,
+        progress(Progress(shards_done=plan.to_extract, shards=plan.to_extract, examples_done=c["records_read"], examples=plan.estimated_examples,
                           dead_letters=c["dead_letters"], seconds=seconds))
     manifest["_metrics"] = metrics
     first = metrics.get("batch_done_unix_ms", {}).get("min")
@@ -270,7 +270,7 @@ class _Watcher:
         dead = sum(r.get("dead_letters", 0) for r in done)
         live = examples_so_far(self.plan.run_id) - self.base + sum(r.get("dead_letters", 0) for r in done if not r.get("resumed"))
         self.progress(Progress(
-            shards_done=len(done), shards=self.plan.shards, examples_done=max(records, live),
+            shards_done=len(done), shards=self.plan.to_extract, examples_done=max(records, live),
             examples=self.plan.estimated_examples, dead_letters=dead, seconds=time.perf_counter() - self.t0,
         ))
 

@@ -76,6 +76,16 @@ def _listing(*roots: Path) -> dict:
     return out
 
 
+def _print_plan(pattern, out, model) -> None:
+    """The size plan as `layerbeam run --plan-only` prints it (its `versions:` line)."""
+    from layerbeam.cli import _console, _print_plan as show
+    from layerbeam.config import load_config
+    from layerbeam.plan import human, prepare
+
+    plan = prepare(load_config(raw=tiny_config(pattern, str(out), model, **{"output.max_dead_letter_fraction": 0.5})), plan_only=True)
+    show(_console(), plan, human)
+
+
 def _say(day: str, m: dict) -> None:
     d, met = m.get("delta") or {}, m.get("_metrics", {})
     print(
@@ -104,6 +114,7 @@ def test_three_days(tmp_path, model):
     days, scratch = {}, {}
 
     def day(n: int, extracted: int):
+        _print_plan(pattern, out, model)
         m = _run(pattern, out, model)
         days[n] = m
         _say(f"day {n}", m)

@@ -546,6 +546,7 @@ def reuse_shard(layout: OutputLayout, entry: Mapping, repeats: Sequence[tuple[by
             f["path"] = new
         extra = pa.Table.from_pylist(sorted(gone.values(), key=lambda d: d["index"]), schema=DEAD_LETTER_SCHEMA)
         dead_name = f"{layout.DEAD_DIR}/{shard}-{tag}.parquet"
+        fs.makedirs(posixpath.dirname(f"{dest_root}/{dead_name}"), exist_ok=True)
         write_parquet_like(fs, None, f"{dest_root}/{dead_name}", pa.concat_tables([old_dead, extra]))
         dead += len(gone)
         reasons["duplicate_key"] = reasons.get("duplicate_key", 0) + len(gone)
