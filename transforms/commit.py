@@ -483,28 +483,10 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     }
 
 
-def _keep_keys(layout: OutputLayout, shard: str, attempt: str) -> str | None:
-    """Keep the accepted attempt's key hashes beside the output (`<out>.layerbeam-history/
-    _keys/`), so a later incremental run can check its new shards' keys against this shard
-    without reading its data: a hard link locally, one server-side copy on object stores.
-    Returns the path relative to the history folder."""
-    fs = layout.fs
-    rel = f"_keys/{layout.run_id[:8]}-{shard}.npz"
-    src, dst = layout.keys_file(shard, attempt), f"{history_root(layout.out)}/{rel}"
-    if is_local(fs):
-        if not os.path.exists(dst):
-            if not os.path.exists(src):
-                return None
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = f"{dst}.{uuid.uuid4().hex}.tmp"
-            os.link(src, tmp)
-            os.replace(tmp, dst)
-        return rel
-    try:
-        _server_copy(fs, src, dst, None)
-    except FileNotFoundError:
-        return rel if fs.exists(dst) else None
-    return rel
+def _keep_keys(layout: OutputLayout, shard: str, attempt: str) -> str:
+    """The accepted attempt's key hashes, relative to the history folder: the worker wrote
+    them there (`OutputLayout.keys_file`), so keeping them costs no request."""
+    return layout.keys_name(shard, attempt)
 
 
 def reuse_shard(layout: OutputLayout, entry: Mapping, repeats: Sequence[tuple[bytes, int, str, int]], fmt: str) -> dict:

@@ -8,8 +8,10 @@
         _run.json                   what the run is: config, model fingerprint, shards
         _publishing                 the commit has started putting files into <out>
         shards/<shard>/<attempt>/   one attempt of one input shard: its data files, and
-            _keys.npz               the key hashes and record indices of its rows,
             _dead.parquet           its dead letters
+<out>.layerbeam-history/_keys/<run>-<shard>-<attempt>.npz
+                                    the key hashes and record indices of an attempt's rows
+                                    (kept with the versions: see versions.py)
         shards/<shard>/<attempt>.dedupe/   the attempt's files without keys an earlier shard wrote
         shards/<shard>.done.json    the shard's marker: the `ShardResult` of the attempt that finished
         final/                      local file systems: the output as assembled by the commit
@@ -84,7 +86,19 @@ class OutputLayout:
         return f"{self.shard_dir(shard_id, attempt)}/_dead.parquet"
 
     def keys_file(self, shard_id: str, attempt: str) -> str:
-        return f"{self.shard_dir(shard_id, attempt)}/_keys.npz"
+        """Where an attempt writes its key hashes: beside the output, in its history folder
+        (`versions.py`), under an attempt-unique name. The commit keeps the accepted
+        attempt's where it is (a later incremental run checks new shards against it) and so
+        needs no request for it; other attempts' files are left to `vacuum`."""
+        return f"{self.keys_root}/{self.keys_name(shard_id, attempt)}"
+
+    @property
+    def keys_root(self) -> str:
+        return f"{self.out}.layerbeam-history"
+
+    def keys_name(self, shard_id: str, attempt: str) -> str:
+        """The key file's path relative to the history folder (what manifests record)."""
+        return f"_keys/{self.run_id[:8]}-{shard_id}-{attempt or 'a'}.npz"
 
     @staticmethod
     def new_attempt() -> str:
