@@ -227,6 +227,25 @@ def test_incremental_tfrecord_output_renames_reused_files(tmp_path, model):
     _same(_rows(layerbeam.read(str(out), version=1)), v1)
 
 
+def test_a_run_that_only_removes_shards(tmp_path, model):
+    """Only a deletion: no shard reaches the model, the new version drops its rows."""
+    import layerbeam
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pattern = f"{inp}/*.tfrecord"
+    _write(inp, "a.tfrecord", ["a1", "a2"], 0)
+    _write(inp, "b.tfrecord", ["b1", "b2"], 2)
+    _run(pattern, out, model)
+    (inp / "b.tfrecord").unlink()
+    m = _run(pattern, out, model)
+    _say("removal only", m)
+    assert m["version"] == 2 and m["_metrics"].get("shards", 0) == 0
+    assert m["delta"] == {"new": 0, "changed": 0, "reused": 1, "removed": 1, "redone": 0}
+    assert sorted(_rows(layerbeam.read(str(out)))) == ["a1", "a2"] == sorted(_plain(out))
+    assert sorted(_rows(layerbeam.read(str(out), version=1))) == ["a1", "a2", "b1", "b2"]
+
+
 def test_incremental_on_s3(tmp_path, model, s3_store):
     """One incremental step on an S3 API server: equal to a local from-scratch build; the
     first version stays readable from the history prefix."""

@@ -196,6 +196,8 @@ def vacuum(out: str, keep: int) -> dict:
         except FileNotFoundError:
             found = {}
         hroot = fs._strip_protocol(hist).rstrip("/")
+        # key hashes of runs still staged (crashed, to be resumed) are theirs to commit
+        staged = {r[:8] for r in layout.other_runs()}
         gone, freed = [], 0
         for p, info in found.items():
             rel = fs._strip_protocol(p)[len(hroot) + 1:]
@@ -203,7 +205,7 @@ def vacuum(out: str, keep: int) -> dict:
                 stem = posixpath.basename(rel).split(".")[0]
                 if stem.isdigit() and int(stem) in {manifest_version(m) for m in kept}:
                     continue
-            elif rel in need:
+            elif rel in need or (rel.startswith("_keys/") and posixpath.basename(rel)[:8] in staged):
                 continue
             gone.append(p)
             freed += int(info.get("size") or 0)
