@@ -268,6 +268,7 @@ def _run(args, beam_args: list[str]) -> int:
             console.print(f"a run would refuse: {plan.output_problem}", markup=False)
         return 0
     if plan.up_to_date:  # nothing new, changed or removed: nothing written, success
+        run_job(cfg, beam_args, plan)  # only finishes a committed run's cleanup, if a kill left one
         print(f"up to date at version {plan.parent}")
         return 0
     with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:

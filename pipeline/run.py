@@ -110,6 +110,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         from .transforms.versions import latest_manifest
 
         manifest = latest_manifest(plan.config["output"]["path"])
+        _finish_committed(manifest)
         return dict(manifest, _up_to_date=True, _seconds=0.0, _metrics={})
     runner, options = make_runner(beam_args)
     if options.view_as(TestOptions).dry_run:
@@ -176,6 +177,25 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
+
+
+def _finish_committed(manifest: Mapping) -> None:
+    """The committed run was killed after `_SUCCESS`, before its cleanup (its staging folder
+    is still there): finish that cleanup, as its own commit run again would. Otherwise
+    nothing is touched."""
+    from .transforms import commit
+    from .transforms.staging import OutputLayout
+
+    layout = OutputLayout(manifest["config"]["output"]["path"], manifest["run_id"])
+    if not layout.fs.exists(layout.run_dir):
+        return
+    lock = commit.OutputLock(layout)
+    lock.acquire()
+    try:
+        commit.finalize(layout, [], manifest)  # committed already: moves what it had left to move
+        commit.cleanup_run(layout)
+    finally:
+        lock.release()
 
 
 def _check_still_parent(layout, plan: Plan) -> None:

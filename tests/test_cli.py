@@ -170,7 +170,9 @@ def test_plan_only_never_refuses_and_a_sample_says_so_and_never_replaces_a_full_
 
     root, model, cfg, out, _ = job
     r = run_cli(["run", str(cfg(out, "plan.yaml")), "--plan-only"])
-    assert r.returncode == 0 and "a run would refuse: output" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0 and "nothing new, changed or removed since version 1: up to date" in r.stdout, (r.stdout, r.stderr[-2000:])
+    r = run_cli(["run", str(cfg(out, "plan.yaml")), "--plan-only", "--set", "layers.reduce=max"])
+    assert r.returncode == 0 and "a run would refuse: output" in r.stdout and "extracted differently (differs in layers.reduce" in r.stdout, (r.stdout, r.stderr[-2000:])
     line = _one_line(run_cli(["run", str(cfg(out, "smoke.yaml")), "--max-shards", "1", "--overwrite"]))
     assert "smoke run" in line and "never replaces" in line
     sample = tmp_path / "sample"

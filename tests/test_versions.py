@@ -244,6 +244,11 @@ def test_a_run_that_only_removes_shards(tmp_path, model):
     assert m["delta"] == {"new": 0, "changed": 0, "reused": 1, "removed": 1, "redone": 0}
     assert sorted(_rows(layerbeam.read(str(out)))) == ["a1", "a2"] == sorted(_plain(out))
     assert sorted(_rows(layerbeam.read(str(out), version=1))) == ["a1", "a2", "b1", "b2"]
+    # a commit killed after _SUCCESS, before its cleanup: the next (up-to-date) run finishes it
+    left = Path(f"{out}.layerbeam-staging") / m["run_id"] / "shards"
+    left.mkdir(parents=True)
+    again = _run(pattern, out, model)
+    assert again["_up_to_date"] and again["version"] == 2 and not Path(f"{out}.layerbeam-staging").exists()
 
 
 def test_incremental_on_s3(tmp_path, model, s3_store):
