@@ -206,3 +206,33 @@ def test_match_shards_in_the_pipeline_lists_per_prefix_and_keeps_the_first_shard
         with beam.Pipeline() as p:
             got = p | MatchShards(pattern, "images", 2, cap)
             assert_that(got, equal_to(want))
+
+
+from tests.objectstores import gcs_server, gcs_store, local_store, s3_server, s3_store, store  # noqa: E402,F401
+
+
+def test_folders_on_each_store_list_as_glob_does_and_a_rewrite_is_caught(store):
+    """Local, S3 (moto) and GCS (fake-gcs-server): the per-folder listing resolves to exactly
+    the files fsspec's own glob finds, keeps no listing in the client's cache, and a
+    same-size rewrite (new ETag / generation) is refused."""
+    from layerbeam.transforms.readers import match_shards
+    from layerbeam.transforms.readers.folders import InputChangedError, resolve
+
+    fs = store.fs
+    for name in ("cat/a.png", "cat/b.png", "cat/c.png", "dog/d.png", "dog/old/e.png", "top.png"):
+        if store.name == "local":
+            os.makedirs(os.path.dirname(f"{store.path}/{name}"), exist_ok=True)
+        fs.pipe_file(f"{store.path}/{name}", name.encode())
+    fs.invalidate_cache()
+    shards = match_shards(store.url, "images", 2)
+    got = sorted(p for s in shards for p in resolve(s, store.url).paths)
+    assert not dict(getattr(fs, "dircache", {}))  # no folder's listing was kept by the client
+    want = sorted(p if store.name == "local" else fs.unstrip_protocol(p) for p, i in fs.glob(f"{store.path}/**", detail=True).items() if i["type"] != "directory")
+    assert got == want and len(got) == 6
+    assert [s.span[3] for s in shards if s.span[0].endswith("/cat")] == [2, 1]
+    cat = next(s for s in shards if s.span[0].endswith("/cat") and s.span[3] == 2)
+    fs.pipe_file(f"{store.path}/cat/b.png", b"cat/B.png")  # same size, other bytes
+    if store.name == "local":
+        os.utime(f"{store.path}/cat/b.png", ns=(1, 1))  # mtime (and size) are what a local listing sees
+    with pytest.raises(InputChangedError, match="a file was rewritten"):
+        resolve(cat, store.url)
