@@ -236,3 +236,14 @@ def test_folders_on_each_store_list_as_glob_does_and_a_rewrite_is_caught(store):
         os.utime(f"{store.path}/cat/b.png", ns=(1, 1))  # mtime (and size) are what a local listing sees
     with pytest.raises(InputChangedError, match="a file was rewritten"):
         resolve(cat, store.url)
+
+
+def test_an_output_inside_an_image_folder_is_refused_before_work(tmp_path, model):
+    from layerbeam.config import ConfigError, load_config
+    from layerbeam.plan import prepare
+
+    _tree(tmp_path / "data", {"cat": 1, "dog": 1}, fmt=lambda im: b"x")
+    for out in (tmp_path / "data", tmp_path / "data" / "cat", tmp_path / "data" / "dog" / "out"):
+        with pytest.raises(ConfigError, match=r"choose an output.path outside the input"):
+            prepare(load_config(raw=_config(tmp_path / "data", out, model)))
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["000.png", "000.png", "cat", "dog"]
