@@ -80,6 +80,10 @@ def test_cli_run_over_folders_equals_keras_predict_and_describes_shards_compactl
                      ("dog", "000.png", "001.png", 2), ("dog", "002.png", "002.png", 1), ("owl", "000.png", "000.png", 1),
                      ("pup", "000.png", "001.png", 2)]
     assert all("paths" not in i and i["version"] and i["records"] == i["count"] for i in m["inputs"])
+    from layerbeam.transforms.readers import match_shards, shard_identity
+
+    # what a later version (issue 15) matches shards by: the manifest's entries and a new listing agree
+    assert {shard_identity(i) for i in m["inputs"]} == {shard_identity(s) for s in match_shards(str(tmp_path / "data"), "images", 2)}
     assert m["shards_planned"] == m["shards_total"] == 7 and m["counts"]["rows_written"] == 11
 
 
