@@ -195,17 +195,23 @@ def test_the_launcher_lists_a_bounded_sample_of_many_folders(tmp_path):
     assert full.complete and (full.files, full.shards, full.bytes) == (300, 200, 600)
 
 
-def test_match_shards_in_the_pipeline_lists_per_prefix_and_keeps_the_first_shards(tmp_path):
+@pytest.mark.parametrize("subtrees", [1, 256])
+def test_match_shards_in_the_pipeline_lists_per_prefix_and_keeps_the_first_shards(tmp_path, monkeypatch, subtrees):
+    """Whether the plan walks whole subtrees (few top folders) or lists each folder on its
+    own, the pipeline's listing cuts the same shards; `max_shards` keeps the first ones."""
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
     from layerbeam.transforms.beam import MatchShards
-    from layerbeam.transforms.readers import match_shards
+    from layerbeam.transforms.readers import folders, match_shards
 
-    _tree(tmp_path / "data", {"a": 3, "b": 2, "c": 1}, fmt=lambda im: b"x")
+    _tree(tmp_path / "data", {"a": 3, "b": 2, "c": 1, "a/deep": 2}, fmt=lambda im: b"x")
     pattern = str(tmp_path / "data")
     every = match_shards(pattern, "images", 2)
-    assert len(every) == 4
+    assert [(os.path.relpath(s.span[0], pattern), s.span[3]) for s in every] == [("a", 2), ("a", 1), ("a/deep", 2), ("b", 2), ("c", 1)]
+    monkeypatch.setattr(folders, "MIN_SUBTREES", subtrees)
+    walked = {p.recursive for p in folders.plan_prefixes(pattern)}
+    assert walked == ({True} if subtrees == 1 else {False})  # one walk of the whole tree, or each folder alone
     for cap, want in ((None, every), (3, every[:3])):
         with beam.Pipeline() as p:
             got = p | MatchShards(pattern, "images", 2, cap)

@@ -57,22 +57,44 @@ def _split(pattern: str):
     return fs, path, re.compile(glob_translate(path)), url, local
 
 
+# A `**` walk is spread over at least this many subtrees where the tree allows: each
+# subtree is walked by one worker, so `root/train/<1000 labels>` must not be one subtree.
+MIN_SUBTREES = 256
+# ... found by listing at most this many folders (breadth first) on the planning machine.
+MAX_PLANNING_LISTINGS = 1024
+
+
 def plan_prefixes(pattern: str) -> list[Prefix]:
     """The prefixes to list for `pattern`, sorted; what the launcher (and the pipeline's first
-    step) computes. Lists directories only down to the first glob part: for `root/*/*.jpg`
-    the folders `root/*`; for `root/**` (or a bare folder) `root` itself and each folder in it
-    as a subtree. Never lists a folder's files beyond the one level it has to read."""
+    step) computes. Lists folders only down to the first glob part: for `root/*/*.jpg` the
+    folders `root/*`; for `root/**` (or a bare folder) `root` itself and each folder in it as
+    a subtree, split breadth first into their subfolders until there are `MIN_SUBTREES`
+    subtrees (or the tree has no more folders, or `MAX_PLANNING_LISTINGS` folders were
+    listed). A folder listed here is listed once; its files are never kept.
+
+    Shard ids and spans depend on the folders, not on how they are grouped into prefixes,
+    so a plan that splits differently (a new top folder) cuts the same shards."""
     fs, path, _, url, _ = _split(pattern)
     parts = path.split("/")
-    if any("**" in p for p in parts):
-        k = next(i for i, p in enumerate(parts) if "**" in p)
-        bases = _dirs(fs, "/".join(parts[:k]))
-        out = []
-        for b in bases:
-            out.append(Prefix(url(b), False))
-            out.extend(Prefix(url(d), True) for d in _subdirs(fs, b))
-        return sorted(set(out), key=lambda p: (p.url, p.recursive))
-    return sorted({Prefix(url(d), False) for d in _dirs(fs, "/".join(parts[:-1]) or "/")}, key=lambda p: p.url)
+    if not any("**" in p for p in parts):
+        return sorted({Prefix(url(d), False) for d in _dirs(fs, "/".join(parts[:-1]) or "/")}, key=lambda p: p.url)
+    k = next(i for i, p in enumerate(parts) if "**" in p)
+    flat: list[str] = []  # folders whose own files only are listed
+    subtrees = _dirs(fs, "/".join(parts[:k]))
+    listings = 0
+    # breadth first: replace a subtree by its folder (own files) and its subfolders' subtrees
+    while subtrees and len(subtrees) < MIN_SUBTREES and listings < MAX_PLANNING_LISTINGS:
+        level = []
+        for d in subtrees:
+            if listings >= MAX_PLANNING_LISTINGS:
+                level.append(d)
+                continue
+            listings += 1
+            flat.append(d)
+            level.extend(_subdirs(fs, d))
+        subtrees = level
+    out = {Prefix(url(d), False) for d in flat} | {Prefix(url(d), True) for d in subtrees}
+    return sorted(out, key=lambda p: (p.url, p.recursive))
 
 
 def _dirs(fs, pattern: str) -> list[str]:
