@@ -85,6 +85,16 @@ def test_cli_run_over_folders_equals_keras_predict_and_describes_shards_compactl
     # what a later version (issue 15) matches shards by: the manifest's entries and a new listing agree
     assert {shard_identity(i) for i in m["inputs"]} == {shard_identity(s) for s in match_shards(str(tmp_path / "data"), "images", 2)}
     assert m["shards_planned"] == m["shards_total"] == 7 and m["counts"]["rows_written"] == 11
+    r = run_cli(["show", str(tmp_path / "out")])
+    assert r.returncode == 0 and "rows: 11" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    r = run_cli(["verify", str(tmp_path / "out"), "--sample", "100"])
+    assert r.returncode == 0 and "ok: every output" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    # a smoke run keeps the first shards in path order; the plan says how many of how many
+    r = run_cli(["run", str(cfg), "-q", "--max-shards", "2", "--set", f"output.path={tmp_path / 'smoke'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    smoke = read_manifest(tmp_path / "smoke")
+    assert smoke["sample"] and (smoke["shards_planned"], smoke["shards_total"]) == (2, 7)
+    assert sorted((Path(i["prefix"]).name, i["first"]) for i in smoke["inputs"]) == [("cat", "000.png"), ("cat", "002.png")]
 
 
 def test_a_new_folder_adds_shards_and_a_same_size_rewrite_is_read_again_on_resume(tmp_path, model):
