@@ -59,9 +59,9 @@ def _split(pattern: str):
 
 # A `**` walk is spread over at least this many subtrees where the tree allows: each
 # subtree is walked by one worker, so `root/train/<1000 labels>` must not be one subtree.
-MIN_SUBTREES = 256
+MIN_SUBTREES = 64
 # ... found by listing at most this many folders (breadth first) on the planning machine.
-MAX_PLANNING_LISTINGS = 1024
+MAX_PLANNING_LISTINGS = 256
 
 
 def plan_prefixes(pattern: str) -> list[Prefix]:
