@@ -267,3 +267,30 @@ def test_an_output_inside_an_image_folder_is_refused_before_work(tmp_path, model
         with pytest.raises(ConfigError, match=r"choose an output.path outside the input"):
             prepare(load_config(raw=_config(tmp_path / "data", out, model)))
     assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["000.png", "000.png", "cat", "dog"]
+
+
+def test_an_image_rewritten_between_the_listing_and_its_read_fails_the_run_in_one_line(tmp_path, model, monkeypatch):
+    """The pipeline lists the folders, then (before any shard is read) an image is rewritten
+    in place with the same size: its shard's worker refuses it (one line, a `ConfigError`,
+    which the CLI prints as one `layerbeam: error:` line) and nothing is published."""
+    from layerbeam.config import ConfigError, load_config
+    from layerbeam.run import run_job
+    from layerbeam.transforms.readers import folders
+
+    data = tmp_path / "data"
+    _tree(data, {"cat": 2}, fmt=_bmp, ext="bmp")
+    listed = folders.list_prefix
+
+    def list_then_rewrite(pattern, prefix, files_per_shard):
+        shards = list(listed(pattern, prefix, files_per_shard))
+        target = data / "cat" / "001.bmp"
+        if shards and target.exists():
+            target.write_bytes(_bmp(photo_crops(1, SIZE, seed=77)[0]))
+        return shards
+
+    monkeypatch.setattr(folders, "list_prefix", list_then_rewrite)
+    with pytest.raises(ConfigError) as e:
+        run_job(load_config(raw=_config(data, tmp_path / "out", model)))
+    line = str(e.value).splitlines()[0]
+    assert line.startswith("the images of shard i") and "cat/000.bmp … 001.bmp) changed since the run listed them (a file was rewritten" in line, line
+    assert not (tmp_path / "out").exists()
