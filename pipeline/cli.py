@@ -401,8 +401,12 @@ def _print_plan(console, plan, human) -> None:
         console.print(f"input {name}: {how}", markup=False)
     est = plan.estimated_examples
     proj = plan.projected_bytes
+    listing = getattr(plan, "listing", None)
+    # `images` listed in the pipeline: the launcher's figures come from a sample of folders
+    approx = "~" if listing and not listing["exact"] else ""
+    sampled = f" (from {listing['prefixes_listed']:,} of {listing['prefixes']:,} folders listed)" if approx else ""
     console.print(
-        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
+        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {approx}{plan.shards:,} shards, {approx}{human(plan.input_bytes)} in{sampled}"
         + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else " · dataset size unknown")
         + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
         markup=False,
@@ -411,8 +415,10 @@ def _print_plan(console, plan, human) -> None:
     if d is not None:
         if plan.up_to_date:
             console.print(f"versions: nothing new, changed or removed since version {plan.parent}: up to date", markup=False)
-        elif d.get("rebuild"):
+        elif d.get("rebuild") and plan.config["output"]["overwrite"]:
             console.print(f"versions: --overwrite: all {plan.shards} shards extracted as a new lineage (version {plan.parent + 1}; version {plan.parent} stays readable)", markup=False)
+        elif d.get("rebuild"):  # images: listed in the pipeline, not matched here yet
+            console.print(f"versions: version {plan.parent + 1} from version {plan.parent}: an images input is listed in the pipeline, so all {plan.shards} shards are extracted again", markup=False)
         else:
             console.print(
                 f"versions: version {plan.parent + 1} from version {plan.parent}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
