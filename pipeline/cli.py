@@ -445,9 +445,11 @@ def _loads_note(metrics: dict) -> str:
 
 
 def _print_summary(console, manifest: dict, human, quiet: bool = False) -> None:
+    from .transforms.versions import files_of
+
     c = manifest["counts"]
-    files = manifest["files"]
     out = manifest["config"]["output"]["path"]
+    files = files_of(manifest, out)
     secs = manifest.get("_seconds", 0.0)
     nbytes = sum(f["bytes"] for f in files)
     rate = c["records_read"] / secs if secs else 0.0
@@ -490,7 +492,9 @@ def _show(args) -> int:
     m = out.manifest
     st = out.storage
     console = _console()
-    files = m["files"]
+    from .transforms.versions import files_of, load_version
+
+    files = m["files"] if "files" in m else files_of(m, out.path, load_version(out.path, None)[0])
     nbytes = sum(f["bytes"] for f in files)
     fmt = st["format"] + (f" ({st['encoding']})" if st.get("encoding") else " (compat: plain list<float32>)" if st.get("compat") else "") + (f", {st['compression']}" if st.get("compression") else "")
     model = m["model"]
@@ -576,10 +580,10 @@ def _history(args) -> int:
     print(f"{'version':>7}  {'created':<25}  {'parent':>6}  {'lineage':>7}  {'new':>5}  {'changed':>7}  {'reused':>6}  {'removed':>7}  {'rows':>12}  {'files':>6}")
     for m in versions:
         d = m.get("delta") or {}
-        n = len(m.get("inputs", []))
+        n = len(m["inputs"]) if "inputs" in m else m.get("files_count", 0)
         print(
             f"{manifest_version(m):>7}  {m.get('created', '?'):<25}  {m.get('parent') if m.get('parent') is not None else '-':>6}  {m.get('lineage', manifest_version(m)):>7}  "
-            f"{d.get('new', n) + d.get('redone', 0):>5}  {d.get('changed', 0):>7}  {d.get('reused', 0):>6}  {d.get('removed', 0):>7}  {m['counts']['rows_written']:>12,}  {len(m.get('files', [])):>6}"
+            f"{d.get('new', n) + d.get('redone', 0):>5}  {d.get('changed', 0):>7}  {d.get('reused', 0):>6}  {d.get('removed', 0):>7}  {m['counts']['rows_written']:>12,}  {len(m['files']) if 'files' in m else m.get('files_count', 0):>6}"
         )
     return 0
 

@@ -291,7 +291,10 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
 
     if latest is None:
         return None, ()
-    olds = latest.get("inputs", [])
+    from .transforms.versions import files_of, inputs_of
+
+    root = OutputLayout(latest["config"]["output"]["path"], "").out
+    olds = inputs_of(latest, root)
     if overwrite or shards is None:
         return {"new": len(shards or ()), "changed": 0, "reused": 0, "removed": len(olds), "redone": 0, "rebuild": True}, ()
     by_identity = {shard_identity(i): i for i in olds if i.get("keys") and "version" in i}
@@ -314,7 +317,7 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
         "removed": sum(1 for i in olds if tuple(i.get("paths") or ()) not in new_paths), "redone": len(redone),
     }
     files: dict[str, list] = {}
-    for f in latest.get("files", []):
+    for f in files_of(latest, root):
         files.setdefault(f.get("shard"), []).append({"path": f["path"], "rows": f["rows"], "bytes": f["bytes"]})
     errors: dict[str, list] = {}
     for e in latest.get("shard_errors", []):

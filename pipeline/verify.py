@@ -138,7 +138,9 @@ def _inputs_for(keys: list[str], manifest: dict, shapes: dict, preprocess) -> di
                 found[k] = {next(iter(shapes)): _decode(f.read(), shapes[next(iter(shapes))], cfg, preprocess)}
     else:
         features = cfg["inputs"] or {next(iter(shapes)): cfg["image_feature"]}
-        paths = [p for shard in manifest["inputs"] for p in shard["paths"]]
+        from .transforms.versions import inputs_of
+
+        paths = [p for shard in inputs_of(manifest, manifest["config"]["output"]["path"]) for p in shard["paths"]]
         for p in paths:
             base = posixpath.basename(p)
             for index, record in enumerate(tf.data.TFRecordDataset(p, compression_type=cfg["compression"]).as_numpy_iterator()):

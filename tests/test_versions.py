@@ -251,6 +251,38 @@ def test_a_run_that_only_removes_shards(tmp_path, model):
     assert again["_up_to_date"] and again["version"] == 2 and not Path(f"{out}.layerbeam-staging").exists()
 
 
+def test_big_outputs_keep_their_file_lists_in_sidecars(tmp_path, model, monkeypatch):
+    """Above `versions.FILES_INLINE` files the manifest names Parquet sidecars instead of
+    listing files and inputs (a reader loads one column, not a JSON of every file): the
+    incremental step, read(version=), history and vacuum work the same, and folder readers
+    skip the sidecars (`_`-prefixed)."""
+    import json
+
+    import layerbeam
+    from layerbeam.transforms import versions
+
+    monkeypatch.setattr(versions, "FILES_INLINE", 0)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pattern = f"{inp}/*.tfrecord"
+    _write(inp, "a.tfrecord", ["a1", "a2"], 0)
+    _run(pattern, out, model)
+    v1 = _rows(layerbeam.read(str(out)))
+    _write(inp, "0a.tfrecord", ["a2", "z2"], 2)  # the reused shard a loses a2: rewritten
+    m = _run(pattern, out, model)
+    on_disk = json.loads((out / "_manifest.json").read_text())
+    assert "files" not in on_disk and "inputs" not in on_disk and on_disk["files_count"] == 2
+    assert (out / on_disk["files_file"]).exists() and m["_metrics"]["shards"] == 1
+    _run(pattern, tmp_path / "ref", model)
+    ref = _rows(layerbeam.read(str(tmp_path / "ref")))
+    _same(_rows(layerbeam.read(str(out))), ref)
+    _same(_plain(out), ref)
+    _same(_rows(layerbeam.read(str(out), version=1)), v1)
+    assert run_cli(["history", str(out)]).returncode == 0
+    assert run_cli(["vacuum", str(out), "--keep", "1"]).returncode == 0
+    _same(_rows(layerbeam.read(str(out))), ref)
+
+
 def test_incremental_on_s3(tmp_path, model, s3_store):
     """One incremental step on an S3 API server: equal to a local from-scratch build; the
     first version stays readable from the history prefix."""

@@ -57,7 +57,7 @@ from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
 from .staging import OutputLayout
 from .stats import merge_results
-from .versions import history_root, manifest_version, version_path
+from .versions import history_root, manifest_version, paths_of, referenced, spill, version_path
 
 __all__ = [
     "OutputLock", "commit_run", "inputs_digest", "check_results", "key_parts", "find_repeats",
@@ -747,10 +747,12 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
     fs = layout.fs
     local = is_local(fs)
     final = f"{layout.run_dir}/final" if local else layout.out
-    _apply_final_names(fs, final, manifest, manifest_base.get("run_id", layout.run_id), keep=set() if local or not prev else {f["path"] for f in prev["files"]})
+    _apply_final_names(fs, final, manifest, manifest_base.get("run_id", layout.run_id), keep=set() if local or not prev else set(paths_of(prev, layout.out)))
+    extra = sidecars(manifest["format"], manifest)  # e.g. TFDS's dataset_info.json
+    # a big output's file and input lists go to Parquet sidecars (`versions.spill`)
+    extra.update(spill(manifest, manifest_base.get("run_id", layout.run_id)))
     # compact: a reader loads the manifest whole (~100 B per file instead of ~480 with indent=2)
     data = json.dumps(manifest, separators=(",", ":")).encode()
-    extra = sidecars(manifest["format"], manifest)  # e.g. TFDS's dataset_info.json
     # every version's manifest is kept beside the output (before the switch: a reader that
     # finds version N in <out> finds it in the history too)
     if prev is not None and not fs.exists(version_path(layout.out, pv)):  # written before versions existed
@@ -779,7 +781,7 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
         try:
             with fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
                 old = json.load(f)
-            old_files = [x["path"] for x in old.get("files", [])] + list(old.get("dead_letter_files", []))
+            old_files = sorted(referenced(old, layout.out))
         except (OSError, ValueError):
             old_files = []
         fs.pipe_file(replaced, json.dumps(old_files).encode())
@@ -848,10 +850,8 @@ def _retire_old(layout: OutputLayout) -> None:
     except (OSError, ValueError):
         before = now = None
     if before and now:
-        from .versions import referenced
-
         hist = history_root(layout.out)
-        for rel in sorted(referenced(before) - referenced(now)):
+        for rel in sorted(referenced(before, old) - referenced(now, layout.out)):
             src = f"{old}/{rel}"
             if os.path.exists(src):
                 os.makedirs(os.path.dirname(f"{hist}/{rel}"), exist_ok=True)
@@ -870,7 +870,7 @@ def _drop_replaced(layout: OutputLayout) -> None:
         old = set(json.load(f))
     with fs.open(f"{layout.out}/{layout.MANIFEST}", "r") as f:
         m = json.load(f)
-    keep = {x["path"] for x in m["files"]} | set(m.get("dead_letter_files", []))
+    keep = referenced(m, layout.out)
     gone = sorted(old - keep)
     hist = history_root(layout.out)
 

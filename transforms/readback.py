@@ -43,6 +43,7 @@ class Output:
     # relative paths of this version's files that left the latest version: they are read
     # from the history folder beside the output (`versions.history_root`)
     in_history: frozenset = frozenset()
+    relative: tuple[str, ...] = ()  # the files' paths relative to the version's root
 
     @property
     def version(self) -> int:
@@ -81,7 +82,7 @@ def open_output(path: str, version: int | None = None) -> Output:
         OutputError: no `_SUCCESS` (the run is unfinished or failed), or no manifest, or a
             manifest written before layerbeam stored the feature spec, or no such version.
     """
-    from .versions import history_root, load_version, resolve
+    from .versions import history_root, load_version, paths_of, resolve
 
     root = path.rstrip("/")
     fs, fs_root = fsspec_fs(root)
@@ -97,9 +98,13 @@ def open_output(path: str, version: int | None = None) -> Output:
             raise OutputError(f"{path!r} has _SUCCESS but no _manifest.json; it was not written by layerbeam, read it with pyarrow directly") from None
     if "storage" not in manifest:
         raise OutputError(f"{path!r}: the manifest has no 'storage' spec (written by an older layerbeam); re-run the job to read it back here")
-    files = tuple(resolve(root, manifest, latest, f["path"]) for f in manifest["files"])
-    hist = history_root(root)
-    in_history = frozenset(f["path"] for f, full in zip(manifest["files"], files) if full.startswith(hist + "/"))
+    rel = paths_of(manifest, root, latest)  # a big output's come from its sidecar (one column)
+    if manifest is latest:  # every file in <out>
+        files, in_history = tuple(f"{root}/{p}" for p in rel), frozenset()
+    else:
+        files = tuple(resolve(root, manifest, latest, p) for p in rel)
+        hist = history_root(root)
+        in_history = frozenset(p for p, full in zip(rel, files) if full.startswith(hist + "/"))
     if manifest.get("sample"):
         import warnings
 
@@ -110,7 +115,7 @@ def open_output(path: str, version: int | None = None) -> Output:
             SampleWarning,
             stacklevel=3,
         )
-    return Output(root, manifest, files, in_history)
+    return Output(root, manifest, files, in_history, tuple(rel))
 
 
 class SampleWarning(UserWarning):

@@ -145,7 +145,7 @@ def resolve(out: str, manifest: Mapping, latest: Mapping, rel: str) -> str:
     """Where file `rel` of `manifest` lies: in `<out>/` if the latest version lists it, else
     in the history folder."""
     root = out.rstrip("/")
-    if manifest is latest or rel in _latest_paths(latest):
+    if manifest is latest or rel in _latest_paths(latest, root):
         return f"{root}/{rel}"
     return f"{history_root(root)}/{rel}"
 
@@ -153,17 +153,89 @@ def resolve(out: str, manifest: Mapping, latest: Mapping, rel: str) -> str:
 _PATHS: dict[int, frozenset] = {}
 
 
-def _latest_paths(latest: Mapping) -> frozenset:
+def _latest_paths(latest: Mapping, root: str) -> frozenset:
     key = id(latest)
     if key not in _PATHS:
         _PATHS.clear()
-        _PATHS[key] = frozenset([f["path"] for f in latest.get("files", [])] + list(latest.get("dead_letter_files", [])))
+        _PATHS[key] = frozenset(referenced(latest, root))
     return _PATHS[key]
 
 
-def referenced(m: Mapping) -> set[str]:
-    """Relative paths a version needs: data files, dead-letter files."""
-    return {f["path"] for f in m.get("files", [])} | set(m.get("dead_letter_files", []))
+# ------------------------------------------------------------------ the manifest's big lists
+#
+# A reader loads `_manifest.json` whole. Above FILES_INLINE files or input shards, the
+# per-file and per-input lists go to Parquet sidecars beside it (`_files-<run>.parquet`,
+# `_inputs-<run>.parquet`: `_`-prefixed, so folder readers skip them; named per run, so an
+# object store's one-PUT manifest switch never pairs a manifest with another version's list),
+# and the manifest names them (`files_file`, `inputs_file`, with `files_count`). A reader
+# then loads only the path column. Every consumer goes through `files_of` / `inputs_of`.
+
+FILES_INLINE = 10_000
+
+
+def spill(manifest: dict, run_id: str) -> dict[str, bytes]:
+    """Move a big manifest's `files` and `inputs` into sidecars; return {name: bytes}."""
+    files, inputs = manifest.get("files", []), manifest.get("inputs", [])
+    if len(files) <= FILES_INLINE and len(inputs) <= FILES_INLINE:
+        return {}
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(table) -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+
+    names = {"files": f"_files-{run_id[:8]}.parquet", "inputs": f"_inputs-{run_id[:8]}.parquet"}
+    out = {
+        names["files"]: parquet(pa.table({
+            "path": [f["path"] for f in files], "rows": pa.array([f["rows"] for f in files], pa.int64()),
+            "bytes": pa.array([f["bytes"] for f in files], pa.int64()), "shard": [f.get("shard") for f in files],
+        })),
+        # entries differ by input kind (paths or an image span): one JSON document each
+        names["inputs"]: parquet(pa.table({"shard": [i["shard"] for i in inputs], "entry": [json.dumps(i, separators=(",", ":")) for i in inputs]})),
+    }
+    del manifest["files"], manifest["inputs"]
+    manifest.update(files_file=names["files"], files_count=len(files), inputs_file=names["inputs"])
+    return out
+
+
+def _sidecar(m: Mapping, root: str, latest: Mapping | None, name: str, columns=None):
+    import pyarrow.parquet as pq
+
+    where = f"{root.rstrip('/')}/{name}" if latest is None else resolve(root, m, latest, name)
+    fs, path = fsspec_fs(where)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def files_of(m: Mapping, root: str, latest: Mapping | None = None) -> list[dict]:
+    """A manifest's `files` (`root`: the folder its sidecar is in, or the output with
+    `latest`, the latest version's manifest, for an earlier version's)."""
+    if "files" in m:
+        return m["files"]
+    return _sidecar(m, root, latest, m["files_file"]).to_pylist()
+
+
+def paths_of(m: Mapping, root: str, latest: Mapping | None = None) -> list[str]:
+    """The relative paths of a manifest's data files (only that column is read)."""
+    if "files" in m:
+        return [f["path"] for f in m["files"]]
+    return _sidecar(m, root, latest, m["files_file"], ["path"]).column("path").to_pylist()
+
+
+def inputs_of(m: Mapping, root: str, latest: Mapping | None = None) -> list[dict]:
+    if "inputs" in m:
+        return m["inputs"]
+    return [json.loads(e) for e in _sidecar(m, root, latest, m["inputs_file"], ["entry"]).column("entry").to_pylist()]
+
+
+def referenced(m: Mapping, root: str, latest: Mapping | None = None) -> set[str]:
+    """Relative paths a version needs: data files, dead-letter files, its sidecars."""
+    own = {m[k] for k in ("files_file", "inputs_file") if m.get(k)}
+    return set(paths_of(m, root, latest)) | set(m.get("dead_letter_files", [])) | own
 
 
 def vacuum(out: str, keep: int) -> dict:
@@ -188,8 +260,9 @@ def vacuum(out: str, keep: int) -> dict:
     lock.acquire()
     try:
         kept, dropped = versions[-keep:], versions[:-keep]
-        need = set().union(*(referenced(m) for m in kept))
-        need |= {i["keys"] for m in kept for i in m.get("inputs", []) if i.get("keys")}
+        latest = versions[-1]
+        need = set().union(*(referenced(m, root, latest) for m in kept))
+        need |= {i["keys"] for m in kept for i in inputs_of(m, root, latest) if i.get("keys")}
         hist = history_root(root)
         try:
             found = fs.find(hist, detail=True)

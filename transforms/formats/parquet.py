@@ -233,7 +233,7 @@ def arrow_dataset(out):
     fs, root = arrow_fs(out.path)
     parts = [c for c in out.columns if c["role"] == "partition"]
     partitioning = ds.partitioning(pa.schema([(c["name"], _ARROW[c["dtype"]]) for c in parts]), flavor="hive") if parts else None
-    rel = [f["path"] for f in out.manifest["files"]]
+    rel = list(getattr(out, "relative", ()) or [f["path"] for f in out.manifest["files"]])
     in_history = getattr(out, "in_history", frozenset())
     here = [posixpath.join(root, p) for p in rel if p not in in_history]
     if not in_history:
