@@ -41,6 +41,7 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
     tiny row per file but reports `rows` in the marker's counts (for the RSS benchmark:
     what grows is the key hashes, which are written in full).
     """
+    from layerbeam.transforms._fs import content_id
     from layerbeam.transforms.readers import Shard
     from layerbeam.transforms.staging import OutputLayout, key_hashes
 
@@ -66,7 +67,9 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
             table = pa.table({"key": pa.array(list(part), pa.string()), "v": pa.array(np.arange(len(part), dtype=np.float32))})
             with fs.open(path, "wb") as f:
                 pq.write_table(table, f)
-            files.append({"path": name, "final_path": name, "rows": len(part), "bytes": fs.size(path)})
+            info = fs.info(path)  # as the Parquet writer does: size and the store's identity of the bytes
+            cid = content_id(fs, info)
+            files.append({"path": name, "final_path": name, "rows": len(part), "bytes": int(info["size"]), **({"content_id": cid} if cid else {})})
         n = sum(f["rows"] for f in files)
         if write_rows:
             layout.write_keys(sid, attempt, key_hashes(keys), np.arange(n, dtype=np.int64))
@@ -154,6 +157,72 @@ def bench_wall(files: int) -> None:
         t = time.perf_counter()
         counts = commit_run(results, listed, manifest_base(out, "wall000000000000"), "wall000000000000")
         print(json.dumps({"store": "local", "files": files, "stage_s": round(staged, 1), "commit_s": round(time.perf_counter() - t, 2), "rows": counts["rows_written"]}))
+
+
+STEPS = ("check", "keys", "publish", "finalize", "cleanup")
+
+
+def count_commit(store, files: int, files_per_shard: int, run_id: str = "rq", replace: int = 0) -> dict:
+    """Stage `files` data files (`files_per_shard` per shard) on `store` (a
+    tests/objectstores.py `Store`) and commit them step by step, counting each step's requests
+    at the server. `replace`: first commit an output of that many one-file shards, so the
+    measured commit is an overwrite (`finalize` then deletes the old files).
+
+    Returns {step: RequestCount, "files": files}; `commit` is everything from the check to
+    `_SUCCESS`, `cleanup` the staging deletes after it."""
+    from scripts._request_counter import count_requests
+
+    from layerbeam.transforms import commit
+    from layerbeam.transforms.staging import OutputLayout
+
+    out = f"{store.url}/out-{run_id}"
+    if replace:
+        old, old_shards = stage_run(out, f"{run_id}old", replace, 2)
+        commit.commit_run(old, old_shards, manifest_base(out, f"{run_id}old"), f"{run_id}old")
+    results, shards = stage_run(out, run_id, files // files_per_shard, 8, files_per_shard=files_per_shard)
+    layout = OutputLayout(out, run_id)
+    base = manifest_base(out, run_id, overwrite=bool(replace))
+    got: dict = {"files": files, "files_per_shard": files_per_shard}
+    with count_requests(store=store.name) as c:
+        assert commit.check_results([commit.brief(r) for r in results], shards, base, run_id)
+    got["check"] = c
+    with count_requests(store=store.name) as c:
+        buckets: dict = {}
+        for r in results:  # a worker per shard in the Beam job
+            for b, part in commit.key_parts(layout, r):
+                buckets.setdefault(b, []).append(part)
+        assert not any(commit.find_repeats(p) for p in buckets.values())
+    got["keys"] = c
+    with count_requests(store=store.name) as c:
+        summaries = [commit.publish_shard(layout, r, ()) for r in results]  # a worker per shard
+    got["publish"] = c
+    with count_requests(store=store.name) as c:
+        commit.finalize(layout, summaries, base)
+    got["finalize"] = c
+    with count_requests(store=store.name) as c:
+        for r in results:
+            commit.cleanup_shard(layout, r["shard"])
+        commit.cleanup_run(layout)
+    got["cleanup"] = c
+    return got
+
+
+def requests_table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table of `count_commit` results: requests by step, and per data file."""
+    head = "| store | files (per shard) | " + " | ".join(STEPS) + " | per file (keys + publish) | per run (check + finalize) | kinds (check → finalize) |"
+    lines = [head, "|" + "---|" * (len(STEPS) + 5)]
+    for name, g in rows:
+        n = g["files"]
+        per = {k: g[k].total for k in STEPS}
+        kinds: dict = {}
+        for k in STEPS[:-1]:
+            for kind, v in g[k].by_kind.items():
+                kinds[kind] = kinds.get(kind, 0) + v
+        lines.append(
+            f"| {name} | {n} ({g['files_per_shard']}) | " + " | ".join(str(per[k]) for k in STEPS)
+            + f" | **{(per['keys'] + per['publish']) / n:.2f}** | {per['check'] + per['finalize']} | {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))} |"
+        )
+    return "\n".join(lines)
 
 
 def bench_requests(files: int) -> None:
