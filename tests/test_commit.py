@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -129,6 +130,82 @@ def test_a_footer_that_disagrees_with_the_result_is_refused(local_store):
     lied = dict(results[0], files=[dict(results[0]["files"][0], rows=ROWS + 1)], rows=ROWS + 1, read=ROWS + 1)
     with pytest.raises(CommitError, match=f"holds {ROWS} rows but its attempt reported {ROWS + 1}"):
         commit_run([lied, results[1]], shards, manifest_base(out, "r3"), "r3")
+
+
+def _stage_tfrecord(store, out: str, run_id: str, records: list[bytes]) -> tuple[dict, list, str, bytes]:
+    """One shard staged as a worker leaves it, with one uncompressed TFRecord file (framed
+    here with TFRecord's masked CRC-32Cs, no TensorFlow): (result, shards, staged path, bytes)."""
+    import struct
+
+    from layerbeam.transforms._fs import content_id
+    from layerbeam.transforms.readers import Shard
+    from layerbeam.transforms.readers.framing import _masked_crc
+    from layerbeam.transforms.staging import OutputLayout, key_hashes
+
+    data, last = b"", 0
+    for r in records:
+        last = len(data)
+        head = struct.pack("<Q", len(r))
+        data += head + struct.pack("<I", _masked_crc(head)) + r + struct.pack("<I", _masked_crc(r))
+    layout = OutputLayout(out, run_id)
+    attempt = layout.new_attempt()
+    name = f"part-{run_id[:8]}-s00000-0.tfrecord"
+    path = f"{layout.shard_dir('s00000', attempt)}/{name}"
+    store.fs.makedirs(os.path.dirname(path), exist_ok=True)
+    store.fs.pipe_file(path, data)
+    layout.write_keys("s00000", attempt, key_hashes([f"k{i}" for i in range(len(records))]), np.arange(len(records)))
+    info = store.fs.info(path)
+    f = {"path": name, "final_path": name, "rows": len(records), "bytes": len(data), "last_record": last}
+    if content_id(store.fs, info):
+        f["content_id"] = content_id(store.fs, info)
+    r = {"shard": "s00000", "paths": ["in/s00000.tfrecord"], "bytes_in": 100, "read": len(records), "rows": len(records), "dead_letters": 0, "dead_reasons": {},
+         "shard_errors": [], "files": [f], "model_fingerprint": "fp", "seconds": 0.0, "timing": None, "resumed": False, "attempt": attempt, "input_version": ""}
+    layout.write_marker("s00000", r)
+    return r, [Shard("s00000", ("in/s00000.tfrecord",), 100)], path, data
+
+
+@pytest.mark.parametrize("damage", ["truncated", "padded"])
+def test_a_damaged_staged_tfrecord_file_is_refused(store, damage):
+    """A staged TFRecord file cut inside its last record, or with bytes after it, is refused
+    with a one-line `CommitError` on every store: against the attempt's report (locally the
+    size and the framing; on S3 and GCS the copy's response against the content id), and,
+    where the store gives no content id (an S3 multipart ETag, another file system) or the
+    report's size was taken from the damaged file, by the last record's 12-byte header read
+    by range (`last_record`). The intact file then commits."""
+    from layerbeam.transforms.commit import commit_run
+    from layerbeam.transforms.errors import CommitError
+
+    out = _out(store)
+    base = manifest_base(out, "t1")
+    base["config"]["output"]["format"] = "tfrecord"
+    base["storage"] = {"compression": None, "columns": []}
+    records = [bytes([i]) * (20 + 7 * i) for i in range(5)]
+    r, shards, path, data = _stage_tfrecord(store, out, "t1", records)
+    bad = data[:-9] if damage == "truncated" else data + b"\0" * 9
+    store.fs.pipe_file(path, bad)
+    store.fs.invalidate_cache()
+    with pytest.raises(CommitError) as e:
+        commit_run([r], shards, base, "t1")  # the attempt's report: the intact file
+    assert "\n" not in str(e.value) and "it was not committed" in str(e.value), str(e.value)
+    # a report that matches the damaged file's size and carries no content id
+    f = {k: v for k, v in r["files"][0].items() if k != "content_id"}
+    lied = dict(r, files=[dict(f, bytes=len(bad))])
+    with pytest.raises(CommitError, match="is not the TFRecord file its attempt wrote|framing does not end at the file's end") as e:
+        commit_run([lied], shards, base, "t1")
+    assert "\n" not in str(e.value)
+    print(f"\n{store.name} {damage}: {e.value}")
+    assert not store.fs.exists(f"{store.path}/out/_SUCCESS")
+    store.fs.pipe_file(path, data)
+    store.fs.invalidate_cache()
+    overwrite = dict(base, config=dict(base["config"], output=dict(base["config"]["output"], overwrite=True)))
+    for with_id in (True, False):
+        report = r if with_id else dict(r, files=[{k: v for k, v in r["files"][0].items() if k != "content_id"}])
+        assert commit_run([report], shards, overwrite, "t1")["rows_written"] == 5
+        m = json.loads(store.fs.cat(f"{store.path}/out/_manifest.json"))
+        assert store.fs.cat(f"{store.path}/out/{m['files'][0]['path']}") == data
+        assert _staging_left(store, out) == []
+        store.fs.rm(f"{store.path}/out", recursive=True)
+        r, shards, path, _ = _stage_tfrecord(store, out, "t1", records)
 
 
 _KILL = textwrap.dedent(

@@ -492,7 +492,8 @@ def _verify(fs, path: str, f: Mapping, listed: Mapping, shard: str) -> None:
     elif path.endswith(".tfrecord") and is_local(fs):
         n = framed_records(path)
         if n != f["rows"]:
-            raise CommitError(f"shard {shard}: {path} holds {n} well-framed records but its attempt reported {f['rows']}; it was not committed. Delete the shard's marker and re-run")
+            held = f"{n} well-framed records" if n >= 0 else "records whose framing does not end at the file's end (cut inside a record, or bytes after the last)"
+            raise CommitError(f"shard {shard}: {path} holds {held} but its attempt reported {f['rows']}; it was not committed. Delete the shard's marker and re-run")
     elif path.endswith(".tfrecord") and f.get("last_record") is not None:
         # one 12-byte range read: the last record's header must frame a record ending at the
         # file's end (a truncated or padded file fails; a full scan would move the data here)
