@@ -192,17 +192,26 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
     keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
+    # each file's committed name, where the format names files over the whole output (TFDS
+    # names for TFRecord): given at publishing, so finalize renames nothing
+    fmt = manifest_base["config"]["output"]["format"]
+    names = (
+        dicts
+        | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]}))
+        | "AllFileLists" >> beam.combiners.ToList()
+        | "FinalNames" >> beam.Map(lambda rs: commit.final_names([x.value for x in rs], fmt, run_id))
+    )
 
-    def publish(kv, go):
+    def publish(kv, go, names):
         shard, grouped = kv
         (r,) = grouped["result"]
         if go:  # False: this run's output is committed already
-            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part]))
+            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part], names=names.get(shard)))
 
     summaries = (
         {"result": keyed, "lost": lost}
         | "Join" >> beam.CoGroupByKey()
-        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict))
+        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
     counts = (
         summaries

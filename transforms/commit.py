@@ -61,7 +61,7 @@ from .stats import merge_results
 
 __all__ = [
     "OutputLock", "commit_run", "inputs_digest", "check_results", "key_parts", "find_repeats",
-    "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
+    "final_names", "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
 ]
 
 # Hash buckets of the distributed duplicate-key check: at 10^9 rows a bucket holds ~4 M rows
@@ -378,7 +378,24 @@ def find_repeats(parts: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> list[tu
 # ---------------------------------------------------------------------------- 3. publish
 
 
-def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, int, str, int]] = (), verify: bool = True) -> dict:
+def final_names(results: Iterable, fmt: str, run_id: str) -> dict[str, dict[str, str]]:
+    """shard → {staged path: committed path} of every data file whose format names files over
+    the whole output (TFRecord's TFDS names `…-00000-of-00004` need the run's file count),
+    in the order `finalize` lists them (by shard, then as written), so `publish_shard` copies
+    each file to its final name once and `finalize`'s renaming finds nothing left to do (on
+    object stores a rename there is a copy and a delete per file, on one worker). Small:
+    one entry per file, like the manifest."""
+    by_shard = sorted((r.to_dict() if hasattr(r, "to_dict") else r for r in results), key=lambda r: r["shard"])
+    staged = [(r["shard"], f["path"]) for r in by_shard for f in r["files"]]
+    names = final_paths(fmt, [p for _, p in staged], run_id)
+    out: dict[str, dict[str, str]] = {}
+    for (shard, old), new in zip(staged, names):
+        if new != old:
+            out.setdefault(shard, {})[old] = new
+    return out
+
+
+def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, int, str, int]] = (), verify: bool = True, names: Mapping[str, str] | None = None) -> dict:
     """Put one shard's accepted attempt in place; return the shard's small summary.
 
     The accepted attempt is the one named by `result` (the `ShardResult` that reached the
@@ -388,6 +405,9 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     takes one operation: a rename into `<run>/final/` (local) or a server-side copy into
     `<out>/` (object stores). Other attempts' files of the shard are deleted.
 
+    `names`: the shard's `final_names` (staged path → committed path), where the format
+    names files over the whole output.
+
     Raises:
         CommitError: a file of the accepted attempt is missing or differs from the result.
     """
@@ -396,7 +416,7 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     local = is_local(fs)
     src_dir = layout.shard_dir(shard, attempt)
     dest_root = f"{layout.run_dir}/final" if local else layout.out
-    files = [dict(f) for f in r["files"]]
+    files = [dict(f, final_path=(names or {}).get(f["path"], f["final_path"])) for f in r["files"]]
     dead_src = layout.dead_file(shard, attempt)
     dead_name = f"{layout.DEAD_DIR}/{shard}-{layout.run_id[:8]}.parquet"
     dead_dst = f"{dest_root}/{dead_name}"
@@ -777,8 +797,9 @@ def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str,
     for b in sorted(buckets):
         for shard, rows in find_repeats(buckets.pop(b)):
             repeats.setdefault(shard, []).extend(rows)
+    names = final_names(results, manifest_base["config"]["output"]["format"], run_id)
     with ThreadPoolExecutor(max(1, min(threads, len(results)))) as pool:
-        summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ())), results))
+        summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ()), names=names.get(r["shard"])), results))
     counts = finalize(layout, summaries, manifest_base)
     cleanup_run(layout)
     return counts
