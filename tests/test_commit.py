@@ -239,6 +239,36 @@ def test_tfrecord_files_take_their_final_names_when_published(s3_store, gcs_stor
         assert per[0] == per[1], per
 
 
+def test_an_overwrite_deletes_the_old_files_1000_per_request(s3_store):
+    """The replaced output's files go after `_SUCCESS`, from the finalize step, in S3
+    DeleteObjects requests of 1,000 keys: 2 for 1,001 old files. (gcsfs sends GCS's batch
+    requests of 100 deletes only to storage.googleapis.com; on fake-gcs-server it deletes one
+    object per request.)"""
+    from layerbeam.transforms import commit
+    from layerbeam.transforms.staging import OutputLayout
+
+    st = s3_store
+    out = f"{st.url}/out"
+    old = [f"part-old-{i:05d}.parquet" for i in range(1001)]
+    st.fs.pipe({f"{st.path}/out/{p}": b"x" for p in old})
+    st.fs.pipe_file(f"{st.path}/out/_manifest.json", json.dumps({"run_id": "old", "files": [{"path": p} for p in old], "dead_letter_files": []}).encode())
+    st.fs.pipe_file(f"{st.path}/out/_SUCCESS", b"")
+    results, shards = stage_run(out, "ow", 2, 5)
+    base = manifest_base(out, "ow", overwrite=True)
+    layout = OutputLayout(out, "ow")
+    assert commit.check_results([commit.brief(r) for r in results], shards, base, "ow")
+    summaries = [commit.publish_shard(layout, r) for r in results]
+    with count_requests(store="s3") as c:
+        commit.finalize(layout, summaries, base)
+    print(f"\nfinalize of an overwrite of 1,001 files: {c.summary()}")
+    # 2 for the 1,001 old files, 1 for the run's record of them (`_replaced.json`)
+    assert c.by_kind.get("delete_batch") == 3 and not c.by_kind.get("delete"), c.by_kind
+    st.fs.invalidate_cache()
+    left = sorted(p.rsplit("/", 1)[1] for p in st.fs.find(f"{st.path}/out"))
+    m = json.loads(st.fs.cat(f"{st.path}/out/_manifest.json"))
+    assert left == sorted(["_SUCCESS", "_manifest.json", *(f["path"] for f in m["files"])])
+
+
 _KILL = textwrap.dedent(
     """
     import json, os, signal, sys
