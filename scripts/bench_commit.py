@@ -4,6 +4,7 @@ hashes, markers, as workers leave them) committed by the real commit code.
     python scripts/bench_commit.py rss --rows 1000000 10000000      # peak RSS of the final step
     python scripts/bench_commit.py requests --files 200             # storage requests per data file (local, S3, GCS)
     python scripts/bench_commit.py wall --files 10000               # wall time of the commit, local disk
+    python scripts/bench_commit.py wall --files 2000 --store s3 gcs # ... on the S3 and GCS API servers
 
 `rss` runs each step in a fresh process and prints the peak RSS of the final step
 (`finalize`, the only step on one worker) and of the largest dedupe bucket. `requests`
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,7 @@ def manifest_base(out: str, run_id: str, overwrite: bool = False) -> dict:
     }
 
 
-def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int = 0, files_per_shard: int = 1, write_rows: bool = True) -> tuple[list[dict], list]:
+def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int = 0, files_per_shard: int = 1, write_rows: bool = True, threads: int = 1) -> tuple[list[dict], list]:
     """Stage `shards` shards of `rows` rows as workers would; return (results, shards).
 
     `repeat_every`: every that many shards, the shard's first 10 keys repeat the previous
@@ -48,7 +50,8 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
     layout = OutputLayout(out, run_id)
     fs = layout.fs
     results, listed = [], []
-    for i in range(shards):
+
+    def one(i: int):
         sid = f"s{i:05d}"
         attempt = layout.new_attempt()
         start = i * rows
@@ -79,8 +82,13 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
         r = {"shard": sid, "paths": [f"in/{sid}.tfrecord"], "bytes_in": 100, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
              "shard_errors": [], "files": files, "model_fingerprint": "fp", "seconds": 0.0, "timing": None, "resumed": False, "attempt": attempt, "input_version": ""}
         layout.write_marker(sid, r)
-        results.append(r)
-        listed.append(Shard(sid, (f"in/{sid}.tfrecord",), 100))
+        return r, Shard(sid, (f"in/{sid}.tfrecord",), 100)
+
+    # workers stage in parallel; a pool keeps staging 10^4 shards on an API server in minutes
+    with ThreadPoolExecutor(threads) as pool:
+        for r, sh in pool.map(one, range(shards)):
+            results.append(r)
+            listed.append(sh)
     return results, listed
 
 
@@ -146,13 +154,26 @@ def bench_rss(rows_list: list[int], shards: int) -> None:
                 print(json.dumps({"rows": rows, "shards": shards, **json.loads(p.stdout.strip().splitlines()[-1])}))
 
 
-def bench_wall(files: int) -> None:
+def bench_wall(files: int, stores: list[str] | None = None) -> None:
+    stores = stores or ["local"]
+    if set(stores) - {"local"}:  # the API servers are the tests' fixtures: run through pytest
+        import pytest
+
+        os.environ["BENCH_WALL_FILES"] = str(files)
+        os.environ["BENCH_WALL_STORES"] = ",".join(s for s in stores if s != "local")
+        code = pytest.main(["-q", "-s", "-p", "no:cacheprovider", os.path.join(os.path.dirname(__file__), "..", "tests", "test_commit.py"), "-k", "wall_time"])
+        if code or "local" not in stores:
+            sys.exit(code)
+    _bench_wall_local(files)
+
+
+def _bench_wall_local(files: int) -> None:
     from layerbeam.transforms.commit import commit_run
 
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/out"
         t = time.perf_counter()
-        results, listed = stage_run(out, "wall000000000000", files, 10)
+        results, listed = stage_run(out, "wall000000000000", files, 10, threads=4)
         staged = time.perf_counter() - t
         t = time.perf_counter()
         counts = commit_run(results, listed, manifest_base(out, "wall000000000000"), "wall000000000000")
@@ -225,6 +246,31 @@ def requests_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def wall_on_store(store, files: int, threads: int = 16) -> dict:
+    """Stage `files` one-file shards on `store` (a tests/objectstores.py `Store`) and time
+    `commit_run` (the in-process commit: key reads and publishing on `threads` threads),
+    counting its requests at the server: their number, how many were in flight at once, and
+    their mean latency (the figures that scale it to other sizes and round-trip times)."""
+    from scripts._request_counter import count_requests
+
+    from layerbeam.transforms.commit import commit_run
+
+    out, run_id = f"{store.url}/wall", "wall000000000000"
+    t = time.perf_counter()
+    results, listed = stage_run(out, run_id, files, 10, threads=threads)
+    staged = time.perf_counter() - t
+    with count_requests(store=store.name) as c:
+        t = time.perf_counter()
+        counts = commit_run(results, listed, manifest_base(out, run_id), run_id, threads=threads)
+        took = time.perf_counter() - t
+    lat = [r.end - r.start for r in c.requests]
+    return {
+        "store": store.name, "files": files, "threads": threads, "stage_s": round(staged, 1), "commit_s": round(took, 2), "rows": counts["rows_written"],
+        "requests": c.total, "per_file": round(c.total / files, 3), "peak_in_flight": c.peak_concurrency,
+        "mean_latency_ms": round(1000 * sum(lat) / max(1, len(lat)), 2), "kinds": c.by_kind,
+    }
+
+
 def bench_requests(files: int) -> None:
     import pytest
 
@@ -238,6 +284,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--store", nargs="*", default=["local"], choices=["local", "s3", "gcs"], help="wall: where to stage and commit")
     ap.add_argument("--child")
     ap.add_argument("--state")
     args = ap.parse_args()
@@ -246,7 +293,7 @@ def main() -> None:
     if args.what == "rss":
         bench_rss(args.rows, args.shards)
     elif args.what == "wall":
-        bench_wall(args.files)
+        bench_wall(args.files, args.store)
     elif args.what == "requests":
         bench_requests(args.files)
 

@@ -457,6 +457,23 @@ def test_requests_per_file(s3_store, gcs_store, request):
     print("\n" + requests_table(rows))
 
 
+def test_wall_time(s3_store, gcs_store):
+    """The in-process commit of one-file shards on S3 and GCS (`bench_commit.py wall --store
+    s3 gcs` runs it with more files): its requests run in parallel, ~2 per file (the key
+    hashes' GET and the copy) plus a few for the run and the batched staging deletes."""
+    from scripts.bench_commit import wall_on_store
+
+    n = int(os.environ.get("BENCH_WALL_FILES", "32"))
+    for st in (s3_store, gcs_store):
+        if st.name not in os.environ.get("BENCH_WALL_STORES", "s3,gcs").split(","):
+            continue
+        got = wall_on_store(st, n)
+        print("\n" + json.dumps(got))
+        assert got["peak_in_flight"] > 1 and got["rows"] == 10 * n
+        # GCS: fake-gcs-server gets one DELETE per staged object (gcsfs batches only on GCS)
+        assert got["kinds"]["copy"] == n and got["kinds"]["get"] <= n + 4, got["kinds"]
+
+
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory):
     """4 TFRecord shards of 3 records (one key repeated across shards), the tiny model, and a

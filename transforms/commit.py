@@ -790,15 +790,17 @@ def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str,
         cleanup_run(layout)
         return counts
     buckets: dict[int, list] = {}
-    for r in results:
-        for b, part in key_parts(layout, r, DEDUPE_BUCKETS):
-            buckets.setdefault(b, []).append(part)
     repeats: dict[str, list] = {}
-    for b in sorted(buckets):
-        for shard, rows in find_repeats(buckets.pop(b)):
-            repeats.setdefault(shard, []).extend(rows)
     names = final_names(results, manifest_base["config"]["output"]["format"], run_id)
     with ThreadPoolExecutor(max(1, min(threads, len(results)))) as pool:
+        # one GET per shard, in flight together (on an object store, in sequence they would
+        # take a round trip each)
+        for parts in pool.map(lambda r: list(key_parts(layout, r, DEDUPE_BUCKETS)), results):
+            for b, part in parts:
+                buckets.setdefault(b, []).append(part)
+        for b in sorted(buckets):
+            for shard, rows in find_repeats(buckets.pop(b)):
+                repeats.setdefault(shard, []).extend(rows)
         summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ()), names=names.get(r["shard"])), results))
     counts = finalize(layout, summaries, manifest_base)
     cleanup_run(layout)
