@@ -13,12 +13,15 @@ The steps, each idempotent (a step killed at any moment and run again ends the s
    shard (in shard order) wrote becomes a `duplicate_key` dead letter of the later shard.
    Memory per bucket: ~100 bytes per row of that bucket.
 3. `publish_shard` (per shard, in parallel): the files of the attempt whose result reached
-   the commit are checked against that result (size; Parquet footer row count), filtered of
+   the commit are checked against that result (locally size, Parquet footer row count and
+   TFRecord framing; on object stores the copy's response against the store's identity of
+   the bytes the attempt reported, else size, footer and the last TFRecord header), filtered of
    repeated keys where a bucket found some (only those shards are rewritten), and put in
    place with one operation per file: a rename into `<run>/final/` on a local file system,
    one server-side copy into `<out>/` on object stores (the staged copy stays until
-   `_SUCCESS`, so a re-run copies again instead of finding half-moved files). Files of the
-   shard's other attempts are deleted. It returns a small summary.
+   `_SUCCESS`, so a re-run copies again instead of finding half-moved files), under its
+   final name (`final_names`: TFRecord's TFDS names). Files of the shard's other attempts
+   are deleted (object stores: with the staging folder, step 5). It returns a small summary.
 4. `finalize` (one step over the summaries, never rows or bytes): the manifest, then
    `_SUCCESS`. On a local file system the assembled folder is renamed to `<out>` (an old
    output is first renamed aside into the run's staging folder, then deleted). On object
@@ -26,7 +29,8 @@ The steps, each idempotent (a step killed at any moment and run again ends the s
    manifest replaces the old one in one PUT, so a reader that goes through the manifest
    (`layerbeam.read`) sees the old complete output until then and the new one after;
    the old output's files are deleted after `_SUCCESS`.
-5. `cleanup_shard` / `cleanup_run`: the staged files, after `_SUCCESS`.
+5. `cleanup_shard` / `cleanup_run`: the staged files, after `_SUCCESS` (object stores: the
+   run's staging folder in one recursive delete, batched 1,000 keys per S3 request).
 
 A commit run again after it succeeded finds `_SUCCESS` with its own run id and returns the
 committed counts.
@@ -403,7 +407,9 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     rewritten without those rows (into `<attempt>.dedupe/`, deterministic names, so a
     crash part-way leaves nothing in the output and a re-run rewrites them). Then each file
     takes one operation: a rename into `<run>/final/` (local) or a server-side copy into
-    `<out>/` (object stores). Other attempts' files of the shard are deleted.
+    `<out>/` (object stores), whose response is the check where the attempt reported the
+    store's identity of the bytes (`content_id`). Other attempts' files of the shard are
+    deleted here locally, and with the run's staging folder on object stores.
 
     `names`: the shard's `final_names` (staged path → committed path), where the format
     names files over the whole output.
@@ -541,6 +547,8 @@ def _put(fs, src: str, dst: str, f: Mapping | None, local: bool, shard: str, pin
         got = _server_copy(fs, src, dst, f["bytes"] if f else None)
     except FileNotFoundError:
         raise CommitError(f"shard {shard}: staged file {src} is missing; delete the shard's marker and re-run") from None
+    if pinned and got is None:  # a copy whose response names no identity (e.g. s3fs's managed copy of a ≥ 5 GB file)
+        got = content_id(fs, fs.info(dst))
     if pinned and got != f["content_id"]:
         try:
             fs.rm_file(dst)
