@@ -27,6 +27,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from tests.conftest import ROOT
+from tests.objectstores import gcs_server  # noqa: F401  (the local GCS API server)
 
 LAUNCH = ROOT / "scripts" / "launch"
 PY = sys.executable
@@ -45,12 +46,29 @@ def _rows(out: Path) -> int:
     return layerbeam.read(str(out)).num_rows
 
 
-def _day(png_dataset, root: Path, day: str) -> Path:
-    """The demo-like shards (10 images in 3 TFRecord shards) as one day's input folder."""
-    folder, _, _ = png_dataset
+ROWS = 12
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small copy of the demo dataset, made as `make demo` makes it
+    (scripts/make_demo_data.py): 12 photo crops in 3 TFRecord shards."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(out), "--images", str(ROWS), "--shards", "3", "--size", "64"]) in (0, None)
+    assert len(list(out.glob("*.tfrecord"))) == 3
+    return out
+
+
+def _day(demo_data: Path, root: Path, day: str) -> Path:
+    """The demo shards as one day's input folder."""
     dest = root / day
     dest.mkdir(parents=True)
-    for p in sorted(folder.glob("*.tfrecord")):
+    for p in sorted(demo_data.glob("*.tfrecord")):
         shutil.copy(p, dest / p.name)
     return dest
 
@@ -90,7 +108,7 @@ def test_launcher_refuses_a_bad_flag_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_launcher_plan_only_and_the_dataflow_job_id_line_airflow_follows(png_dataset, tmp_path):
+def test_launcher_plan_only_and_the_dataflow_job_id_line_airflow_follows(demo_data, tmp_path):
     """--plan_only runs the CLI's plan. And Beam's "Created job with id: [ID]" INFO line,
     which Airflow's Dataflow hook reads to follow (and cancel) the job, reaches stderr
     although `layerbeam run` silences Beam's log: the line is logged here exactly as Beam's
@@ -103,7 +121,7 @@ def test_launcher_plan_only_and_the_dataflow_job_id_line_airflow_follows(png_dat
     assert apiclient.__name__ == _JOB_ID_LOGGER and "_LOGGER = logging.getLogger(__name__)" in source
     assert "_LOGGER.info('Created job with id: [%s]', response.id)" in source
 
-    folder, _, _ = png_dataset
+    folder = demo_data
     code = (
         "import logging, sys\n"
         "from layerbeam.launch import main\n"
@@ -147,14 +165,14 @@ def _cron_jobs(path: Path) -> tuple[dict, list[str]]:
 
 
 @pytest.fixture
-def cron_home(png_dataset, tmp_path):
+def cron_home(demo_data, tmp_path):
     """LAYERBEAM_HOME as the recipe expects it: the demo config, the venv, and a day of
     input under data/incoming/."""
     home = tmp_path / "layerbeam"
     (home / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "configs" / "demo.yaml", home / "configs" / "demo.yaml")
     (home / ".venv").symlink_to(BIN.parent)
-    _day(png_dataset, home / "data" / "incoming", "2026-11-26")
+    _day(demo_data, home / "data" / "incoming", "2026-11-26")
     return home
 
 
@@ -179,7 +197,7 @@ def test_cron_line_runs_twice_with_exit_0_and_a_dated_log(cron_home):
         print(f"cron run {attempt}: exit {proc.returncode} in {time.perf_counter() - t0:.1f} s; log tail: {text.strip().splitlines()[-1:] if text else None}")
         assert proc.returncode == 0, text[-3000:] + proc.stderr[-2000:]
         assert proc.stdout == "" and proc.stderr == "", "everything goes to the log"
-        assert (out / "_SUCCESS").exists() and _rows(out) == 10
+        assert (out / "_SUCCESS").exists() and _rows(out) == ROWS
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["config"]["input"]["pattern"] == "data/incoming/*/*.tfrecord"
 
@@ -299,11 +317,11 @@ def test_dockerfile_makes_the_worker_image_a_flex_template_launcher():
     assert "COPY configs ./configs" in text  # config=/opt/layerbeam/configs/... in the template's examples
 
 
-def test_flex_template_program_runs_the_demo_config_as_the_launcher_runs_it(png_dataset, tmp_path):
+def test_flex_template_program_runs_the_demo_config_as_the_launcher_runs_it(demo_data, tmp_path):
     """The Dockerfile's FLEX_TEMPLATE_PYTHON_PY_FILE, started as Dataflow's launcher starts
     it (`python FILE --PARAM=VALUE ... --runner=... --job_name=...`), with the demo config
     and the template's parameters, on DirectRunner: a real tiny run."""
-    folder, _, _ = png_dataset
+    folder = demo_data
     out = tmp_path / "out"
     params = {"config": str(ROOT / "configs" / "demo.yaml"), "input_pattern": f"{folder}/*.tfrecord", "output_path": str(out),
               "overrides": "batching.batch_size=4;output.partition_by=[]", "overwrite": "false", "max_dead_letter_fraction": "0.2"}
@@ -311,7 +329,7 @@ def test_flex_template_program_runs_the_demo_config_as_the_launcher_runs_it(png_
     argv = [f"--{k}={v}" for k, v in params.items()] + ["--runner=DirectRunner", "--job_name=layerbeam-daily"]
     proc = subprocess.run([PY, str(LAUNCH / "flex_template_main.py"), *argv], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "_SUCCESS").exists() and _rows(out) == 10
+    assert (out / "_SUCCESS").exists() and _rows(out) == ROWS
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["config"]["batching"]["batch_size"] == 4 and manifest["config"]["output"]["partition_by"] == []
 
@@ -320,7 +338,7 @@ def test_flex_template_program_runs_the_demo_config_as_the_launcher_runs_it(png_
 
 
 @pytest.mark.recipes
-def test_airflow_dag_loads_renders_a_day_and_its_command_runs(png_dataset, tmp_path):
+def test_airflow_dag_loads_renders_a_day_and_its_command_runs(demo_data, tmp_path):
     """scripts/launch/airflow_dag.py in a real Airflow (LAYERBEAM_AIRFLOW_PYTHON: the venv
     `make test-recipes` builds): DagBag imports it without errors; its task, rendered for
     the logical date 2026-11-26, reads that day's folder and writes that day's output; the
@@ -330,7 +348,7 @@ def test_airflow_dag_loads_renders_a_day_and_its_command_runs(png_dataset, tmp_p
     if not airflow_py:
         pytest.skip("needs Airflow's venv: make test-recipes")
     bucket = tmp_path / "bucket"
-    _day(png_dataset, bucket / "incoming", "2026-11-26")
+    _day(demo_data, bucket / "incoming", "2026-11-26")
     env = _env(
         AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(LAUNCH),
         LAYERBEAM_BUCKET=str(bucket), LAYERBEAM_PYTHON=PY, LAYERBEAM_CONFIG=str(ROOT / "configs" / "demo.yaml"),
@@ -350,4 +368,36 @@ def test_airflow_dag_loads_renders_a_day_and_its_command_runs(png_dataset, tmp_p
     assert f"--input_pattern={bucket}/incoming/2026-11-26/*.tfrecord" in got["command"]
     assert got["ok"], got.get("error")
     out = bucket / "features" / "mobilenet_v2" / "2026-11-26"
-    assert (out / "_SUCCESS").exists() and _rows(out) == 10
+    assert (out / "_SUCCESS").exists() and _rows(out) == ROWS
+
+
+def test_flex_template_launch_writes_the_job_and_waits_for_nothing(demo_data, tmp_path, gcs_server):
+    """How Dataflow's launcher really runs the program: DataflowRunner with
+    --template_location (it reads the job from there and submits it itself). Against a local
+    GCS API server: the job file is written, with the worker image and the run's steps; no
+    job is waited for, nothing is published, no lock is left behind."""
+    import fsspec
+
+    prefix = f"gs://{gcs_server.bucket}/flex-{os.getpid()}"
+    job_file = f"{prefix}/staging/template_launches/2026-11-27_03_15_00-1/job_object"
+    image = "us-central1-docker.pkg.dev/my-project/layerbeam/worker:0.1.0"
+    out = tmp_path / "out"
+    argv = [f"--config={ROOT / 'configs' / 'demo.yaml'}", f"--input_pattern={demo_data}/*.tfrecord", f"--output_path={out}",
+            "--runner=DataflowRunner", "--project=my-project", "--region=us-central1", f"--temp_location={prefix}/tmp",
+            f"--staging_location={prefix}/staging", f"--template_location={job_file}", f"--sdk_container_image={image}", "--job_name=layerbeam-daily"]
+    # NO_GCE_CHECK: no credentials here, and none looked for on a metadata server; Beam's
+    # GCS client is then anonymous, and reaches the local server through STORAGE_EMULATOR_HOST
+    proc = subprocess.run([PY, str(LAUNCH / "flex_template_main.py"), *argv], capture_output=True, text=True,
+                          env=_env(NO_GCE_CHECK="True"), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert summary["_template"] == job_file and summary["runner"] == "DataflowRunner"
+    assert "A template was just created at location" in proc.stderr
+    with fsspec.open(job_file, "r") as f:
+        job = json.load(f)
+    text = json.dumps(job)
+    assert job["name"] == "layerbeam-daily" and image in text
+    assert {"MatchShards/Expand", "ExtractShards/ExtractAndWrite"} <= set(summary["transforms"])
+    assert not (out / "_SUCCESS").exists() and not out.exists()
+    staging = Path(f"{out}.layerbeam-staging")
+    assert not list(staging.glob("_lock.*")), "a template launch must not leave the output locked"
