@@ -73,6 +73,16 @@ def main(dag_file: str, ds: str) -> int:
     finally:
         subprocess.Popen = popen
     rendered["command"] = started[0] if started else None
+
+    # On Dataflow the operator learns the job's id from the launcher's output, with the
+    # Google provider's callback: fed the line `python -m layerbeam.launch` prints for it
+    # (Beam's own INFO line, in layerbeam's log format).
+    from airflow.providers.google.cloud.hooks.dataflow import process_line_and_extract_dataflow_job_id_callback
+
+    seen: list[str] = []
+    callback = process_line_and_extract_dataflow_job_id_callback(on_new_job_id_callback=seen.append)
+    callback("03:15:07 apache_beam.runners.dataflow.internal.apiclient Created job with id: [%s]" % "2026-11-27_03_15_00-123")
+    rendered["job_id_seen"] = seen
     print(json.dumps(rendered, default=str))
     return 0
 

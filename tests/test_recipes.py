@@ -135,6 +135,8 @@ def test_launcher_plan_only_and_the_dataflow_job_id_line_airflow_follows(demo_da
     # the pattern Airflow's Google provider matches (airflow.providers.google.cloud.hooks.dataflow.JOB_ID_PATTERN)
     m = re.search(r"Submitted job: (?P<java>[^\"\n\s]*)|Created job with id: \[(?P<python>[^\"\n\s]*)\]", proc.stderr)
     assert m and m.group("python") == "2026-11-27_03_15_00-123", proc.stderr[-2000:]
+    # the very line tests/airflow_dag_check.py feeds to that provider's own callback
+    assert re.search(r"^\d\d:\d\d:\d\d apache_beam\.runners\.dataflow\.internal\.apiclient Created job with id: \[2026-11-27_03_15_00-123\]$", proc.stderr, re.M), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
@@ -367,6 +369,7 @@ def test_airflow_dag_loads_renders_a_day_and_its_command_runs(demo_data, tmp_pat
     assert got["command"][:4] == [PY, "-m", "layerbeam.launch", "--runner=DirectRunner"]
     assert f"--input_pattern={bucket}/incoming/2026-11-26/*.tfrecord" in got["command"]
     assert got["ok"], got.get("error")
+    assert got["job_id_seen"] == ["2026-11-27_03_15_00-123"], "Airflow would not find the Dataflow job's id"
     out = bucket / "features" / "mobilenet_v2" / "2026-11-26"
     assert (out / "_SUCCESS").exists() and _rows(out) == ROWS
 
@@ -401,3 +404,40 @@ def test_flex_template_launch_writes_the_job_and_waits_for_nothing(demo_data, tm
     assert not (out / "_SUCCESS").exists() and not out.exists()
     staging = Path(f"{out}.layerbeam-staging")
     assert not list(staging.glob("_lock.*")), "a template launch must not leave the output locked"
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Launch recipes")
+    return text[start:text.index("\n## ", start)]
+
+
+def test_readme_recipes_are_the_files_and_name_real_parameters():
+    """The README's cron block is the recipe file's lines; its `gcloud dataflow
+    flex-template run` sets declared parameters with valid values, or Beam options."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    section = _readme_section()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S)
+    cron_file = [line for line in (LAUNCH / "layerbeam.cron").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert blocks[0].strip().splitlines() == cron_file
+    for path in re.findall(r"`(scripts/launch/[^`\s]+)`", section):
+        assert (ROOT / path).exists(), path
+    run = next(b for b in blocks if "flex-template run" in b)
+    declared = {p.name: p for p in _metadata().parameters}
+    parsers: list = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append, display_warnings=False)
+    seen = set()
+    for raw in re.findall(r"--parameters=(\S+)", run.replace("\\\n", " ")):
+        raw = raw.replace("'", "").replace("$IMAGE", "us-central1-docker.pkg.dev/p/r/worker:1")
+        sep = ","
+        if raw.startswith("^"):  # gcloud's custom delimiter: ^DELIM^key=value
+            sep, raw = raw[1], raw[3:]
+        for pair in raw.split(sep):
+            name, value = pair.split("=", 1)
+            seen.add(name)
+            if name in declared:
+                assert _matches(declared[name], value), (name, value)
+            else:
+                assert parsers[0].parse_known_args([f"--{name}={value}"])[1] == [], name
+    assert {"config", "input_pattern", "output_path", "sdk_container_image"} <= seen
