@@ -39,13 +39,13 @@ test-readers: $(READERS_STAMP)
 	$(PY) -m pytest -q -m readers
 
 # The Airflow recipe (scripts/launch/airflow_dag.py) loads in a real Airflow with the Beam
-# provider, in a venv of its own: Airflow's pins and this project's do not meet in one
+# provider (and the Google one, which its Dataflow support needs), in a venv of its own: Airflow's pins and this project's do not meet in one
 # environment (the DAG runs layerbeam through LAYERBEAM_PYTHON, as in production).
 AIRFLOW_VENV := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 $(AIRFLOW_STAMP): constraints-airflow.txt
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
-	$(AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-airflow.txt "apache-airflow==3.3.2" "apache-airflow-providers-apache-beam==6.3.1"
+	$(AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-airflow.txt "apache-airflow==3.3.2" "apache-airflow-providers-apache-beam==6.3.1" "apache-airflow-providers-google==22.8.0"
 	touch $(AIRFLOW_STAMP)
 
 test-recipes: $(STAMP) $(AIRFLOW_STAMP)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["main", "run_command_line", "FLAGS"]
+__all__ = ["main", "run_command_line"]
 
 # Beam's Dataflow client logs "Created job with id: [ID]" at INFO; Airflow's Dataflow hook
 # finds the job by that line (to follow, link and cancel it), so it must reach stderr
@@ -59,12 +59,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_dead_letter_fraction", type=float, help="fail above this fraction of dead letters")
     p.add_argument("--quiet", nargs="?", const="true", default="false", type=_flag, help="print only the summary")
     return p
-
-
-# The flags this front end takes itself (a Flex Template's metadata may name only these,
-# or Beam's own options).
-FLAGS = ("config", "input_pattern", "output_path", "set", "overrides", "overwrite", "plan_only", "unsafe_model",
-         "max_shards", "max_examples_per_shard", "max_dead_letter_fraction", "quiet")
 
 
 def _flag(text: str) -> bool:
