@@ -386,8 +386,12 @@ def _print_plan(console, plan, human) -> None:
         console.print(f"input {name}: {how}", markup=False)
     est = plan.estimated_examples
     proj = plan.projected_bytes
+    listing = getattr(plan, "listing", None)
+    # `images` listed in the pipeline: the launcher's figures come from a sample of folders
+    approx = "~" if listing and not listing["exact"] else ""
+    sampled = f" (from {listing['prefixes_listed']:,} of {listing['prefixes']:,} folders listed)" if approx else ""
     console.print(
-        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
+        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {approx}{plan.shards:,} shards, {approx}{human(plan.input_bytes)} in{sampled}"
         + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else " · dataset size unknown")
         + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
         markup=False,

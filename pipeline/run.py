@@ -62,7 +62,10 @@ def build_pipeline(pipeline, plan: Plan):
     )  # Shard(id, paths, size)
     results = shards | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
     # the commit, distributed: check → bucketed dedupe → parallel publish → manifest + _SUCCESS
-    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
+    # `images` are listed only in the pipeline (no launcher list to compare with): each shard's
+    # worker checks its folder still holds the span and version listed
+    planned = None if plan.listing is not None else inputs_digest(plan.inputs)
+    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, planned)
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -163,7 +166,8 @@ def _run_info(plan: Plan) -> dict:
         "run_id": plan.run_id,
         "config": plan.config,
         "model_fingerprint": plan.model_fingerprint,
-        "shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs],
+        **({"listing": plan.listing} if plan.listing is not None else
+           {"shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs]}),
     }
 
 

@@ -367,14 +367,14 @@ def test_a_partition_by_over_the_file_cap_is_refused_before_work(tmp_path):
 
     model = save_tiny_model(tmp_path / "tiny.keras")
     imgs = photo_crops(6, SIZE, seed=5)
-    for i, im in enumerate(imgs):  # 3 labels; shards of 4 files: [a a b b] [c c] → 3 files
+    for i, im in enumerate(imgs):  # 3 labels, shards cut per folder: [a a] [b b] [c c] → 3 files
         d = tmp_path / "data" / "abc"[i // 2]
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i}.png").write_bytes(encode_png(im))
     cfg = tiny_config(f"{tmp_path}/data", f"{tmp_path}/out", model, **{"input.format": "images", "input.files_per_shard": 4, "output.partition_by": ["label"], "output.max_files": 2})
     del cfg["input"]["key_feature"], cfg["input"]["label_feature"]
-    with pytest.raises(ConfigError, match=r"with 2 input shards would write ~3 data files, over output.max_files = 2.*--set output.max_files=3"):
+    with pytest.raises(ConfigError, match=r"with 3 input shards would write ~3 data files, over output.max_files = 2.*--set output.max_files=3"):
         prepare(load_config(raw=cfg))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.layerbeam-staging").exists()
     cfg["output"]["max_files"] = 3
-    assert prepare(load_config(raw=cfg)).shards == 2
+    assert prepare(load_config(raw=cfg)).shards == 3

@@ -128,13 +128,35 @@ class _Holder:
 @beam.ptransform_fn
 def MatchShards(pbegin: beam.pvalue.PBegin, pattern: str, fmt: str, files_per_shard: int = 512, max_shards: int | None = None, spec=None):
     """PBegin → PCollection[Shard]: the pattern is expanded on a worker, not the launcher
-    (`spec`, the `ReadSpec`, names a TFDS dataset's name and split)."""
+    (`spec`, the `ReadSpec`, names a TFDS dataset's name and split).
 
-    def expand(p):
-        shards = match_shards(p, fmt, files_per_shard, spec=spec)
-        return shards[:max_shards] if max_shards else shards
+    An `images` input is listed in parallel, never on one worker: the pattern's prefixes
+    (folders, or subtrees for `**`) are found first, spread over workers, and each is listed
+    on its own into compact shards (`readers.folders`: a folder's span of names, no paths).
+    `max_shards` then keeps the first shards in path order (a `Top` of that many only)."""
+    if fmt != "images":
 
-    return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)
+        def expand(p):
+            shards = match_shards(p, fmt, files_per_shard, spec=spec)
+            return shards[:max_shards] if max_shards else shards
+
+        return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)
+    from .readers import folders
+
+    shards = (
+        pbegin
+        | "Pattern" >> beam.Create([pattern])
+        | "Prefixes" >> beam.FlatMap(folders.plan_prefixes)
+        | "Spread" >> beam.Reshuffle()
+        | "ListPrefix" >> beam.FlatMap(lambda prefix: folders.list_prefix(pattern, prefix, files_per_shard))
+    )
+    if not max_shards:
+        return shards
+    return (
+        shards
+        | "FirstShards" >> beam.combiners.Top.Smallest(max_shards, key=folders.sort_key)
+        | "Each" >> beam.FlatMap(lambda xs: xs)
+    )
 
 
 @beam.ptransform_fn

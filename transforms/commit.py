@@ -203,7 +203,7 @@ def inputs_digest(shards) -> str:
     items = []
     for s in shards:
         if hasattr(s, "id"):
-            items.append((s.id, tuple(s.paths), s.size, getattr(s, "version", "")))
+            items.append((s.id, tuple(s.paths), s.size, getattr(s, "version", "")) + ((list(s.span),) if getattr(s, "span", None) else ()))
         else:
             items.append((s[0], tuple(s[1]), s[2], s[3] if len(s) > 3 else ""))
     return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()
@@ -406,7 +406,7 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
         for f in files:
             _verify(fs, f"{src_dir}/{f['path']}", f, listed, shard)
     if repeats:
-        gone = {h: {"key": None, "shard": r["paths"][0] if len(r["paths"]) == 1 else r["paths"][i], "index": i, "stage": "dedupe",
+        gone = {h: {"key": None, "shard": _record_origin(r, i), "index": i, "stage": "dedupe",
                     "reason": "duplicate_key", "detail": f"the key was already written by record {fi} of shard {fs_}"}
                 for h, i, fs_, fi in repeats}
         ddir = layout.dedupe_dir(shard, attempt)
@@ -431,6 +431,8 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     return {
         "shard": shard,
         "paths": list(r["paths"]),
+        "span": list(r["span"]) if r.get("span") else None,
+        "version": r.get("input_version", ""),
         "bytes_in": r["bytes_in"],
         "read": r["read"],
         "rows": sum(f["rows"] for f in files),
@@ -559,6 +561,26 @@ def _keep_unless(gone: dict[bytes, dict]):
     return keep
 
 
+def _record_origin(r: Mapping, i: int) -> str:
+    """The file record `i` of a shard result came from, for its dead letter: the record's own
+    file where each is one (an image shard's names are not in its result: its folder and span)."""
+    if r.get("span"):
+        prefix, first, last, _ = r["span"]
+        return f"{prefix}/{first} … {last} (record {i})"
+    return r["paths"][0] if len(r["paths"]) == 1 else r["paths"][i]
+
+
+def _input_entry(s: Mapping) -> dict:
+    """A shard's manifest `inputs` entry: its files, or for an image shard its span
+    (`prefix`, `first`, `last`, `count`: no per-image list), bytes, version and counts."""
+    where = {"paths": s["paths"]}
+    if s.get("span"):
+        prefix, first, last, count = s["span"]
+        where = {"prefix": prefix, "first": first, "last": last, "count": count}
+    return {"shard": s["shard"], **where, "bytes": s["bytes_in"], "version": s.get("version", ""), "records": s["read"], "rows": s["rows"],
+            "dead_letters": s["dead_letters"], "timing": s.get("timing")}
+
+
 # ---------------------------------------------------------------------------- 4. finalize
 
 
@@ -588,7 +610,7 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": dict(sorted(reasons.items()))},
             "shard_errors": [dict(e, shard=s["shard"], records_kept=s["read"]) for s in summaries for e in s["shard_errors"]],
-            "inputs": [{"shard": s["shard"], "paths": s["paths"], "bytes": s["bytes_in"], "records": s["read"], "rows": s["rows"], "dead_letters": s["dead_letters"], "timing": s.get("timing")} for s in summaries],
+            "inputs": [_input_entry(s) for s in summaries],
             "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"], "shard": s["shard"]} for s in summaries for f in s["files"]],
             "dead_letter_files": [s["dead_letter_file"] for s in summaries if s.get("dead_letter_file")],
             "partition_by": cfg["output"]["partition_by"],
