@@ -80,7 +80,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     the pipeline), `_metrics` (the job's committed `layerbeam` metrics, e.g. `model_loads`:
     one per worker process) and `_first_batch_unix`. With `--dry_run=True` (DataflowRunner)
     the job graph is built and nothing is submitted or locked: the result is a summary
-    with `"_dry_run": True`.
+    with `"_dry_run": True`. With `--template_location` (how Dataflow's Flex Template
+    launcher runs the program) the job is written there for Dataflow to start, nothing is
+    locked or waited for, and the summary has `"_template"`: the location.
 
     Args:
         progress: called about twice a second with a `Progress` snapshot while the job
