@@ -273,7 +273,7 @@ def _run(args, beam_args: list[str]) -> int:
         return 0
     with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         manifest = run_job(cfg, beam_args, plan, progress=progress)
-    if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
+    if manifest.get("_dry_run") or manifest.get("_template"):  # --dry_run=True / --template_location: the job graph, nothing submitted
         print(json.dumps(manifest, indent=1))
         return 0
     _print_summary(console, manifest, human, quiet=args.quiet)

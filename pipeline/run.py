@@ -88,7 +88,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     the pipeline), `_metrics` (the job's committed `layerbeam` metrics, e.g. `model_loads`:
     one per worker process) and `_first_batch_unix`. With `--dry_run=True` (DataflowRunner)
     the job graph is built and nothing is submitted or locked: the result is a summary
-    with `"_dry_run": True`.
+    with `"_dry_run": True`. With `--template_location` (how Dataflow's Flex Template
+    launcher runs the program) the job is written there for Dataflow to start, nothing is
+    locked or waited for, and the summary has `"_template"`: the location.
 
     Args:
         progress: called about twice a second with a `Progress` snapshot while the job
@@ -101,7 +103,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             maps the top reasons to one dead letter each.
     """
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import TestOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
     from .transforms.commit import OutputLock
     from .transforms.errors import OutcomeError
@@ -120,6 +122,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
         return dry_run_summary(p.runner, p.run(), options)
+    template = options.view_as(GoogleCloudOptions).template_location
+    if template:
+        return _write_template(cfg, plan, runner, options, template)
     layout = OutputLayout(cfg.output.path, plan.run_id)
     lock = OutputLock(layout)
     lock.acquire()
@@ -134,13 +139,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             from .plan import superseded
 
             layout.discard_runs([r for r in layout.other_runs() if superseded(layout, r, plan)])
-        layout.write_run_info({
-            "run_id": plan.run_id,
-            "config": plan.config,
-            "model_fingerprint": plan.model_fingerprint,
-            **({"listing": plan.listing} if plan.listing is not None else
-               {"shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs]}),
-        })
+        layout.write_run_info(_run_info(plan))
         t0 = time.perf_counter()
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
@@ -215,6 +214,36 @@ def _check_still_parent(layout, plan: Plan) -> None:
             f"output {layout.out!r} moved to version {now} while this run was planned on {plan.parent if plan.parent is not None else 'no output'} "
             "(another run committed); run the same command again: it starts from the new version"
         )
+
+
+def _run_info(plan: Plan) -> dict:
+    return {
+        "run_id": plan.run_id,
+        "config": plan.config,
+        "model_fingerprint": plan.model_fingerprint,
+        **({"listing": plan.listing} if plan.listing is not None else
+           {"shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs]}),
+    }
+
+
+def _write_template(cfg: JobConfig, plan: Plan, runner, options, location: str) -> dict:
+    """`--template_location` (a Dataflow Flex Template launch, or a classic template): the
+    runner writes the job there and submits nothing; Dataflow starts it after this process
+    has exited. So no lock is held and nothing is waited for: the job's own commit step
+    publishes. The run's info is written as for any run, so a later run that finds its
+    staging can say which config it was."""
+    import apache_beam as beam
+
+    from .transforms.staging import OutputLayout
+
+    OutputLayout(cfg.output.path, plan.run_id).write_run_info(_run_info(plan))
+    if plan.launcher_model is not None:
+        plan.launcher_model.release()  # the workers load their own
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, plan)
+    summary = dry_run_summary(p.runner, p.run(), options)
+    summary.pop("_dry_run")
+    return dict(summary, _template=location)
 
 
 def _metrics(result) -> dict:

@@ -221,10 +221,22 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
     keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
-
+    # each file's committed name, where the format names files over the whole output (TFDS
+    # names for TFRecord): given at publishing, so finalize renames nothing
     fmt = manifest_base["config"]["output"]["format"]
+    names = (
+        (
+            dicts
+            | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]})),
+            # reused shards' files count in the new version's names (TFDS's file count)
+            reused | "ReusedFileLists" >> beam.Map(lambda e: _Pickled({"shard": e.value["shard"], "files": [{"path": f["path"]} for f in e.value["files"]]})),
+        )
+        | "FileListsFlat" >> beam.Flatten()
+        | "AllFileLists" >> beam.combiners.ToList()
+        | "FinalNames" >> beam.Map(lambda rs: commit.final_names([x.value for x in rs], fmt, run_id))
+    )
 
-    def publish(kv, go):
+    def publish(kv, go, names):
         shard, grouped = kv
         if not go:  # this run's output is committed already
             return
@@ -234,13 +246,13 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
             yield _Pickled(commit.reuse_shard(layout(), e.value, lost_rows, fmt))
             return
         (r,) = grouped["result"]
-        yield _Pickled(commit.publish_shard(layout(), r, lost_rows))
+        yield _Pickled(commit.publish_shard(layout(), r, lost_rows, names=names.get(shard)))
 
     reused_keyed = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
     summaries = (
         {"result": keyed, "reused": reused_keyed, "lost": lost}
         | "Join" >> beam.CoGroupByKey()
-        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict))
+        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
     counts = (
         summaries

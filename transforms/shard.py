@@ -242,7 +242,7 @@ class ShardProcessor:
             dead_letters=len(failures),
             dead_reasons=count_reasons([f.reason for f in failures]),
             shard_errors=({"reason": err.reason, "detail": err.detail, "path": err.key},) if err else (),
-            files=tuple({"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files),
+            files=tuple(f.result() for f in files),
             model_fingerprint=self.model_fingerprint,
             seconds=seconds,
             timing={k: round(v, 3) for k, v in timing.items()},
