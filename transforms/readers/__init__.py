@@ -272,7 +272,7 @@ def read_shard(
         plans = plan_inputs(cfg, input_shapes, input_dtypes)
         parse = kind.parser(shard, cfg, plans, preprocess)
         # A reader may hand a traced `tf.function`; explaining a failure runs the plain function eagerly.
-        explain_parse = getattr(parse, "python_function", parse)
+        explain_parse = getattr(parse, "explain", parse)
         # A sentinel after the last record carries the record count (its index) and the
         # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
         # so records that fail at the very end are still counted, and a file that stops
