@@ -174,10 +174,8 @@ class ShardProcessor:
         attempt = self.layout.new_attempt()
         t0 = time.perf_counter()
         stats = {"rows": 0}
-        # Where the shard's time goes: on the extract thread, waiting for tf.data, the
-        # model, Arrow conversion; on the writer's thread (`write`), the time it was not
-        # waiting for batches (encoding, compression, I/O, closing files). The two threads
-        # overlap, so the parts add up to more than the shard's seconds.
+        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
+        # the rest of the shard's time is the writer (encoding, compression, I/O).
         timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
         end: list[ShardEnd] = []
         first_seen: dict[bytes, int] = {}  # key → index of the record that wrote it
@@ -220,8 +218,7 @@ class ShardProcessor:
         # The run id is in the name: a reader that listed an older output and opens its files
         # after the swap finds them gone instead of reading this run's data under old names.
         basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
-        with _ahead(batches(), depth=2) as ahead:
-            files = self.writer.write_shard(ahead, self.layout.shard_dir(shard.id, attempt), basename)
+        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id, attempt), basename)
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         self.layout.write_keys(
@@ -232,7 +229,7 @@ class ShardProcessor:
         )
         err = shard_end.shard_error
         seconds = round(time.perf_counter() - t0, 3)
-        timing["write"] = seconds - ahead.waited
+        timing["write_and_other"] = seconds - sum(timing.values())
         result = ShardResult(
             shard=shard.id,
             paths=tuple(shard.paths),
@@ -314,76 +311,6 @@ def _launcher_model(run_id: str) -> LauncherModel | None:
 
     entry = _LAUNCHER_MODELS.get(run_id)
     return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
-
-
-class _ahead:
-    """Runs `items` (the shard's read → model → Arrow generator) on its own thread, at most
-    `depth` items ahead of the consumer (the writer), so encoding and compressing one batch
-    overlaps the model computing the next: the writers' native calls (Parquet's
-    `write_table`, TFRecord's `write`) release the GIL. A bounded queue keeps memory at
-    `depth` batches. Used as a context manager: on leaving, the producer is stopped (the
-    writer failed) or joined, and its exception, if any, is raised here."""
-
-    _DONE = object()
-
-    def __init__(self, items: Iterable, depth: int = 2):
-        import queue
-        import threading
-
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self.waited = 0.0  # seconds the consumer spent waiting for items
-        self._thread = threading.Thread(target=self._produce, name="layerbeam-extract", daemon=True)
-
-    def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put(item):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread, raised there
-            self._error = e
-        finally:
-            if self._stop.is_set():
-                close = getattr(self._items, "close", None)
-                if close is not None:
-                    close()  # the writer gave up: run the generator's cleanup (the reader's temp files) here
-            else:
-                self._put(self._DONE)
-
-    def __iter__(self):
-        while True:
-            t = time.perf_counter()
-            item = self._queue.get()
-            self.waited += time.perf_counter() - t
-            if item is self._DONE:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield item
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is not None:
-            self._stop.set()
-        self._thread.join()
-        if exc[0] is None and self._error is not None:
-            raise self._error
 
 
 def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
