@@ -515,34 +515,6 @@ def test_extract_layers_runs_the_model_on_full_batches(tiny_model, images):
     assert sizes and sum(d.count for d in sizes) == 3 and min(d.min for d in sizes) == max(d.max for d in sizes) == 8, sizes
 
 
-def test_an_in_process_extract_layers_worker_takes_the_launchers_model(tiny_model, images, monkeypatch):
-    """Building ExtractLayers loads and traces the model once; a worker in the same process
-    (DirectRunner) takes that copy instead of loading it again, and computes the same."""
-    import apache_beam as beam
-    from apache_beam.testing.util import assert_that
-
-    import layerbeam
-    from layerbeam.transforms import inference
-
-    transform = layerbeam.ExtractLayers(str(tiny_model), select=["pool"], batch_size=4)
-    loads = []
-    monkeypatch.setattr(inference, "load_model", lambda spec: loads.append(spec))  # a worker that loads fails here
-    with beam.Pipeline() as p:
-        out = p | beam.Create([(f"k{i}", im) for i, im in enumerate(images)]) | transform
-        got = out | beam.combiners.ToList()
-        assert_that(got, lambda x: _check_pool(x, tiny_model, images))
-    assert loads == []
-
-
-def _check_pool(elements, tiny_model, images):
-    import layerbeam
-
-    want = layerbeam.extract(str(tiny_model), images, select=["pool"], keys=[f"k{i}" for i in range(len(images))])
-    (got,) = elements
-    by_key = {k: v["pool"] for k, v in got}
-    np.testing.assert_allclose(np.stack([by_key[k] for k in want.column("key").to_pylist()]), tensor(want, "pool"), atol=ATOL)
-
-
 # --------------------------------------------------------------------------- packaging and README
 
 

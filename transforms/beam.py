@@ -376,7 +376,7 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
         model_identifier: str | None = None,
     ):
         super().__init__()
-        from .inference import LayerModelHandler, offer_in_process
+        from .inference import LayerModelHandler
         from .layers import ModelGraph, SelectSpec
         from .models import ModelSpec, model_fingerprint, resolve_model
 
@@ -395,7 +395,6 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
         self._handler = LayerModelHandler(
             spec, layers, input_shapes=list(self.input_shapes.values()), batch_size=batch_size, fingerprint=fingerprint,
             jit_compile=jit_compile, min_batch_size=min_batch_size, max_batch_duration_secs=max_batch_duration_secs,
-            offered=offer_in_process(self, keras_model, graph, self.outputs),
         )
         self._model_identifier = model_identifier
         self._dead = False

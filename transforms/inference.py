@@ -20,25 +20,7 @@ from .extractor import Extractor, extractor_model
 from .layers import ModelGraph, SelectSpec
 from .models import ModelSpec, load_model, model_fingerprint
 
-__all__ = ["LayerModelHandler", "offer_in_process"]
-
-# Models the launcher (an `ExtractLayers` being built) already loaded and traced, by token.
-# A worker in the same process (DirectRunner, LOOPBACK) takes its copy from here instead of
-# loading and tracing the model a second time (for MobileNetV2 about 1.5 s of a run);
-# workers in other processes find nothing and load their own.
-_OFFERED: dict[str, tuple] = {}
-
-
-def offer_in_process(owner, model, graph, specs) -> str:
-    """Offer (model, traced graph, selected specs) to this process's workers while `owner`
-    lives; return the token a `LayerModelHandler` names it by."""
-    import uuid
-    import weakref
-
-    token = uuid.uuid4().hex
-    _OFFERED[token] = (model, graph, specs)
-    weakref.finalize(owner, _OFFERED.pop, token, None)
-    return token
+__all__ = ["LayerModelHandler"]
 
 
 class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult, Extractor]):
@@ -62,9 +44,6 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
             so it sees no reason to grow them), which computes slower than batches of 32.
         max_batch_duration_secs: passed to `BatchElements` (streaming: flush a batch
             that waits longer).
-        offered: a token from `offer_in_process`: a worker in the launcher's process
-            takes that model and its trace (same source, same selection) instead of
-            loading it again.
     """
 
     def __init__(
@@ -77,7 +56,6 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         jit_compile: bool = False,
         min_batch_size: int | None = None,
         max_batch_duration_secs: int | None = None,
-        offered: str | None = None,
     ):
         lo = batch_size if min_batch_size is None else min(min_batch_size, batch_size)
         super().__init__(min_batch_size=lo, max_batch_size=batch_size, max_batch_duration_secs=max_batch_duration_secs)
@@ -86,13 +64,8 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         self._input_shapes = None if input_shapes is None else [tuple(s) for s in input_shapes]
         self._fingerprint = fingerprint
         self._jit_compile = jit_compile
-        self._offered = offered
 
     def load_model(self) -> Extractor:
-        entry = _OFFERED.get(self._offered) if self._offered else None
-        if entry is not None:
-            _, graph, specs = entry
-            return Extractor(extractor_model(graph, specs), jit_compile=self._jit_compile)
         model = load_model(self._model)
         if self._fingerprint is not None:
             fp = model_fingerprint(model)
