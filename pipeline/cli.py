@@ -258,7 +258,7 @@ def _run(args, beam_args: list[str]) -> int:
         return 0
     with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         manifest = run_job(cfg, beam_args, plan, progress=progress)
-    if manifest.get("_dry_run"):  # --dry_run=True: the runner built the job graph, submitted nothing
+    if manifest.get("_dry_run") or manifest.get("_template"):  # --dry_run=True / --template_location: the job graph, nothing submitted
         print(json.dumps(manifest, indent=1))
         return 0
     _print_summary(console, manifest, human, quiet=args.quiet)
@@ -386,8 +386,12 @@ def _print_plan(console, plan, human) -> None:
         console.print(f"input {name}: {how}", markup=False)
     est = plan.estimated_examples
     proj = plan.projected_bytes
+    listing = getattr(plan, "listing", None)
+    # `images` listed in the pipeline: the launcher's figures come from a sample of folders
+    approx = "~" if listing and not listing["exact"] else ""
+    sampled = f" (from {listing['prefixes_listed']:,} of {listing['prefixes']:,} folders listed)" if approx else ""
     console.print(
-        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {plan.shards} shards, {human(plan.input_bytes)} in"
+        f"total: {len(plan.outputs)} outputs · {human(plan.bytes_per_example)} per example · {approx}{plan.shards:,} shards, {approx}{human(plan.input_bytes)} in{sampled}"
         + (f" · ~{est:,} examples → ~{human(proj)} out (before compression)" if est is not None else " · dataset size unknown")
         + f" · cap {human(plan.config['layers']['max_bytes_per_example'])} per example (layers.max_bytes_per_example)",
         markup=False,

@@ -71,7 +71,7 @@ class InputConfig(_Strict):
     exif_orientation: bool = Field(True, description="turn JPEG images as their EXIF orientation tag says (phone photos), as PIL's ImageOps.exif_transpose does; false: pixels as stored")
     tfds_name: str | None = Field(None, description="tfds format: the dataset's name as TFDS knows it (name, name/config, name:version); input.pattern is its data_dir, where it is already prepared")
     tfds_split: str = Field("train", description="tfds format: the split to read (train, test, …)")
-    files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work")
+    files_per_shard: int = Field(512, ge=1, description="images format: image files per unit of work, cut per folder")
     max_shards: int | None = Field(None, ge=1, description="smoke runs: process only the first N shards (sorted by path)")
     max_examples_per_shard: int | None = Field(None, ge=1, description="smoke runs: read at most N records of each shard")
 

@@ -42,7 +42,10 @@ class Plan:
     shards: int
     input_bytes: int
     estimated_examples: int | None
-    inputs: tuple = ()  # ((shard id, (paths …), bytes), …)
+    inputs: tuple = ()  # ((shard id, (paths …), bytes, version), …); () for `images`, listed in the pipeline
+    # `images`: what the launcher saw of the input (`folders.Survey`, counts only): prefixes,
+    # how many it listed, whether the figures are exact; None for other formats.
+    listing: dict | None = None
     reading: tuple = ()  # ((model input, how it is read and preprocessed), …) for the size plan
     # A smoke run (`input.max_shards` below the shard count, or `max_examples_per_shard`):
     # its manifest says `sample`, and it never replaces a full output.
@@ -97,7 +100,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
     from .transforms.models import describe_preprocess, load_model, model_fingerprint, preprocess_fn
-    from .transforms.readers import check_inputs, check_shards, estimate_examples, match_shards
+    from .transforms.readers import check_inputs, check_shards, estimate_examples, folders, match_shards
     from .transforms.readers.tensors import describe
     from .transforms.shard import LauncherModel
 
@@ -107,18 +110,34 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     # Memory growth before this process touches a GPU, or the launcher's model load below
     # would reserve the whole device for the rest of the run.
     discover_gpus()
+    images = cfg.input.format == "images"
     try:
-        shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=job.input)
+        if images:  # listed per folder inside the pipeline; here only the prefixes and a sample
+            survey = folders.survey(cfg.input.pattern, cfg.input.files_per_shard, cfg.input.max_examples_per_shard)
+            shards = [survey.first] if survey.first else []
+        else:
+            shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=job.input)
     except Exception as e:  # noqa: BLE001 - any client's failure (auth, network, bucket) is the user's to fix
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} cannot be listed: {type(e).__name__}: {first_line(e)}; check the path, the network and your credentials") from None
     if not shards:
         raise ConfigError(f"input.pattern {cfg.input.pattern!r} matches no file; check the path (a glob such as data/*.tfrecord)")
-    all_shards = shards
-    _check_not_over_inputs(cfg, all_shards)
-    if cfg.input.format == "tfrecord":
-        _check_compression(cfg, shards[0].paths[0])
-    if cfg.input.max_shards:
-        shards = shards[: cfg.input.max_shards]
+    if images:
+        _check_not_over_inputs(cfg, (), [p.url for p in survey.prefixes])
+        total_shards = survey.shards
+        planned = min(total_shards, cfg.input.max_shards) if cfg.input.max_shards else total_shards
+        part = planned / max(1, total_shards)
+        input_bytes, estimated = round(survey.bytes * part), round(survey.examples * part)
+        listing = {"prefixes": len(survey.prefixes), "prefixes_listed": survey.listed, "exact": survey.complete,
+                   "prefixes_digest": hashlib.sha256("\n".join(f"{p.url}\t{int(p.recursive)}" for p in survey.prefixes).encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+    else:
+        all_shards = shards
+        _check_not_over_inputs(cfg, [p for s in shards for p in s.paths])
+        if cfg.input.format == "tfrecord":
+            _check_compression(cfg, shards[0].paths[0])
+        if cfg.input.max_shards:
+            shards = shards[: cfg.input.max_shards]
+        total_shards, planned, listing = len(all_shards), len(shards), None
+        input_bytes = sum(s.size for s in shards)
     # The workers build the model under this policy; built under the same one here, the
     # checks see what they will see, and an in-process worker can take this copy.
     try:
@@ -156,8 +175,10 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     reading = tuple((n, describe(p, how)) for n, p in plans.items())
     fp = offered.fingerprint
     config = config_to_dict(cfg)
-    run_id = _run_id(config, fp, shards)
-    total = sum(s.size for s in shards)
+    # `images`: no per-image list here, so the run id holds no input listing: the same
+    # command finds its staged shards, each taken only if its span and version still match
+    # the pipeline's listing (a changed or new folder's shards are read again, see `folders`).
+    run_id = _run_id(config, fp, shards if not images else None)
     plan = Plan(
         config=config,
         spec=job,
@@ -165,14 +186,15 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         model_fingerprint=fp,
         input_shapes=graph.input_shapes,
         outputs=specs,
-        shards=len(shards),
-        input_bytes=total,
-        estimated_examples=estimate_examples(job.input, shards),
-        inputs=tuple((s.id, s.paths, s.size, s.version) for s in shards),
+        shards=planned,
+        input_bytes=input_bytes,
+        estimated_examples=estimated if images else estimate_examples(job.input, shards),
+        inputs=() if images else tuple((s.id, s.paths, s.size, s.version) for s in shards),
+        listing=listing,
         reading=reading,
         launcher_model=offered,
-        sample=len(shards) < len(all_shards) or cfg.input.max_examples_per_shard is not None,
-        shards_total=len(all_shards),
+        sample=planned < total_shards or cfg.input.max_examples_per_shard is not None,
+        shards_total=total_shards,
     )
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
         biggest = sorted(specs, key=lambda s: -plan.stored_bytes(s))[:3]
@@ -185,10 +207,10 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
             f"or raise the cap knowingly: --set layers.max_bytes_per_example={plan.bytes_per_example}",
             plan,
         )
-    files = projected_files(cfg, shards, plan.estimated_examples)
+    files = projected_files(cfg, shards if not images else planned, plan.estimated_examples)
     if files > cfg.output.max_files:
         raise ConfigError(
-            f"output.partition_by {list(cfg.output.partition_by)} with {len(shards):,} input shards would write ~{files:,} data files, "
+            f"output.partition_by {list(cfg.output.partition_by)} with {planned:,} input shards would write ~{files:,} data files, "
             f"over output.max_files = {cfg.output.max_files:,} (every shard writes one file per partition value it holds); "
             f"partition by fewer or coarser columns, use larger shards (input.files_per_shard), or raise the cap knowingly: --set output.max_files={files}"
         )
@@ -201,29 +223,37 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     return plan
 
 
-def projected_files(cfg: JobConfig, shards: Sequence, estimated_examples: int | None) -> int:
+def projected_files(cfg: JobConfig, shards: Sequence | int, estimated_examples: int | None) -> int:
     """Data files the run is projected to write: per shard, one per partition value it holds
     times its rows over `output.max_rows_per_file`.
 
-    Partition values are known before work only for an `images` input partitioned by
-    `label` (the parent folders in the listing); otherwise each shard counts one value,
-    a lower bound.
+    `shards`: the shards, or (`images`, listed in the pipeline) how many are planned. Partition
+    values are known before work only for an `images` input partitioned by `label`: each
+    shard is one folder's files, so one label; otherwise each shard counts one value, a
+    lower bound.
     """
     import math
 
-    per_shard_rows = (estimated_examples or 0) / max(1, len(shards))
+    n = shards if isinstance(shards, int) else len(shards)
+    per_shard_rows = (estimated_examples or 0) / max(1, n)
     per_value = max(1, math.ceil(per_shard_rows / cfg.output.max_rows_per_file)) if not cfg.output.partition_by else 1
     if cfg.input.format == "images" and tuple(cfg.output.partition_by) == ("label",):
-        return sum(len({p.rstrip("/").rsplit("/", 2)[-2] if p.count("/") >= 1 else "" for p in s.paths}) for s in shards)
-    return len(shards) * per_value
+        return n
+    return n * per_value
 
 
-def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence) -> str:
+def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence | None) -> str:
     """The run fingerprint: config (less `output.overwrite`), model weights, input shards.
 
     Deterministic: the same command over the same input gives the same id, which is how a
     re-run after a crash finds its staged shards (and how a changed config does not).
+    `shards` None (`images`, listed in the pipeline): config and model only; every staged
+    shard is then checked against the pipeline's listing by its span and version.
     """
+    if shards is None:
+        key = dict(config)
+        key["output"] = {k: v for k, v in config["output"].items() if k not in ("overwrite", "max_dead_letter_fraction")}
+        return hashlib.sha256(json.dumps([key, model_fingerprint, "images listed per folder"], sort_keys=True).encode()).hexdigest()[:16]
     key = dict(config)
     # Not what the run computes: a higher dead-letter limit or --overwrite resumes the same run.
     key["output"] = {k: v for k, v in config["output"].items() if k not in ("overwrite", "max_dead_letter_fraction")}
@@ -316,10 +346,11 @@ def _glob_regex(pattern: str):
     return re.compile("".join(out) + r"\Z")
 
 
-def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
+def _check_not_over_inputs(cfg: JobConfig, files: Sequence[str], folders_: Sequence[str] = ()) -> None:
     """Refuse an output path that is, contains or lies inside an input file or the input
     folder, or whose files the input pattern would read: overwriting would delete the
-    input, and a later run would read its own output (or its staging) as input."""
+    input, and a later run would read its own output (or its staging) as input.
+    `folders_`: the folders an `images` input is listed from (its files are not listed here)."""
     out = _norm(cfg.output.path)
     staging = f"{out}.layerbeam-staging"
     pattern = _norm(cfg.input.pattern)
@@ -333,13 +364,16 @@ def _check_not_over_inputs(cfg: JobConfig, shards: Sequence) -> None:
     for target in (out, staging):
         if target == root or root.startswith(target + "/"):
             raise ConfigError(f"output.path {cfg.output.path!r} is or contains the input folder {root!r}; {fix}")
-    for s in shards:
-        for p in s.paths:
-            p = _norm(p)
-            if p == out or p.startswith(out + "/") or p.startswith(staging + "/"):
-                raise ConfigError(f"output.path {cfg.output.path!r} contains the input file {p!r}; {fix}")
-            if out.startswith(p + "/"):
-                raise ConfigError(f"output.path {cfg.output.path!r} lies inside the input file {p!r}; {fix}")
+    for p in files:
+        p = _norm(p)
+        if p == out or p.startswith(out + "/") or p.startswith(staging + "/"):
+            raise ConfigError(f"output.path {cfg.output.path!r} contains the input file {p!r}; {fix}")
+        if out.startswith(p + "/"):
+            raise ConfigError(f"output.path {cfg.output.path!r} lies inside the input file {p!r}; {fix}")
+    for p in folders_:
+        p = _norm(p)
+        if p in (out, staging) or p.startswith((out + "/", staging + "/")):
+            raise ConfigError(f"output.path {cfg.output.path!r} is or contains the input folder {p!r}; {fix}")
     leaf = pattern.rsplit("/", 1)[-1].replace("**", "x").replace("*", "x").replace("?", "x")
     regex = _glob_regex(pattern)
     for cand in (f"{out}/{leaf}", f"{out}/label=1/{leaf}", f"{staging}/run/shards/s00000/{leaf}", f"{staging}/run/final/label=1/{leaf}"):

@@ -62,7 +62,10 @@ def build_pipeline(pipeline, plan: Plan):
     )  # Shard(id, paths, size)
     results = shards | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
     # the commit, distributed: check → bucketed dedupe → parallel publish → manifest + _SUCCESS
-    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, inputs_digest(plan.inputs))
+    # `images` are listed only in the pipeline (no launcher list to compare with): each shard's
+    # worker checks its folder still holds the span and version listed
+    planned = None if plan.listing is not None else inputs_digest(plan.inputs)
+    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, planned)
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -77,7 +80,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     the pipeline), `_metrics` (the job's committed `layerbeam` metrics, e.g. `model_loads`:
     one per worker process) and `_first_batch_unix`. With `--dry_run=True` (DataflowRunner)
     the job graph is built and nothing is submitted or locked: the result is a summary
-    with `"_dry_run": True`.
+    with `"_dry_run": True`. With `--template_location` (how Dataflow's Flex Template
+    launcher runs the program) the job is written there for Dataflow to start, nothing is
+    locked or waited for, and the summary has `"_template"`: the location.
 
     Args:
         progress: called about twice a second with a `Progress` snapshot while the job
@@ -90,7 +95,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             maps the top reasons to one dead letter each.
     """
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import TestOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
     from .transforms.commit import OutputLock
     from .transforms.errors import OutcomeError
@@ -103,6 +108,9 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
         return dry_run_summary(p.runner, p.run(), options)
+    template = options.view_as(GoogleCloudOptions).template_location
+    if template:
+        return _write_template(cfg, plan, runner, options, template)
     layout = OutputLayout(cfg.output.path, plan.run_id)
     lock = OutputLock(layout)
     lock.acquire()
@@ -112,12 +120,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             if layout.is_complete() and layout.committed_run_id() == plan.run_id:
                 stale.append(plan.run_id)  # left by the committed run itself: nothing to resume
             layout.discard_runs(stale)
-        layout.write_run_info({
-            "run_id": plan.run_id,
-            "config": plan.config,
-            "model_fingerprint": plan.model_fingerprint,
-            "shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs],
-        })
+        layout.write_run_info(_run_info(plan))
         t0 = time.perf_counter()
         p = beam.Pipeline(runner=runner, options=options)
         build_pipeline(p, plan)
@@ -158,6 +161,36 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     first = metrics.get("batch_done_unix_ms", {}).get("min")
     manifest["_first_batch_unix"] = first / 1000 if first else None
     return manifest
+
+
+def _run_info(plan: Plan) -> dict:
+    return {
+        "run_id": plan.run_id,
+        "config": plan.config,
+        "model_fingerprint": plan.model_fingerprint,
+        **({"listing": plan.listing} if plan.listing is not None else
+           {"shards": [{"shard": i[0], "paths": list(i[1]), "bytes": i[2]} for i in plan.inputs]}),
+    }
+
+
+def _write_template(cfg: JobConfig, plan: Plan, runner, options, location: str) -> dict:
+    """`--template_location` (a Dataflow Flex Template launch, or a classic template): the
+    runner writes the job there and submits nothing; Dataflow starts it after this process
+    has exited. So no lock is held and nothing is waited for: the job's own commit step
+    publishes. The run's info is written as for any run, so a later run that finds its
+    staging can say which config it was."""
+    import apache_beam as beam
+
+    from .transforms.staging import OutputLayout
+
+    OutputLayout(cfg.output.path, plan.run_id).write_run_info(_run_info(plan))
+    if plan.launcher_model is not None:
+        plan.launcher_model.release()  # the workers load their own
+    p = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(p, plan)
+    summary = dry_run_summary(p.runner, p.run(), options)
+    summary.pop("_dry_run")
+    return dict(summary, _template=location)
 
 
 def _metrics(result) -> dict:

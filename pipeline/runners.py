@@ -52,7 +52,8 @@ def dry_run_summary(runner, result, options) -> dict:
         "sdk_container_image": workers.sdk_container_image,
         "dataflow_service_options": options.view_as(GoogleCloudOptions).dataflow_service_options,
     }
-    job = getattr(result, "job", None)  # DataflowRunner: apiclient.Job
+    # DataflowRunner: apiclient.Job (a template's result has none: the runner keeps it)
+    job = getattr(result, "job", None) or getattr(runner, "job", None)
     proto = getattr(job, "proto_pipeline", None)
     if proto is not None:
         from apache_beam.portability.api import beam_runner_api_pb2

@@ -4,6 +4,7 @@ hashes, markers, as workers leave them) committed by the real commit code.
     python scripts/bench_commit.py rss --rows 1000000 10000000      # peak RSS of the final step
     python scripts/bench_commit.py requests --files 200             # storage requests per data file (local, S3, GCS)
     python scripts/bench_commit.py wall --files 10000               # wall time of the commit, local disk
+    python scripts/bench_commit.py wall --files 2000 --store s3 gcs # ... on the S3 and GCS API servers
 
 `rss` runs each step in a fresh process and prints the peak RSS of the final step
 (`finalize`, the only step on one worker) and of the largest dedupe bucket. `requests`
@@ -19,10 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python scripts/bench_commit.py`: the tests import `scripts.…`
+    sys.path.insert(0, ROOT)
 
 
 def manifest_base(out: str, run_id: str, overwrite: bool = False) -> dict:
@@ -33,7 +39,7 @@ def manifest_base(out: str, run_id: str, overwrite: bool = False) -> dict:
     }
 
 
-def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int = 0, files_per_shard: int = 1, write_rows: bool = True) -> tuple[list[dict], list]:
+def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int = 0, files_per_shard: int = 1, write_rows: bool = True, threads: int = 1) -> tuple[list[dict], list]:
     """Stage `shards` shards of `rows` rows as workers would; return (results, shards).
 
     `repeat_every`: every that many shards, the shard's first 10 keys repeat the previous
@@ -41,13 +47,15 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
     tiny row per file but reports `rows` in the marker's counts (for the RSS benchmark:
     what grows is the key hashes, which are written in full).
     """
+    from layerbeam.transforms._fs import content_id
     from layerbeam.transforms.readers import Shard
     from layerbeam.transforms.staging import OutputLayout, key_hashes
 
     layout = OutputLayout(out, run_id)
     fs = layout.fs
     results, listed = [], []
-    for i in range(shards):
+
+    def one(i: int):
         sid = f"s{i:05d}"
         attempt = layout.new_attempt()
         start = i * rows
@@ -66,7 +74,9 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
             table = pa.table({"key": pa.array(list(part), pa.string()), "v": pa.array(np.arange(len(part), dtype=np.float32))})
             with fs.open(path, "wb") as f:
                 pq.write_table(table, f)
-            files.append({"path": name, "final_path": name, "rows": len(part), "bytes": fs.size(path)})
+            info = fs.info(path)  # as the Parquet writer does: size and the store's identity of the bytes
+            cid = content_id(fs, info)
+            files.append({"path": name, "final_path": name, "rows": len(part), "bytes": int(info["size"]), **({"content_id": cid} if cid else {})})
         n = sum(f["rows"] for f in files)
         if write_rows:
             layout.write_keys(sid, attempt, key_hashes(keys), np.arange(n, dtype=np.int64))
@@ -76,8 +86,13 @@ def stage_run(out: str, run_id: str, shards: int, rows: int, repeat_every: int =
         r = {"shard": sid, "paths": [f"in/{sid}.tfrecord"], "bytes_in": 100, "read": n, "rows": n, "dead_letters": 0, "dead_reasons": {},
              "shard_errors": [], "files": files, "model_fingerprint": "fp", "seconds": 0.0, "timing": None, "resumed": False, "attempt": attempt, "input_version": ""}
         layout.write_marker(sid, r)
-        results.append(r)
-        listed.append(Shard(sid, (f"in/{sid}.tfrecord",), 100))
+        return r, Shard(sid, (f"in/{sid}.tfrecord",), 100)
+
+    # workers stage in parallel; a pool keeps staging 10^4 shards on an API server in minutes
+    with ThreadPoolExecutor(threads) as pool:
+        for r, sh in pool.map(one, range(shards)):
+            results.append(r)
+            listed.append(sh)
     return results, listed
 
 
@@ -143,17 +158,135 @@ def bench_rss(rows_list: list[int], shards: int) -> None:
                 print(json.dumps({"rows": rows, "shards": shards, **json.loads(p.stdout.strip().splitlines()[-1])}))
 
 
-def bench_wall(files: int) -> None:
+def bench_wall(files: int, stores: list[str] | None = None) -> None:
+    stores = stores or ["local"]
+    if set(stores) - {"local"}:  # the API servers are the tests' fixtures: run through pytest
+        import pytest
+
+        os.environ["BENCH_WALL_FILES"] = str(files)
+        os.environ["BENCH_WALL_STORES"] = ",".join(s for s in stores if s != "local")
+        code = pytest.main(["-q", "-s", "-p", "no:cacheprovider", os.path.join(os.path.dirname(__file__), "..", "tests", "test_commit.py"), "-k", "wall_time"])
+        if code or "local" not in stores:
+            sys.exit(code)
+    _bench_wall_local(files)
+
+
+def _bench_wall_local(files: int) -> None:
     from layerbeam.transforms.commit import commit_run
 
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/out"
         t = time.perf_counter()
-        results, listed = stage_run(out, "wall000000000000", files, 10)
+        results, listed = stage_run(out, "wall000000000000", files, 10, threads=4)
         staged = time.perf_counter() - t
         t = time.perf_counter()
         counts = commit_run(results, listed, manifest_base(out, "wall000000000000"), "wall000000000000")
         print(json.dumps({"store": "local", "files": files, "stage_s": round(staged, 1), "commit_s": round(time.perf_counter() - t, 2), "rows": counts["rows_written"]}))
+
+
+STEPS = ("check", "keys", "publish", "finalize", "cleanup")
+
+
+def count_commit(store, files: int, files_per_shard: int, run_id: str = "rq", replace: int = 0) -> dict:
+    """Stage `files` data files (`files_per_shard` per shard) on `store` (a
+    tests/objectstores.py `Store`) and commit them step by step, counting each step's requests
+    at the server. `replace`: first commit an output of that many one-file shards, so the
+    measured commit is an overwrite (`finalize` then deletes the old files).
+
+    Returns {step: RequestCount, "files": files}; `commit` is everything from the check to
+    `_SUCCESS`, `cleanup` the staging deletes after it."""
+    from scripts._request_counter import count_requests
+
+    from layerbeam.transforms import commit
+    from layerbeam.transforms.staging import OutputLayout
+
+    out = f"{store.url}/out-{run_id}"
+    if replace:
+        old, old_shards = stage_run(out, f"{run_id}old", replace, 2)
+        commit.commit_run(old, old_shards, manifest_base(out, f"{run_id}old"), f"{run_id}old")
+    results, shards = stage_run(out, run_id, files // files_per_shard, 8, files_per_shard=files_per_shard)
+    layout = OutputLayout(out, run_id)
+    base = manifest_base(out, run_id, overwrite=bool(replace))
+    got: dict = {"files": files, "files_per_shard": files_per_shard}
+    with count_requests(store=store.name) as c:
+        assert commit.check_results([commit.brief(r) for r in results], shards, base, run_id)
+    got["check"] = c
+    with count_requests(store=store.name) as c:
+        buckets: dict = {}
+        for r in results:  # a worker per shard in the Beam job
+            for b, part in commit.key_parts(layout, r):
+                buckets.setdefault(b, []).append(part)
+        assert not any(commit.find_repeats(p) for p in buckets.values())
+    got["keys"] = c
+    with count_requests(store=store.name) as c:
+        summaries = [commit.publish_shard(layout, r, ()) for r in results]  # a worker per shard
+    got["publish"] = c
+    with count_requests(store=store.name) as c:
+        commit.finalize(layout, summaries, base)
+    got["finalize"] = c
+    with count_requests(store=store.name) as c:
+        for r in results:
+            commit.cleanup_shard(layout, r["shard"])
+        commit.cleanup_run(layout)
+    got["cleanup"] = c
+    return got
+
+
+def requests_table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table of `count_commit` results: requests by step, and per data file."""
+    head = "| store | files (per shard) | " + " | ".join(STEPS) + " | per file (keys + publish) | per run (check + finalize) | kinds (check → finalize) |"
+    lines = [head, "|" + "---|" * (len(STEPS) + 5)]
+    for name, g in rows:
+        n = g["files"]
+        per = {k: g[k].total for k in STEPS}
+        kinds: dict = {}
+        for k in STEPS[:-1]:
+            for kind, v in g[k].by_kind.items():
+                kinds[kind] = kinds.get(kind, 0) + v
+        lines.append(
+            f"| {name} | {n} ({g['files_per_shard']}) | " + " | ".join(str(per[k]) for k in STEPS)
+            + f" | **{(per['keys'] + per['publish']) / n:.2f}** | {per['check'] + per['finalize']} | {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))} |"
+        )
+    return "\n".join(lines)
+
+
+def wall_on_store(store, files: int, threads: int = 16) -> dict:
+    """Stage `files` one-file shards on `store` (a tests/objectstores.py `Store`) and time
+    `commit_run` (the in-process commit: key reads and publishing on `threads` threads),
+    counting its requests at the server: their number, how many were in flight at once, and
+    their mean latency (the figures that scale it to other sizes and round-trip times)."""
+    from scripts._request_counter import count_requests
+
+    from layerbeam.transforms import commit
+    from layerbeam.transforms.commit import commit_run
+
+    out, run_id = f"{store.url}/wall", "wall000000000000"
+    t = time.perf_counter()
+    results, listed = stage_run(out, run_id, files, 10, threads=threads)
+    staged = time.perf_counter() - t
+    committed = []
+    real_cleanup = commit.cleanup_run
+
+    def cleanup_run(layout):  # called right after `_SUCCESS`: the output is complete here
+        committed.append(time.perf_counter())
+        return real_cleanup(layout)
+
+    commit.cleanup_run = cleanup_run
+    try:
+        with count_requests(store=store.name) as c:
+            t = time.perf_counter()
+            counts = commit_run(results, listed, manifest_base(out, run_id), run_id, threads=threads)
+            took = time.perf_counter() - t
+    finally:
+        commit.cleanup_run = real_cleanup
+    success = committed[0] - t
+    lat = [r.end - r.start for r in c.requests]
+    return {
+        "store": store.name, "files": files, "threads": threads, "stage_s": round(staged, 1), "commit_s": round(took, 2),
+        "until_success_s": round(success, 2), "rows": counts["rows_written"],
+        "requests": c.total, "per_file": round(c.total / files, 3), "peak_in_flight": c.peak_concurrency,
+        "mean_latency_ms": round(1000 * sum(lat) / max(1, len(lat)), 2), "kinds": c.by_kind,
+    }
 
 
 def bench_requests(files: int) -> None:
@@ -169,6 +302,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--store", nargs="*", default=["local"], choices=["local", "s3", "gcs"], help="wall: where to stage and commit")
     ap.add_argument("--child")
     ap.add_argument("--state")
     args = ap.parse_args()
@@ -177,7 +311,7 @@ def main() -> None:
     if args.what == "rss":
         bench_rss(args.rows, args.shards)
     elif args.what == "wall":
-        bench_wall(args.files)
+        bench_wall(args.files, args.store)
     elif args.what == "requests":
         bench_requests(args.files)
 

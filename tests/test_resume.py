@@ -22,6 +22,7 @@ from layerbeam.run import run_job
 from layerbeam.config import load_config
 from tests.conftest import ROOT, encode_png, example, photo_crops, read_manifest, run_cli, write_tfrecords
 from tests.tiny import SIZE, save_tiny_model, tiny_config
+from tests.objectstores import s3_server, s3_store  # noqa: F401  (fixtures)
 from layerbeam.transforms.readback import to_arrow
 
 SHARDS = 12
@@ -102,6 +103,47 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_output(many_shards, tmp_path
     assert got.equals(reference)
     assert not Path(f"{out}.layerbeam-staging").exists()
     print(f"{when}: killed with {done}/{SHARDS} shards done; re-run wrote {len(keys)} rows, each key once, equal to the uninterrupted run")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_run_sigkilled_during_extraction_resumes_without_recomputing(many_shards, tmp_path, request, kind):
+    """`layerbeam run` (a real process) writing to a local folder or to S3 (moto's server) is
+    SIGKILLed during extraction, after some shards finished; the re-run takes over the stale
+    lock, extracts only the unfinished shards (Beam metrics `shards_resumed` = the markers
+    left, `examples` = the rest), and ends equal to the uninterrupted run, each example once,
+    with no staging left."""
+    from tests.objectstores import clear_fsspec_caches
+
+    root, model, cfg, reference = many_shards
+    if kind == "s3":
+        st = request.getfixturevalue("s3_store")
+        out, fs, path = f"{st.url}/out", st.fs, f"{st.path}/out"
+    else:
+        import fsspec
+
+        out = path = str(tmp_path / "out")
+        fs = fsspec.filesystem("file")
+
+    def markers() -> list:
+        fs.invalidate_cache()
+        return fs.glob(f"{path}.layerbeam-staging/*/shards/*.done.json")
+
+    config = _write_config(tmp_path / "job.yaml", dict(cfg, output={"path": out}))
+    proc = _popen(["run", str(config), "-q"])
+    _kill_when(proc, lambda: len(markers()) >= 3)
+    done = len(markers())
+    assert 3 <= done < SHARDS and not fs.exists(f"{path}/_SUCCESS"), done
+    clear_fsspec_caches()
+    again = run_job(load_config(raw=dict(cfg, output={"path": out})))
+    metrics = again["_metrics"]
+    assert metrics["shards_resumed"] == done and metrics["examples"] == 2 * (SHARDS - done), metrics
+    got = to_arrow(out).sort_by("key")
+    keys = got.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 2 * SHARDS
+    assert got.equals(reference)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{path}.layerbeam-staging") or fs.find(f"{path}.layerbeam-staging") == []
+    print(f"{kind}: killed with {done}/{SHARDS} shards done; the re-run resumed {metrics['shards_resumed']} and extracted {metrics['examples']} examples")
 
 
 def test_a_retried_shard_leaves_one_copy(many_shards, tmp_path):

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 
 import pyarrow as pa
 
@@ -232,3 +233,29 @@ def fingerprint(fs, path: str) -> dict:
 def atomic_create_supported(fs) -> bool:
     """Whether `create_exclusive` is atomic on this file system."""
     return bool(_protocols(fs) & (_ATOMIC_CREATE | {"file", "local"}))
+
+
+def content_id(fs, info: Mapping | None) -> str | None:
+    """A store's identity of an object's bytes, from a listing entry, `info()` or a server-side
+    copy's response; None where the store gives none (local disk, memory://).
+
+    - S3: the ETag (the MD5 of the bytes for a single PUT, and kept by CopyObject; a multipart
+      upload's `<md5 of part md5s>-<parts>` is not kept by a copy: see `multipart_id`).
+    - GCS: crc32c and size (kept by rewriteTo; the generation is not).
+    """
+    if not info:
+        return None
+    protos = _protocols(fs)
+    if protos & {"s3", "s3a"}:
+        etag = (info.get("ETag") or info.get("etag") or "").strip('"')
+        return f"etag:{etag}" if etag else None
+    if protos & {"gs", "gcs"}:
+        crc = info.get("crc32c")
+        return f"crc32c:{crc}:{int(info['size'])}" if crc and info.get("size") is not None else None
+    return None
+
+
+def multipart_id(cid: str | None) -> bool:
+    """An S3 multipart upload's ETag: a CopyObject does not keep it, so the copy's response
+    cannot be compared with it."""
+    return bool(cid) and cid.startswith("etag:") and "-" in cid

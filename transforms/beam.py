@@ -128,13 +128,35 @@ class _Holder:
 @beam.ptransform_fn
 def MatchShards(pbegin: beam.pvalue.PBegin, pattern: str, fmt: str, files_per_shard: int = 512, max_shards: int | None = None, spec=None):
     """PBegin → PCollection[Shard]: the pattern is expanded on a worker, not the launcher
-    (`spec`, the `ReadSpec`, names a TFDS dataset's name and split)."""
+    (`spec`, the `ReadSpec`, names a TFDS dataset's name and split).
 
-    def expand(p):
-        shards = match_shards(p, fmt, files_per_shard, spec=spec)
-        return shards[:max_shards] if max_shards else shards
+    An `images` input is listed in parallel, never on one worker: the pattern's prefixes
+    (folders, or subtrees for `**`) are found first, spread over workers, and each is listed
+    on its own into compact shards (`readers.folders`: a folder's span of names, no paths).
+    `max_shards` then keeps the first shards in path order (a `Top` of that many only)."""
+    if fmt != "images":
 
-    return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)
+        def expand(p):
+            shards = match_shards(p, fmt, files_per_shard, spec=spec)
+            return shards[:max_shards] if max_shards else shards
+
+        return pbegin | "Pattern" >> beam.Create([pattern]) | "Expand" >> beam.FlatMap(expand)
+    from .readers import folders
+
+    shards = (
+        pbegin
+        | "Pattern" >> beam.Create([pattern])
+        | "Prefixes" >> beam.FlatMap(folders.plan_prefixes)
+        | "Spread" >> beam.Reshuffle()
+        | "ListPrefix" >> beam.FlatMap(lambda prefix: folders.list_prefix(pattern, prefix, files_per_shard))
+    )
+    if not max_shards:
+        return shards
+    return (
+        shards
+        | "FirstShards" >> beam.combiners.Top.Smallest(max_shards, key=folders.sort_key)
+        | "Each" >> beam.FlatMap(lambda xs: xs)
+    )
 
 
 @beam.ptransform_fn
@@ -192,17 +214,26 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
     keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
+    # each file's committed name, where the format names files over the whole output (TFDS
+    # names for TFRecord): given at publishing, so finalize renames nothing
+    fmt = manifest_base["config"]["output"]["format"]
+    names = (
+        dicts
+        | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]}))
+        | "AllFileLists" >> beam.combiners.ToList()
+        | "FinalNames" >> beam.Map(lambda rs: commit.final_names([x.value for x in rs], fmt, run_id))
+    )
 
-    def publish(kv, go):
+    def publish(kv, go, names):
         shard, grouped = kv
         (r,) = grouped["result"]
         if go:  # False: this run's output is committed already
-            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part]))
+            yield _Pickled(commit.publish_shard(layout(), r, [x for part in grouped["lost"] for x in part], names=names.get(shard)))
 
     summaries = (
         {"result": keyed, "lost": lost}
         | "Join" >> beam.CoGroupByKey()
-        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict))
+        | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
     counts = (
         summaries

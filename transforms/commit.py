@@ -13,12 +13,15 @@ The steps, each idempotent (a step killed at any moment and run again ends the s
    shard (in shard order) wrote becomes a `duplicate_key` dead letter of the later shard.
    Memory per bucket: ~100 bytes per row of that bucket.
 3. `publish_shard` (per shard, in parallel): the files of the attempt whose result reached
-   the commit are checked against that result (size; Parquet footer row count), filtered of
+   the commit are checked against that result (locally size, Parquet footer row count and
+   TFRecord framing; on object stores the copy's response against the store's identity of
+   the bytes the attempt reported, else size, footer and the last TFRecord header), filtered of
    repeated keys where a bucket found some (only those shards are rewritten), and put in
    place with one operation per file: a rename into `<run>/final/` on a local file system,
    one server-side copy into `<out>/` on object stores (the staged copy stays until
-   `_SUCCESS`, so a re-run copies again instead of finding half-moved files). Files of the
-   shard's other attempts are deleted. It returns a small summary.
+   `_SUCCESS`, so a re-run copies again instead of finding half-moved files), under its
+   final name (`final_names`: TFRecord's TFDS names). Files of the shard's other attempts
+   are deleted (object stores: with the staging folder, step 5). It returns a small summary.
 4. `finalize` (one step over the summaries, never rows or bytes): the manifest, then
    `_SUCCESS`. On a local file system the assembled folder is renamed to `<out>` (an old
    output is first renamed aside into the run's staging folder, then deleted). On object
@@ -26,7 +29,8 @@ The steps, each idempotent (a step killed at any moment and run again ends the s
    manifest replaces the old one in one PUT, so a reader that goes through the manifest
    (`layerbeam.read`) sees the old complete output until then and the new one after;
    the old output's files are deleted after `_SUCCESS`.
-5. `cleanup_shard` / `cleanup_run`: the staged files, after `_SUCCESS`.
+5. `cleanup_shard` / `cleanup_run`: the staged files, after `_SUCCESS` (object stores: the
+   run's staging folder in one recursive delete, batched 1,000 keys per S3 request).
 
 A commit run again after it succeeded finds `_SUCCESS` with its own run id and returns the
 committed counts.
@@ -50,17 +54,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ._fs import atomic_create_supported, create_exclusive, is_local
+from ._fs import atomic_create_supported, content_id, create_exclusive, is_local, multipart_id
 from .deadletters import DEAD_LETTER_SCHEMA
 from .errors import CommitError, ConfigError, OutcomeError
 from .formats import final_paths, rewrite_without, sidecars
 from .formats.parquet import read_parquet, write_parquet_like
+from .formats.tfrecord import check_last_record, framed_records
 from .staging import OutputLayout
 from .stats import merge_results
 
 __all__ = [
     "OutputLock", "commit_run", "inputs_digest", "check_results", "key_parts", "find_repeats",
-    "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
+    "final_names", "publish_shard", "finalize", "cleanup_shard", "cleanup_run", "DEDUPE_BUCKETS", "check_outcome",
 ]
 
 # Hash buckets of the distributed duplicate-key check: at 10^9 rows a bucket holds ~4 M rows
@@ -203,7 +208,7 @@ def inputs_digest(shards) -> str:
     items = []
     for s in shards:
         if hasattr(s, "id"):
-            items.append((s.id, tuple(s.paths), s.size, getattr(s, "version", "")))
+            items.append((s.id, tuple(s.paths), s.size, getattr(s, "version", "")) + ((list(s.span),) if getattr(s, "span", None) else ()))
         else:
             items.append((s[0], tuple(s[1]), s[2], s[3] if len(s) > 3 else ""))
     return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()
@@ -377,7 +382,24 @@ def find_repeats(parts: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> list[tu
 # ---------------------------------------------------------------------------- 3. publish
 
 
-def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, int, str, int]] = (), verify: bool = True) -> dict:
+def final_names(results: Iterable, fmt: str, run_id: str) -> dict[str, dict[str, str]]:
+    """shard → {staged path: committed path} of every data file whose format names files over
+    the whole output (TFRecord's TFDS names `…-00000-of-00004` need the run's file count),
+    in the order `finalize` lists them (by shard, then as written), so `publish_shard` copies
+    each file to its final name once and `finalize`'s renaming finds nothing left to do (on
+    object stores a rename there is a copy and a delete per file, on one worker). Small:
+    one entry per file, like the manifest."""
+    by_shard = sorted((r.to_dict() if hasattr(r, "to_dict") else r for r in results), key=lambda r: r["shard"])
+    staged = [(r["shard"], f["path"]) for r in by_shard for f in r["files"]]
+    names = final_paths(fmt, [p for _, p in staged], run_id)
+    out: dict[str, dict[str, str]] = {}
+    for (shard, old), new in zip(staged, names):
+        if new != old:
+            out.setdefault(shard, {})[old] = new
+    return out
+
+
+def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, int, str, int]] = (), verify: bool = True, names: Mapping[str, str] | None = None) -> dict:
     """Put one shard's accepted attempt in place; return the shard's small summary.
 
     The accepted attempt is the one named by `result` (the `ShardResult` that reached the
@@ -385,7 +407,12 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     rewritten without those rows (into `<attempt>.dedupe/`, deterministic names, so a
     crash part-way leaves nothing in the output and a re-run rewrites them). Then each file
     takes one operation: a rename into `<run>/final/` (local) or a server-side copy into
-    `<out>/` (object stores). Other attempts' files of the shard are deleted.
+    `<out>/` (object stores), whose response is the check where the attempt reported the
+    store's identity of the bytes (`content_id`). Other attempts' files of the shard are
+    deleted here locally, and with the run's staging folder on object stores.
+
+    `names`: the shard's `final_names` (staged path → committed path), where the format
+    names files over the whole output.
 
     Raises:
         CommitError: a file of the accepted attempt is missing or differs from the result.
@@ -395,18 +422,25 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
     local = is_local(fs)
     src_dir = layout.shard_dir(shard, attempt)
     dest_root = f"{layout.run_dir}/final" if local else layout.out
-    files = [dict(f) for f in r["files"]]
+    files = [dict(f, final_path=(names or {}).get(f["path"], f["final_path"])) for f in r["files"]]
     dead_src = layout.dead_file(shard, attempt)
     dead_name = f"{layout.DEAD_DIR}/{shard}-{layout.run_id[:8]}.parquet"
     dead_dst = f"{dest_root}/{dead_name}"
     dead_reasons = dict(r["dead_reasons"])
     dead = r["dead_letters"]
-    listed = _listing(fs, src_dir) if verify else None
-    if listed is not None:  # None: already moved away by an earlier try of this local commit
-        for f in files:
-            _verify(fs, f"{src_dir}/{f['path']}", f, listed, shard)
+    # Object stores: a file whose attempt reported the store's identity of its bytes is
+    # checked by its copy's response (no request of its own); the others (S3 multipart
+    # ETags, which a copy does not keep; stores without one) by one listing of the attempt
+    # (sizes) and a footer or last-record read each.
+    pinned = {f["path"] for f in files if not local and verify and not repeats and f.get("content_id") and not multipart_id(f["content_id"])}
+    if verify and (local or len(pinned) < len(files)):
+        listed = _listing(fs, src_dir)
+        if listed is not None:  # None: already moved away by an earlier try of this local commit
+            for f in files:
+                if f["path"] not in pinned:
+                    _verify(fs, f"{src_dir}/{f['path']}", f, listed, shard)
     if repeats:
-        gone = {h: {"key": None, "shard": r["paths"][0] if len(r["paths"]) == 1 else r["paths"][i], "index": i, "stage": "dedupe",
+        gone = {h: {"key": None, "shard": _record_origin(r, i), "index": i, "stage": "dedupe",
                     "reason": "duplicate_key", "detail": f"the key was already written by record {fi} of shard {fs_}"}
                 for h, i, fs_, fi in repeats}
         ddir = layout.dedupe_dir(shard, attempt)
@@ -414,23 +448,33 @@ def publish_shard(layout: OutputLayout, result, repeats: Sequence[tuple[bytes, i
             dst = f"{ddir}/{f['path']}"
             fs.makedirs(posixpath.dirname(dst), exist_ok=True)
             f["rows"] = rewrite_without(fs, f"{src_dir}/{f['path']}", dst, _keep_unless(gone))
-            f["bytes"] = fs.size(dst)
+            info = fs.info(dst)
+            f["bytes"], f["content_id"] = int(info["size"]), content_id(fs, info)
+            f.pop("last_record", None)  # written here, by the format's own writer
+            if f["content_id"] and not multipart_id(f["content_id"]):
+                pinned.add(f["path"])
         extra = pa.Table.from_pylist(sorted(gone.values(), key=lambda d: d["index"]), schema=DEAD_LETTER_SCHEMA)
         staged = read_parquet(fs, dead_src) if fs.exists(dead_src) else DEAD_LETTER_SCHEMA.empty_table()
         write_parquet_like(fs, None, f"{ddir}/_dead.parquet", pa.concat_tables([staged.cast(DEAD_LETTER_SCHEMA), extra]))
         src_dir, dead_src = ddir, f"{ddir}/_dead.parquet"
         dead += len(gone)
         dead_reasons["duplicate_key"] = dead_reasons.get("duplicate_key", 0) + len(gone)
-    moves = [(f"{src_dir}/{f['path']}", f"{dest_root}/{f['final_path']}", f) for f in files]
+    moves = [(f"{src_dir}/{f['path']}", f"{dest_root}/{f['final_path']}", f, f["path"] in pinned) for f in files]
     has_dead = bool(r["dead_letters"] or r.get("shard_errors") or repeats)
     if has_dead:
-        moves.append((dead_src, dead_dst, None))
-    for src, dst, f in moves:
-        _put(fs, src, dst, f, local, shard)
+        moves.append((dead_src, dead_dst, None, False))
+    if local:
+        for src, dst, f, _ in moves:
+            _put(fs, src, dst, f, local, shard)
+    else:  # the shard's copies are independent requests: in flight together
+        with ThreadPoolExecutor(min(8, len(moves)) or 1) as pool:
+            list(pool.map(lambda m: _put(fs, m[0], m[1], m[2], local, shard, pinned=m[3]), moves))
     _drop_other_attempts(layout, shard, attempt)
     return {
         "shard": shard,
         "paths": list(r["paths"]),
+        "span": list(r["span"]) if r.get("span") else None,
+        "version": r.get("input_version", ""),
         "bytes_in": r["bytes_in"],
         "read": r["read"],
         "rows": sum(f["rows"] for f in files),
@@ -474,34 +518,24 @@ def _verify(fs, path: str, f: Mapping, listed: Mapping, shard: str) -> None:
         if rows != f["rows"]:
             raise CommitError(f"shard {shard}: {path} holds {rows} rows but its attempt reported {f['rows']}; it was not committed. Delete the shard's marker and re-run")
     elif path.endswith(".tfrecord") and is_local(fs):
-        n = _tfrecord_records(path)
+        n = framed_records(path)
         if n != f["rows"]:
-            raise CommitError(f"shard {shard}: {path} holds {n} well-framed records but its attempt reported {f['rows']}; it was not committed. Delete the shard's marker and re-run")
+            held = f"{n} well-framed records" if n >= 0 else "records whose framing does not end at the file's end (cut inside a record, or bytes after the last)"
+            raise CommitError(f"shard {shard}: {path} holds {held} but its attempt reported {f['rows']}; it was not committed. Delete the shard's marker and re-run")
+    elif path.endswith(".tfrecord") and f.get("last_record") is not None:
+        # one 12-byte range read: the last record's header must frame a record ending at the
+        # file's end (a truncated or padded file fails; a full scan would move the data here)
+        at = int(f["last_record"])
+        why = check_last_record(fs.cat_file(path, start=at, end=at + 12) if at + 12 <= size else b"", at, size)
+        if why:
+            raise CommitError(f"shard {shard}: {path} is not the TFRecord file its attempt wrote ({why}); it was not committed. Delete the shard's marker and re-run")
 
 
-def _tfrecord_records(path: str) -> int:
-    """Records of an uncompressed TFRecord file by its framing (length headers), or -1 if
-    the file ends inside a record."""
-    import struct
+def _put(fs, src: str, dst: str, f: Mapping | None, local: bool, shard: str, pinned: bool = False) -> None:
+    """One operation per file: a rename (local) or a server-side copy (object stores).
 
-    n, size = 0, os.path.getsize(path)
-    with open(path, "rb") as fh:
-        pos = 0
-        while pos < size:
-            head = fh.read(8)
-            if len(head) < 8:
-                return -1
-            (length,) = struct.unpack("<Q", head)
-            pos += 12 + length + 4
-            if pos > size:
-                return -1
-            fh.seek(pos)
-            n += 1
-    return n
-
-
-def _put(fs, src: str, dst: str, f: Mapping | None, local: bool, shard: str) -> None:
-    """One operation per file: a rename (local) or a server-side copy (object stores)."""
+    `pinned`: the copy's response must show the bytes the attempt reported (`content_id`);
+    if not, the copy is deleted again and nothing of the shard counts."""
     if local:
         if os.path.exists(src):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -512,25 +546,54 @@ def _put(fs, src: str, dst: str, f: Mapping | None, local: bool, shard: str) -> 
             raise CommitError(f"shard {shard}: {dst} holds {os.path.getsize(dst)} bytes, not the {f['bytes']} reported; delete the shard's marker and re-run")
         return
     try:
-        _server_copy(fs, src, dst, f["bytes"] if f else None)
+        got = _server_copy(fs, src, dst, f["bytes"] if f else None)
     except FileNotFoundError:
         raise CommitError(f"shard {shard}: staged file {src} is missing; delete the shard's marker and re-run") from None
+    if pinned and got is None:  # a copy whose response names no identity (e.g. s3fs's managed copy of a ≥ 5 GB file)
+        got = content_id(fs, fs.info(dst))
+    if pinned and got != f["content_id"]:
+        try:
+            fs.rm_file(dst)
+        except FileNotFoundError:
+            pass
+        raise CommitError(
+            f"shard {shard}: {src} is not the file its attempt wrote (the store identifies its bytes as {got}, the attempt reported {f['content_id']}); "
+            "it was not committed. Delete the shard's marker and re-run"
+        )
 
 
-def _server_copy(fs, src: str, dst: str, size: int | None) -> None:
-    """One server-side copy request: S3 CopyObject (files under 5 GB, whose size the listing
-    gave; s3fs's `cp_file` would first ask the size again), GCS rewriteTo."""
+def _server_copy(fs, src: str, dst: str, size: int | None) -> str | None:
+    """One server-side copy request (S3 CopyObject for files under 5 GB, whose size the
+    result gave: s3fs's `cp_file` would first ask the size again; GCS rewriteTo, repeated
+    only if the server asks to continue); returns the copy's `content_id` from the response."""
+    from fsspec.asyn import sync
+
     protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if {"s3", "s3a"} & set(protos) and size is not None and size < 5 << 30:
-        from fsspec.asyn import sync
-
-        sync(fs.loop, fs._copy_basic, fs._strip_protocol(src), fs._strip_protocol(dst))
-        return
+        (b1, k1, _), (b2, k2, _) = fs.split_path(src), fs.split_path(dst)
+        # s3fs's own call: its retries, and NoSuchKey raised as FileNotFoundError
+        out = sync(fs.loop, fs._call_s3, "copy_object", Bucket=b2, Key=k2, CopySource={"Bucket": b1, "Key": k1})
+        fs.invalidate_cache(dst)
+        return content_id(fs, out.get("CopyObjectResult"))
+    if {"gs", "gcs"} & set(protos):
+        (b1, k1, _), (b2, k2, _) = fs.split_path(src), fs.split_path(dst)
+        out, token = {}, None
+        while out.get("done") is not True:
+            out = sync(fs.loop, fs._call, "POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", b1, k1, b2, k2, headers={"Content-Type": "application/json"}, json_out=True, rewriteToken=token)
+            token = out.get("rewriteToken")
+        fs.invalidate_cache(dst)
+        return content_id(fs, out.get("resource"))
     fs.cp_file(src, dst)
+    return None
 
 
 def _drop_other_attempts(layout: OutputLayout, shard: str, attempt: str) -> None:
-    """Delete the files of the shard's attempts that were not accepted (retries, zombies)."""
+    """Delete the files of the shard's attempts that were not accepted (retries, zombies),
+    on a local disk. On object stores they go with the run's staging folder after
+    `_SUCCESS`, in batched deletes (`cleanup_run`), instead of a listing per shard here: they
+    live under the staging folder, never under `<out>`, so no reader sees them."""
+    if not is_local(layout.fs):
+        return
     try:
         entries = layout.fs.ls(layout.shard_dir(shard), detail=False)
     except FileNotFoundError:
@@ -557,6 +620,26 @@ def _keep_unless(gone: dict[bytes, dict]):
         return ~np.isin(hashes, np.array(list(gone), dtype=hashes.dtype))
 
     return keep
+
+
+def _record_origin(r: Mapping, i: int) -> str:
+    """The file record `i` of a shard result came from, for its dead letter: the record's own
+    file where each is one (an image shard's names are not in its result: its folder and span)."""
+    if r.get("span"):
+        prefix, first, last, _ = r["span"]
+        return f"{prefix}/{first} … {last} (record {i})"
+    return r["paths"][0] if len(r["paths"]) == 1 else r["paths"][i]
+
+
+def _input_entry(s: Mapping) -> dict:
+    """A shard's manifest `inputs` entry: its files, or for an image shard its span
+    (`prefix`, `first`, `last`, `count`: no per-image list), bytes, version and counts."""
+    where = {"paths": s["paths"]}
+    if s.get("span"):
+        prefix, first, last, count = s["span"]
+        where = {"prefix": prefix, "first": first, "last": last, "count": count}
+    return {"shard": s["shard"], **where, "bytes": s["bytes_in"], "version": s.get("version", ""), "records": s["read"], "rows": s["rows"],
+            "dead_letters": s["dead_letters"], "timing": s.get("timing")}
 
 
 # ---------------------------------------------------------------------------- 4. finalize
@@ -588,7 +671,7 @@ def finalize(layout: OutputLayout, summaries: Sequence[Mapping], manifest_base: 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "counts": {"records_read": read, "rows_written": rows, "dead_letters": dead, "dead_letter_reasons": dict(sorted(reasons.items()))},
             "shard_errors": [dict(e, shard=s["shard"], records_kept=s["read"]) for s in summaries for e in s["shard_errors"]],
-            "inputs": [{"shard": s["shard"], "paths": s["paths"], "bytes": s["bytes_in"], "records": s["read"], "rows": s["rows"], "dead_letters": s["dead_letters"], "timing": s.get("timing")} for s in summaries],
+            "inputs": [_input_entry(s) for s in summaries],
             "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"], "shard": s["shard"]} for s in summaries for f in s["files"]],
             "dead_letter_files": [s["dead_letter_file"] for s in summaries if s.get("dead_letter_file")],
             "partition_by": cfg["output"]["partition_by"],
@@ -688,8 +771,10 @@ def _drop_replaced(layout: OutputLayout) -> None:
 
 
 def cleanup_shard(layout: OutputLayout, shard: str) -> None:
-    """Delete a shard's staged files and marker after `_SUCCESS` (idempotent)."""
-    if not layout.is_complete():
+    """Delete a shard's staged files and marker after `_SUCCESS` (idempotent), on a local
+    disk. On object stores `cleanup_run` deletes the whole staging folder in batched requests
+    (S3: 1,000 keys a request, GCS: 100) rather than a listing and deletes per shard."""
+    if not is_local(layout.fs) or not layout.is_complete():
         return
     for p in (layout.shard_dir(shard), layout.marker(shard)):
         try:
@@ -735,15 +820,18 @@ def commit_run(results: list, shards: list, manifest_base: Mapping, run_id: str,
         cleanup_run(layout)
         return counts
     buckets: dict[int, list] = {}
-    for r in results:
-        for b, part in key_parts(layout, r, DEDUPE_BUCKETS):
-            buckets.setdefault(b, []).append(part)
     repeats: dict[str, list] = {}
-    for b in sorted(buckets):
-        for shard, rows in find_repeats(buckets.pop(b)):
-            repeats.setdefault(shard, []).extend(rows)
+    names = final_names(results, manifest_base["config"]["output"]["format"], run_id)
     with ThreadPoolExecutor(max(1, min(threads, len(results)))) as pool:
-        summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ())), results))
+        # one GET per shard, in flight together (on an object store, in sequence they would
+        # take a round trip each)
+        for parts in pool.map(lambda r: list(key_parts(layout, r, DEDUPE_BUCKETS)), results):
+            for b, part in parts:
+                buckets.setdefault(b, []).append(part)
+        for b in sorted(buckets):
+            for shard, rows in find_repeats(buckets.pop(b)):
+                repeats.setdefault(shard, []).extend(rows)
+        summaries = list(pool.map(lambda r: publish_shard(layout, r, repeats.get(r["shard"], ()), names=names.get(r["shard"])), results))
     counts = finalize(layout, summaries, manifest_base)
     cleanup_run(layout)
     return counts

@@ -96,7 +96,7 @@ def write_rows(
         dead_letters=len(failures),
         dead_reasons=count_reasons([f.reason for f in failures]),
         shard_errors=(),
-        files=tuple({"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files),
+        files=tuple(f.result() for f in files),
         model_fingerprint=model_fingerprint,
         seconds=round(time.perf_counter() - t0, 3),
         attempt=attempt,

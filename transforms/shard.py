@@ -19,7 +19,8 @@ from .deadletters import Failure, count_reasons, dead_letter_table, write_dead_l
 from .formats import WriteSpec, make_writer
 from .layers import SelectSpec, trace_and_select
 from .models import ModelSpec
-from .readers import ReadSpec, Shard, ShardEnd, check_inputs, read_shard
+from .readers import ReadSpec, Shard, ShardEnd, check_inputs, read_shard, shard_identity
+from .readers.folders import resolve
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' format: in staging, TensorFlow-free
 from .stats import ShardStats
@@ -55,7 +56,8 @@ class ShardResult:
 
     Attributes:
         shard: the shard id.
-        paths: the shard's input files.
+        paths: the shard's input files; empty for an image shard, which `span` describes
+            (results carry no per-image list).
         bytes_in: their size.
         read: records read (`read = rows + dead_letters`).
         rows, dead_letters: rows written and records turned into dead letters.
@@ -67,6 +69,7 @@ class ShardResult:
         resumed: the shard was done by an earlier attempt (its marker was found).
         attempt: the attempt that wrote the files (they are under `shards/<shard>/<attempt>/`).
         input_version: the store's content fingerprint of the shard's inputs (`Shard.version`).
+        span: an image shard's `(folder, first name, last name, count)` (`Shard.span`).
     """
 
     shard: str
@@ -85,10 +88,12 @@ class ShardResult:
     attempt: str = ""
     input_version: str = ""
     stats: Mapping[str, Mapping[str, Any]] | None = None  # per output: `stats.ShardStats` partials
+    span: tuple[str, str, str, int] | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["paths"] = list(self.paths)
+        d["span"] = list(self.span) if self.span else None
         d["shard_errors"] = [dict(e) for e in self.shard_errors]
         d["files"] = [dict(f) for f in self.files]
         return d
@@ -98,6 +103,7 @@ class ShardResult:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         d["paths"] = tuple(d["paths"])
+        d["span"] = tuple(d["span"]) if d.get("span") else None
         d["shard_errors"] = tuple(d.get("shard_errors") or ())
         d["files"] = tuple(d["files"])
         return cls(**d)
@@ -169,8 +175,11 @@ class ShardProcessor:
         letter; repeats across shards are found at commit (`commit.commit_run`).
         """
         done = self.layout.read_marker(shard.id)
-        if done is not None and tuple(done.get("paths", ())) == shard.paths and done.get("input_version", "") == shard.version:
+        if done is not None and shard_identity(done) == shard_identity(shard):
             return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
+        described = shard
+        if shard.span is not None:  # listed by the pipeline: its worker lists the folder again
+            shard = resolve(shard, self.cfg.input.pattern)
         attempt = self.layout.new_attempt()
         t0 = time.perf_counter()
         stats = {"rows": 0}
@@ -232,20 +241,21 @@ class ShardProcessor:
         timing["write_and_other"] = seconds - sum(timing.values())
         result = ShardResult(
             shard=shard.id,
-            paths=tuple(shard.paths),
+            paths=() if described.span else tuple(shard.paths),
             bytes_in=shard.size,
             read=shard_end.records,
             rows=sum(f.rows for f in files),
             dead_letters=len(failures),
             dead_reasons=count_reasons([f.reason for f in failures]),
             shard_errors=({"reason": err.reason, "detail": err.detail, "path": err.key},) if err else (),
-            files=tuple({"path": f.path, "final_path": f.path, "rows": f.rows, "bytes": f.bytes} for f in files),
+            files=tuple(f.result() for f in files),
             model_fingerprint=self.model_fingerprint,
             seconds=seconds,
             timing={k: round(v, 3) for k, v in timing.items()},
             attempt=attempt,
             input_version=shard.version,
             stats=shard_stats.to_json(),
+            span=described.span,
         )
         if result.rows != stats["rows"]:
             raise RuntimeError(f"shard {shard.id}: extracted {stats['rows']} rows but the writer reports {result.rows}")

@@ -112,9 +112,9 @@ class OutputLayout:
     def read_keys(self, shard_id: str, attempt: str) -> tuple[np.ndarray, np.ndarray]:
         import io
 
-        with self.fs.open(self.keys_file(shard_id, attempt), "rb") as f:
-            z = np.load(io.BytesIO(f.read()))
-            return z["hash"], z["index"]
+        # one GET: `open`, and s3fs's `cat_file` without a range, first ask the size
+        z = np.load(io.BytesIO(self.fs.cat_file(self.keys_file(shard_id, attempt), start=0)))
+        return z["hash"], z["index"]
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         if not is_local(self.fs):  # one PUT is atomic on object stores; a rename would be a copy

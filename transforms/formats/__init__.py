@@ -53,11 +53,31 @@ class WriteSpec:
 
 @dataclasses.dataclass(frozen=True)
 class WrittenFile:
-    """A data file as written: path relative to the shard's folder, rows, bytes."""
+    """A data file as written: path relative to the shard's folder, rows, bytes, and what
+    the commit checks the staged file against without reading it (`commit._verify`):
+
+    - `content_id`: the store's identity of the bytes, from the writer's one `info()` after
+      closing the file (S3 ETag, GCS crc32c; None locally). The commit compares it with the
+      server-side copy's response, so what is committed is the very object written here,
+      whose Parquet footer or TFRecord framing the writer checked against `rows`.
+    - `last_record`: TFRecord (uncompressed) only, the byte offset of the last record: its
+      12-byte header must frame a record that ends exactly at `bytes`.
+    """
 
     path: str
     rows: int
     bytes: int
+    content_id: str | None = None
+    last_record: int | None = None
+
+    def result(self) -> dict:
+        """The file's entry in a `ShardResult` (and its marker)."""
+        d = {"path": self.path, "final_path": self.path, "rows": self.rows, "bytes": self.bytes}
+        if self.content_id:
+            d["content_id"] = self.content_id
+        if self.last_record is not None:
+            d["last_record"] = self.last_record
+        return d
 
 
 class ShardWriter(Protocol):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .._fs import arrow_fs
+from .._fs import arrow_fs, content_id, fsspec_fs
 from ..errors import CommitError
 from ..schema import _ARROW, read_schema, restore_table, storage_spec, stored_schema, tensor_leaf_paths, to_stored_batch
 from . import WriteSpec, WrittenFile, tables_tf_dataset
@@ -107,8 +107,7 @@ class ParquetShardWriter:
                 f[2] += take
                 table = table.slice(take)
                 if f[2] >= self.max_rows_per_file:
-                    f[0].close()
-                    written.append((f[1], f[2]))
+                    written.append(_close(*f))
                     del open_files[folder]
 
         def flush(folder: str, final: bool) -> None:
@@ -136,15 +135,25 @@ class ParquetShardWriter:
                 flush(folder, final=True)
         finally:
             for f in open_files.values():
-                f[0].close()
-                written.append((f[1], f[2]))
-        # Verify: every reported file exists with its size (never trust a writer blindly).
+                written.append(_close(*f))
+        # Verify: every reported file exists with its size (never trust a writer blindly), one
+        # info() each; on object stores that also gives the store's identity of the bytes,
+        # which the commit compares with its copy's response instead of reading the file again.
         out = []
+        store = None if filesystem.type_name == "local" else fsspec_fs(dest)[0]
         for rel, rows in written:
-            info = filesystem.get_file_info(posixpath.join(root, rel))
-            if info.type.name != "File":
-                raise CommitError(f"the Parquet writer reported {rel!r} under {dest!r}, but the file is missing")
-            out.append(WrittenFile(rel, rows, info.size))
+            path = posixpath.join(root, rel)
+            if store is None:
+                info = filesystem.get_file_info(path)
+                if info.type.name != "File":
+                    raise CommitError(f"the Parquet writer reported {rel!r} under {dest!r}, but the file is missing")
+                out.append(WrittenFile(rel, rows, info.size))
+                continue
+            try:
+                info = store.info(path)
+            except FileNotFoundError:
+                raise CommitError(f"the Parquet writer reported {rel!r} under {dest!r}, but the file is missing") from None
+            out.append(WrittenFile(rel, rows, int(info["size"]), content_id(store, info)))
         return out
 
     def _groups(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -161,6 +170,16 @@ class ParquetShardWriter:
 
     def storage_spec(self) -> dict:
         return storage_spec(self.source_schema, "parquet", self.partition_by, encoding=self.encoding, compression=self.compression)
+
+
+def _close(writer, rel: str, rows: int) -> tuple[str, int]:
+    """Close a file; its footer (as the writer serialized it) must count the rows written
+    to it: the commit pins the stored bytes to this file rather than reading the footer."""
+    writer.close()
+    footer = writer.writer.metadata  # the C++ writer's FileMetaData: no read-back
+    if footer is not None and footer.num_rows != rows:
+        raise CommitError(f"the Parquet writer's footer of {rel!r} counts {footer.num_rows} rows but {rows} were written to it")
+    return rel, rows
 
 
 def writer(spec: WriteSpec, schema: pa.Schema) -> ParquetShardWriter:

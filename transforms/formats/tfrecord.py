@@ -8,13 +8,17 @@ front of the values are the same for every row (tag, lengths, key), so a row is 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import posixpath
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from .._fs import fsspec_fs
+from .._fs import content_id, fsspec_fs
+from ..errors import CommitError
 from ..schema import _ARROW_NAMES, SHAPE_SUFFIX, read_schema, storage_spec, table_from_numpy
 from . import WriteSpec, WrittenFile
 
@@ -209,8 +213,8 @@ class TFRecordShardWriter:
             tmp = local = tempfile.mkdtemp(prefix="layerbeam-tfrecord-")
         # zlib level 1: float activations barely compress, so a higher level only costs time.
         options = tf.io.TFRecordOptions(compression_type=self.compression, compression_level=1 if self.compression else None)
-        open_files: dict[str, list] = {}  # partition folder → [writer, relative path, rows, bytes]
-        closed: list[tuple[str, int]] = []
+        open_files: dict[str, list] = {}  # partition folder → [writer, relative path, rows, bytes, last record's offset]
+        closed: list[tuple[str, int, int, int]] = []  # path, records, last record's offset, payload bytes
         counter = 0
         try:
             for batch in batches:
@@ -223,30 +227,84 @@ class TFRecordShardWriter:
                         f = open_files.get(folder)
                         if f is not None and (f[2] >= self.max_rows_per_file or (f[3] and f[3] + len(rec) > self.max_bytes_per_file)):
                             f[0].close()
-                            closed.append((f[1], f[2]))
+                            closed.append((f[1], f[2], f[4], f[3]))
                             f = None
                         if f is None:
                             rel = posixpath.join(folder, f"{basename}-{counter}.{self.extension}") if folder else f"{basename}-{counter}.{self.extension}"
                             counter += 1
                             os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
-                            f = open_files[folder] = [tf.io.TFRecordWriter(os.path.join(local, rel), options), rel, 0, 0]
+                            f = open_files[folder] = [tf.io.TFRecordWriter(os.path.join(local, rel), options), rel, 0, 0, 0]
                         f[0].write(rec)
+                        f[4] = 16 * f[2] + f[3]  # this record's offset: 8-byte length, 4-byte CRC, data, 4-byte CRC each
                         f[2] += 1
                         f[3] += len(rec)
             for f in open_files.values():
                 f[0].close()
-                closed.append((f[1], f[2]))
-            written = [WrittenFile(rel, rows, os.path.getsize(os.path.join(local, rel))) for rel, rows in closed]
+                closed.append((f[1], f[2], f[4], f[3]))
+            written = []
+            for rel, rows, last, payload in closed:
+                # the file as closed must frame exactly the records written (the commit pins
+                # the stored bytes to it, or range-reads the last header where it cannot)
+                path = os.path.join(local, rel)
+                if self.compression:  # gzip's trailer: the uncompressed size mod 2^32
+                    with open(path, "rb") as fh:
+                        fh.seek(-4, os.SEEK_END)
+                        ok = int.from_bytes(fh.read(4), "little") == (16 * rows + payload) % (1 << 32)
+                else:
+                    ok = framed_records(path) == rows
+                if not ok:
+                    raise CommitError(f"the TFRecord writer wrote {rows} records to {rel!r} but the closed file does not frame them")
+                written.append(WrittenFile(rel, rows, os.path.getsize(path), last_record=None if self.compression else last))
             if tmp is not None:
                 fs, root = fsspec_fs(dest)
+                done = []
                 for w in written:
                     target = posixpath.join(root, w.path)
                     fs.makedirs(posixpath.dirname(target), exist_ok=True)
                     fs.put(os.path.join(local, w.path), target)
+                    info = fs.info(target)  # one request: the stored size and the store's identity of the bytes
+                    if int(info["size"]) != w.bytes:
+                        raise CommitError(f"uploaded {w.bytes} bytes to {target!r} but the store holds {info['size']}")
+                    done.append(dataclasses.replace(w, content_id=content_id(fs, info)))
+                written = done
             return written
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def framed_records(path: str) -> int:
+    """Records of an uncompressed local TFRecord file by its framing (the length headers), or
+    -1 if the file ends inside a record: seeks from header to header, reads no payload."""
+    n, size = 0, os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos < size:
+            head = fh.read(8)
+            if len(head) < 8:
+                return -1
+            (length,) = struct.unpack("<Q", head)
+            pos += 12 + length + 4
+            if pos > size:
+                return -1
+            fh.seek(pos)
+            n += 1
+    return n
+
+
+def check_last_record(header: bytes, offset: int, size: int) -> str | None:
+    """Why the 12 bytes at `offset` (a record's length and its masked CRC-32C) do not frame a
+    last record that ends exactly at `size`; None if they do."""
+    if len(header) != 12:
+        return f"the file ends {size - offset} bytes after where its last record starts"
+    from ..readers.framing import _masked_crc
+
+    (length,) = struct.unpack("<Q", header[:8])
+    if _masked_crc(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        return f"no record header at byte {offset} (its length's checksum does not match)"
+    if offset + 12 + length + 4 != size:
+        return f"its last record (at byte {offset}, {length} bytes) ends at byte {offset + 16 + length}, not at the file's end ({size})"
+    return None
 
 
 def writer(spec: WriteSpec, schema: pa.Schema) -> TFRecordShardWriter:

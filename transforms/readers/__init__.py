@@ -41,7 +41,7 @@ from ..deadletters import Failure
 from ._common import without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "shard_identity", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
 KINDS = ("tfrecord", "images", "parquet", "webdataset", "tfds")
 
@@ -101,18 +101,41 @@ class Shard:
     """One unit of work: a TFRecord file, or a group of image files.
 
     Attributes:
-        id: stable id used in output file names (`s00003`).
-        paths: the files; one for TFRecord.
+        id: stable id used in output file names (`s00003`; image shards `i<folder digest>-<chunk>`).
+        paths: the files; one for TFRecord. Empty for an image shard described by its span
+            until the worker that reads it lists its folder (`folders.resolve`).
         size: total bytes.
         version: a digest of the content fingerprints the store gives for free with the
             listing (GCS generation and crc32c, S3 ETag, local mtime_ns, size and inode): a file
             rewritten with the same size gives another version, so it is extracted again.
+        span: an image shard, compactly: `(folder URL, first file name, last file name,
+            count)` of a contiguous run of the folder's sorted names (see `folders`).
     """
 
     id: str
     paths: tuple[str, ...]
     size: int = 0
     version: str = ""
+    span: tuple[str, str, str, int] | None = None
+
+
+def shard_identity(shard) -> tuple:
+    """What makes two shards (of two runs, or two versions of an output) the same work: a
+    `Shard`, a `ShardResult` or a manifest `inputs` entry. An image shard is its span
+    `(folder, first, last, count)` with its bytes and version, never its paths; any other
+    shard its paths, bytes and version."""
+    if isinstance(shard, Mapping):
+        span = shard.get("span") or (tuple(shard[k] for k in ("prefix", "first", "last", "count")) if "prefix" in shard else None)
+        paths = shard.get("paths") or ()
+        size = shard.get("bytes", shard.get("bytes_in", shard.get("size", 0)))
+        version = shard.get("version", shard.get("input_version", ""))
+    else:
+        span, paths = getattr(shard, "span", None), getattr(shard, "paths", ())
+        size = shard.size if hasattr(shard, "size") else getattr(shard, "bytes_in", 0)
+        version = shard.version if hasattr(shard, "version") else getattr(shard, "input_version", "")
+    if span:
+        return (("span", *span), int(size), version)
+    return (tuple(paths), int(size), version)
 
 
 @dataclasses.dataclass
@@ -154,29 +177,31 @@ def match_shards(pattern: str, fmt: str, files_per_shard: int = 512, spec: ReadS
     Args:
         pattern: glob over a local path or any fsspec URL (`gs://`, `memory://`, `s3://` …);
             for 'tfds', the data_dir.
-        fmt: 'tfrecord', 'parquet', 'webdataset' (one shard per file), 'images' (groups of
-            `files_per_shard` files), or 'tfds' (the split's files, from `spec`).
+        fmt: 'tfrecord', 'parquet', 'webdataset' (one shard per file), 'images' (per folder,
+            groups of `files_per_shard` files described by their span: see `folders`), or
+            'tfds' (the split's files, from `spec`).
         spec: the `ReadSpec` ('tfds' needs its dataset name and split).
+
+    Lists everything here: `layerbeam run` lists an `images` input per folder inside the
+    pipeline instead (`beam.MatchShards`).
     """
     if fmt == "tfds":
         from . import tfds
 
         return tfds.shards(spec)
+    if fmt == "images":
+        from . import folders
+
+        return folders.match(pattern, files_per_shard)
     fs, path = fsspec_fs(pattern)
     if not any(c in path for c in "*?["):
         if fs.isdir(path):
-            path = path.rstrip("/") + ("/**" if fmt == "images" else "/*")
+            path = path.rstrip("/") + "/*"
     infos = fs.glob(path, detail=True)
     files = sorted((p, int(i.get("size") or 0), _content_tag(fs, p, i)) for p, i in infos.items() if i.get("type") != "directory")
     local = "://" not in pattern or pattern.startswith("file://")
     name = (lambda p: p) if local else fs.unstrip_protocol
-    if fmt in ("tfrecord", "parquet", "webdataset"):
-        return [Shard(f"s{i:05d}", (name(p),), s, _version([t])) for i, (p, s, t) in enumerate(files)]
-    out = []
-    for k in range(0, len(files), files_per_shard):
-        chunk = files[k : k + files_per_shard]
-        out.append(Shard(f"s{k // files_per_shard:05d}", tuple(name(p) for p, _, _ in chunk), sum(s for _, s, _ in chunk), _version([t for _, _, t in chunk])))
-    return out
+    return [Shard(f"s{i:05d}", (name(p),), s, _version([t])) for i, (p, s, t) in enumerate(files)]
 
 
 def _content_tag(fs, path: str, info: Mapping) -> str:
@@ -252,6 +277,10 @@ def read_shard(
     import tensorflow as tf
 
     kind = _kind(cfg.format)
+    if shard.span is not None and not shard.paths:
+        from .folders import resolve
+
+        shard = resolve(shard, cfg.pattern)
     bridge = LocalBridge(shard.paths)
     repaired = None
     try:

@@ -1,5 +1,5 @@
-"""Image files (jpg/png/gif/bmp/webp): a shard is a group of files; the key is the path,
-the label the parent folder's name. Also the image decoding and its diagnosis, which the
+"""Image files (jpg/png/gif/bmp/webp): a shard is a run of one folder's files (listed and
+described compactly by `folders`); the key is the path, the label the parent folder's name. Also the image decoding and its diagnosis, which the
 TFRecord reader shares for encoded-image features."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def check_end(shard, spec, local_path, consumed):
 def estimate_examples(spec, shards, budget: int = 2000) -> int:
     """Exact: one example per file."""
     cap = spec.max_examples_per_shard
-    return sum(min(len(s.paths), cap) if cap else len(s.paths) for s in shards)
+    counts = [s.span[3] if getattr(s, "span", None) else len(s.paths) for s in shards]
+    return sum(min(c, cap) if cap else c for c in counts)
 
 
 def parser(shard, cfg, plans, preprocess):
