@@ -159,7 +159,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         with precision(cfg.batching.precision):
             model = load_model(job.model)
             graph, specs = trace_and_select(job, model)
-            offered = LauncherModel.capture(model, model_fingerprint(model))
+            offered = LauncherModel.capture(model, model_fingerprint(model), (graph, specs, job))
     except (ModelError, SelectionError) as e:
         msg = str(e).replace("{model}", cfg.model.source)
         if cfg.input.image_size and msg.startswith("tracing model"):

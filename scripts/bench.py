@@ -14,8 +14,9 @@ is reported and ratios are only ever taken within this one invocation.
 * **layerbeam** — the real job: `prepare` + `run_job` on the default runner (in-process
   FnApiRunner), writing Parquet; seconds are the pipeline's (after prepare), "first batch"
   is from launching the process to the first extracted batch. `--variant NAME=PYTHON`
-  adds `layerbeam@NAME` run by another interpreter (another checkout's venv), interleaved
-  with the rest: that is how a change is measured before/after in one invocation.
+  adds `layerbeam@NAME` (and `extract@NAME`, `extract_layers@NAME` where those run) run by
+  another interpreter (another checkout's venv), interleaved with the rest: that is how a
+  change is measured before/after in one invocation.
 * **peer** (scenario a) — the job the way Beam's docs write it: `ReadFromTFRecord →
   Map(decode) → RunInference(KeyedModelHandler(TFModelHandlerTensor(model_uri=...))) →
   Map(to row) → WriteToParquet` on the in-process FnApiRunner. `TFModelHandlerTensor` is
@@ -67,6 +68,7 @@ SCENARIOS = {
     "c": {"title": "ResNet50, all layers mean-pooled", "source": "ResNet50", "select": ["all"], "map": None},
 }
 KINDS = ("limit", "limit_noat", "layerbeam", "peer", "extract", "extract_layers")
+VARIED = ("layerbeam", "extract", "extract_layers")  # the kinds `--variant` runs with another interpreter too
 
 
 def _dataset(n: int, shards: int) -> str:
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of them is reported")
     ap.add_argument("--kinds", default=",".join(KINDS), help="which to run (peer runs in scenario a only unless named with --peer-everywhere)")
     ap.add_argument("--peer-everywhere", action="store_true", help="run the peer in scenarios b and c too")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHON", help="also run layerbeam with this interpreter (another checkout's venv), as layerbeam@NAME")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHON", help="also run layerbeam, extract and extract_layers (those in --kinds) with this interpreter (another checkout's venv), as KIND@NAME")
     ap.add_argument("--rss", action="store_true", help="also run layerbeam at 4N and compare peak RSS")
     ap.add_argument("--no-check", action="store_true", help="skip the equal-outputs check of round 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -442,8 +444,8 @@ def main(argv=None) -> int:
                 skipped[k] = why
                 continue
             kinds.append((k, sys.executable))
-            if k == "layerbeam":
-                kinds += [(f"layerbeam@{v.split('=', 1)[0]}", v.split("=", 1)[1]) for v in a.variant]
+            if k in VARIED:
+                kinds += [(f"{k}@{v.split('=', 1)[0]}", v.split("=", 1)[1]) for v in a.variant]
         report["scenarios"][s] = _scenario(s, a, kinds, skipped)
     report["load_avg_after"] = os.getloadavg()
     report["total_s"] = round(time.perf_counter() - t_all, 1)
@@ -475,11 +477,12 @@ def _table(r: dict) -> str:
             lb = best["layerbeam"]["images_per_s"]
             ratios = [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k != "layerbeam" and not k.startswith("layerbeam@")]
             ratios += [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k.startswith("layerbeam@")]
+            ratios += [f"{k}/layerbeam = {best[k]['images_per_s'] / lb:.2f}" for k in best if k.split("@")[0] in ("extract", "extract_layers")]
             lines.append("  " + " · ".join(ratios))
             t = best["layerbeam"].get("time_in_shards") or {}
             if t:
-                total = sum(t.values()) or 1.0
-                lines.append("  layerbeam time in shards: " + ", ".join(f"{k} {x:.1f}s ({100 * x / total:.0f}%)" for k, x in t.items()))
+                # the extract thread's parts and the writer's `write` overlap (older checkouts: write_and_other, in series)
+                lines.append("  layerbeam time in shards: " + ", ".join(f"{k} {x:.1f}s" for k, x in t.items()))
         if "layerbeam_4n" in v:
             b4 = v["layerbeam_4n"]
             lines.append(f"  layerbeam at 4N: {b4['images_per_s']:.1f} img/s, peak RSS {b4['peak_rss_mb']:.0f} MB · 4N/N = {v['rss_4n/rss_n']:.2f}")

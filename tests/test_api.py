@@ -497,6 +497,24 @@ def test_extract_layers_then_write_layers_equals_extract(tiny_model, images, tmp
         np.testing.assert_allclose(tensor(back, name), tensor(table, name), atol=ATOL)
 
 
+def test_extract_layers_runs_the_model_on_full_batches(tiny_model, images):
+    """RunInference's BatchElements, left to grow batches from 1, kept MobileNetV2's at
+    1–12 on CPU; ExtractLayers asks for fixed batches of `batch_size` (a bundle's last one
+    may be smaller). RunInference's own metric says which sizes the model saw."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    import layerbeam
+
+    data = [(f"k{i}", images[i % len(images)]) for i in range(24)]
+    p = beam.Pipeline()
+    _ = p | beam.Create(data, reshuffle=False) | layerbeam.ExtractLayers(str(tiny_model), select=["conv1"], batch_size=8)
+    result = p.run()
+    result.wait_until_finish()
+    sizes = [d.committed for d in result.metrics().query(MetricsFilter().with_name("inference_request_batch_size"))["distributions"]]
+    assert sizes and sum(d.count for d in sizes) == 3 and min(d.min for d in sizes) == max(d.max for d in sizes) == 8, sizes
+
+
 # --------------------------------------------------------------------------- packaging and README
 
 

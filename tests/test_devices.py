@@ -144,3 +144,29 @@ def test_batches_are_sized_by_output_bytes_when_outputs_are_big():
     assert effective_batch_size(32, 256 << 20, 5_000) == 32  # pooled outputs: the configured size
     assert effective_batch_size(32, 256 << 20, 25 << 20) == 10  # 25 MB per example: 10 fit in 256 MB
     assert effective_batch_size(32, 1 << 20, 25 << 20) == 1  # never zero
+
+
+def test_an_in_process_worker_takes_the_launchers_trace_of_its_own_job_only(tmp_path, png_dataset, monkeypatch):
+    """The launcher traced the model for the job's selection; the worker in its process
+    reuses that trace (no second trace on the way to the first batch), and a worker of
+    another job (another selection) traces its own."""
+    import dataclasses
+
+    import layerbeam.transforms.shard as shard
+    from layerbeam.config import load_config
+    from layerbeam.plan import prepare
+    from tests.conftest import base_config
+
+    folder, _, _ = png_dataset
+    plan = prepare(load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out"))))
+    traced = []
+    real = shard.trace_and_select
+    monkeypatch.setattr(shard, "trace_and_select", lambda *a: traced.append(a) or real(*a))
+    with shard.offer_launcher_model(plan.run_id, plan.launcher_model):
+        worker = shard.ShardProcessor(plan.spec, plan.run_id)
+        assert worker.reused_launcher_model and traced == []
+        assert worker.specs == plan.outputs
+        other = dataclasses.replace(plan.spec, layers=dataclasses.replace(plan.spec.layers, reduce="max"))
+        worker = shard.ShardProcessor(other, plan.run_id)
+        assert len(traced) == 1
+        assert {s.reduce for s in worker.specs} == {"max"}

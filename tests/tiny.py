@@ -55,3 +55,12 @@ def unnamed_input_model():
     inp = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(inp)
     return keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(x))
+
+
+def branchy_preprocess(x):
+    """A user's `input.preprocess` that branches on a tensor in Python (needs AutoGraph)."""
+    import tensorflow as tf
+
+    if tf.reduce_max(x) > 1.0:
+        return x / 255.0
+    return x

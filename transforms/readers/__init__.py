@@ -300,6 +300,8 @@ def read_shard(
             raw = raw.take(max_examples if index_map is None else int((index_map < max_examples).sum()))
         plans = plan_inputs(cfg, input_shapes, input_dtypes)
         parse = kind.parser(shard, cfg, plans, preprocess)
+        # A reader may hand a traced `tf.function`; explaining a failure runs the plain function eagerly.
+        explain_parse = getattr(parse, "explain", parse)
         # A sentinel after the last record carries the record count (its index) and the
         # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
         # so records that fail at the very end are still counted, and a file that stops
@@ -370,9 +372,9 @@ def read_shard(
                 failures = list(corrupt)
                 if len(missing):
                     if index_map is not None:
-                        failures += _explain_repaired(kind, shard, cfg, plans, preprocess, parse, paths, index_map, missing)
+                        failures += _explain_repaired(kind, shard, cfg, plans, preprocess, explain_parse, paths, index_map, missing)
                     else:
-                        failures += kind.explain(shard, cfg, plans, preprocess, parse, bridge.paths, missing)
+                        failures += kind.explain(shard, cfg, plans, preprocess, explain_parse, bridge.paths, missing)
                 failures.sort(key=lambda f: f.index)
                 yield None, ShardEnd(total, tuple(failures), shard_error)
                 return
