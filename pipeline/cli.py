@@ -273,6 +273,9 @@ def _run(args, beam_args: list[str]) -> int:
         return 0
     with _progress_display(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         manifest = run_job(cfg, beam_args, plan, progress=progress)
+    if manifest.get("_up_to_date"):  # `images`: the pipeline's listing found nothing new, changed or removed
+        print(f"up to date at version {plan.parent}")
+        return 0
     if manifest.get("_dry_run") or manifest.get("_template"):  # --dry_run=True / --template_location: the job graph, nothing submitted
         print(json.dumps(manifest, indent=1))
         return 0
@@ -417,8 +420,8 @@ def _print_plan(console, plan, human) -> None:
             console.print(f"versions: nothing new, changed or removed since version {plan.parent}: up to date", markup=False)
         elif d.get("rebuild") and plan.config["output"]["overwrite"]:
             console.print(f"versions: --overwrite: all {plan.shards} shards extracted as a new lineage (version {plan.parent + 1}; version {plan.parent} stays readable)", markup=False)
-        elif d.get("rebuild"):  # images: listed in the pipeline, not matched here yet
-            console.print(f"versions: version {plan.parent + 1} from version {plan.parent}: an images input is listed in the pipeline, so all {plan.shards} shards are extracted again", markup=False)
+        elif d.get("in_pipeline"):  # images: listed in the pipeline, matched there
+            console.print(f"versions: version {plan.parent + 1} from version {plan.parent}, or up to date: images: new, changed and reused shards decided while listing, in the pipeline", markup=False)
         else:
             console.print(
                 f"versions: version {plan.parent + 1} from version {plan.parent}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
@@ -462,6 +465,13 @@ def _print_summary(console, manifest: dict, human, quiet: bool = False) -> None:
         + _loads_note(manifest.get("_metrics", {})),
         markup=False,
     )
+    d = manifest.get("delta") or {}
+    if manifest.get("parent") is not None and "new" in d:
+        console.print(
+            f"versions: version {manifest['version']} from version {manifest['parent']}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
+            + (f", {d['redone']} extracted again" if d.get("redone") else "") + (" (rebuilt: --overwrite)" if d.get("rebuild") else ""),
+            markup=False,
+        )
     reasons = c.get("dead_letter_reasons") or {}
     if reasons:
         console.print("dead letters by reason: " + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items())) + " (in _dead_letters/)", markup=False)

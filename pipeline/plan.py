@@ -192,8 +192,8 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     config = config_to_dict(cfg)
     latest = latest_manifest(OutputLayout(cfg.output.path, "").out)
     parent = manifest_version(latest) if latest else None
-    # `images` are listed inside the pipeline (no launcher list to match): no shard is
-    # reused yet, a run over a complete output builds everything again as its next version
+    # `images` are listed inside the pipeline (no launcher list to match): the pipeline
+    # decides what is reused once it has listed (`delta_in_pipeline`, see `run.build_pipeline`)
     delta, reuse = _delta(latest, None if images else shards, cfg.output.overwrite)
     # `images`: no per-image list here, so the run id holds no input listing: the same
     # command finds its staged shards, each taken only if its span and version still match
@@ -221,7 +221,7 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
         extraction=extraction_fingerprint(config, fp),
     )
     if latest is not None and not cfg.output.overwrite and _differences_from(latest, plan) is None and plan.sample == bool(latest.get("sample")):
-        if not (delta.get("rebuild") or delta["new"] or delta["changed"] or delta["removed"] or delta["redone"]):
+        if not (delta.get("rebuild") or delta.get("in_pipeline") or delta["new"] or delta["changed"] or delta["removed"] or delta["redone"]):
             # nothing to do: nothing is written, not even the staging folder or the lock
             return dataclasses.replace(plan, up_to_date=True)
     if plan.bytes_per_example > cfg.layers.max_bytes_per_example:
@@ -280,8 +280,9 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
     keep, so it is extracted again (`redone`; repeated until no reused shard depends on a
     re-extracted one). Shards of the listing that match nothing are `new`, or `changed` if
     the latest version read the same paths with other content; inputs of the latest version
-    matching no shard of the listing are `removed`. With `overwrite`, or `shards` None
-    (`images`: listed in the pipeline, not here), nothing is reused (`rebuild`).
+    matching no shard of the listing are `removed`. With `overwrite` nothing is reused
+    (`rebuild`). `shards` None (`images`: listed in the pipeline, not here): `{in_pipeline:
+    True}`, decided there by `delta_in_pipeline`.
 
     Returns:
         (delta counts or None without an output, reuse entries: one small summary per reused
@@ -293,9 +294,11 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
         return None, ()
     from .transforms.versions import files_of, inputs_of
 
+    if shards is None and not overwrite:  # `images`: decided in the pipeline once listed (`delta_in_pipeline`)
+        return {"in_pipeline": True}, ()
     root = OutputLayout(latest["config"]["output"]["path"], "").out
     olds = inputs_of(latest, root)
-    if overwrite or shards is None:
+    if overwrite:
         return {"new": len(shards or ()), "changed": 0, "reused": 0, "removed": len(olds), "redone": 0, "rebuild": True}, ()
     by_identity = {shard_identity(i): i for i in olds if i.get("keys") and "version" in i}
     found = {s.id: by_identity[shard_identity(s)] for s in shards if shard_identity(s) in by_identity}
@@ -308,13 +311,13 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
         for sid in drop:
             kept.discard(found.pop(sid)["shard"])
         redone.update(drop)
-    old_paths = {tuple(i.get("paths") or ()) for i in olds}
-    new_paths = {tuple(s.paths) for s in shards}
+    old_places = {_place(i) for i in olds}
+    new_places = {_place(s) for s in shards}
     fresh = [s for s in shards if s.id not in found and s.id not in redone]
-    changed = sum(1 for s in fresh if tuple(s.paths) in old_paths)
+    changed = sum(1 for s in fresh if _place(s) in old_places)
     delta = {
         "new": len(fresh) - changed, "changed": changed, "reused": len(found),
-        "removed": sum(1 for i in olds if tuple(i.get("paths") or ()) not in new_paths), "redone": len(redone),
+        "removed": sum(1 for i in olds if _place(i) not in new_places), "redone": len(redone),
     }
     files: dict[str, list] = {}
     for f in files_of(latest, root):
@@ -324,7 +327,8 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
         errors.setdefault(e.get("shard"), []).append({k: v for k, v in e.items() if k not in ("shard", "records_kept")})
     reuse = tuple(
         {
-            "shard": sid, "paths": list(e["paths"]), "bytes_in": e["bytes"], "input_version": e.get("version", ""), "read": e["records"],
+            "shard": sid, "paths": list(e.get("paths") or ()), "bytes_in": e["bytes"],
+            "span": (e["prefix"], e["first"], e["last"], e["count"]) if "prefix" in e else None, "input_version": e.get("version", ""), "read": e["records"],
             "rows": e["rows"], "dead_letters": e["dead_letters"], "dead_reasons": e.get("dead_reasons") or {}, "dead_letter_file": e.get("dead_letter_file"),
             "keys": e["keys"], "dedupe_lost": e.get("dedupe_lost", 0), "files": files.get(e["shard"], []), "shard_errors": errors.get(e["shard"], []),
             "stats": e.get("stats"), "timing": e.get("timing"),
@@ -332,6 +336,32 @@ def _delta(latest: Mapping | None, shards: Sequence | None, overwrite: bool) -> 
         for sid, e in sorted(found.items())
     )
     return delta, reuse
+
+
+def _place(shard) -> tuple:
+    """Where a shard reads (a listed `Shard` or a manifest `inputs` entry), whatever its content:
+    a shard read from the same place with other content is `changed`. An image shard's place
+    is its id, one folder's k-th chunk (`folders.shard_id`): its span moves when a file is
+    added or removed before its end; any other shard's place is its files."""
+    if isinstance(shard, Mapping):
+        return ("span", shard["shard"]) if "prefix" in shard else tuple(shard.get("paths") or ())
+    return ("span", shard.id) if getattr(shard, "span", None) else tuple(shard.paths)
+
+
+def delta_in_pipeline(listed: Sequence, out: str, parent: int | None, sample: bool) -> tuple[dict | None, tuple]:
+    """`_delta` for an `images` input, run inside the pipeline once every folder is listed
+    (`listed`: the shard descriptions, one per shard, small and bounded by the shard count).
+
+    Reads the latest version of `out` there (the commit refuses if it is no longer `parent`).
+    The delta gets `up_to_date` True when nothing is new, changed, removed or redone (and the
+    latest version is a sample exactly when this run is): the commit then writes nothing.
+    """
+    latest = latest_manifest(OutputLayout(out, "").out)
+    if latest is None or manifest_version(latest) != parent:
+        return None, ()  # moved: `check_results` refuses with the versions named
+    delta, reuse = _delta(latest, list(listed), False)
+    nothing = not (delta["new"] or delta["changed"] or delta["removed"] or delta["redone"])
+    return dict(delta, up_to_date=nothing and sample == bool(latest.get("sample"))), reuse
 
 
 def _run_id(config: Mapping, model_fingerprint: str, shards: Sequence | None, parent: int | None = None) -> str:

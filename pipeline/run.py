@@ -62,18 +62,40 @@ def build_pipeline(pipeline, plan: Plan):
     shards = pipeline | "MatchShards" >> MatchShards(
         cfg["input"]["pattern"], cfg["input"]["format"], cfg["input"]["files_per_shard"], cfg["input"]["max_shards"], spec=plan.spec.input
     )  # Shard(id, paths, size)
-    todo = shards
-    if plan.reuse:  # an incremental run: only new and changed shards reach the extraction
-        from .transforms.readers import shard_identity
+    from .transforms.readers import shard_identity
 
-        skip = {shard_identity({"paths": e["paths"], "bytes": e["bytes_in"], "version": e["input_version"]}) for e in plan.reuse}
+    todo, reuse, delta = shards, plan.reuse, None
+    if plan.reuse:  # an incremental run: only new and changed shards reach the extraction
+        skip = {_identity(e) for e in plan.reuse}
         todo = shards | "NewOrChanged" >> beam.Filter(lambda s: shard_identity(s) not in skip)
+    elif plan.delta and plan.delta.get("in_pipeline"):
+        # `images` over an output with a version: the launcher has no listing, so the reuse
+        # decision is made here once every folder is listed. The list is one small
+        # description per shard (a span, not its images), so it is bounded by the shard count.
+        from .plan import delta_in_pipeline
+
+        decided = (
+            shards
+            | "AllListed" >> beam.combiners.ToList()
+            | "Delta" >> beam.Map(delta_in_pipeline, cfg["output"]["path"], plan.parent, plan.sample)
+        )  # (delta, reuse entries)
+        skip = decided | "SkipIdentities" >> beam.Map(lambda d: {_identity(e) for e in d[1]})
+        todo = shards | "NewOrChanged" >> beam.Filter(lambda s, skip: shard_identity(s) not in skip, beam.pvalue.AsSingleton(skip))
+        reuse = decided | "ReuseEntries" >> beam.FlatMap(lambda d: d[1])
+        delta = decided | "DeltaCounts" >> beam.Map(lambda d: d[0])
     results = todo | "ExtractShards" >> ExtractShards(plan.spec, plan.run_id)  # ShardResult
     # the commit, distributed: check → bucketed dedupe → parallel publish → manifest + _SUCCESS
     # `images` are listed only in the pipeline (no launcher list to compare with): each shard's
     # worker checks its folder still holds the span and version listed
     planned = None if plan.listing is not None else inputs_digest(plan.inputs)
-    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, planned, reuse=plan.reuse)
+    return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, planned, reuse=reuse, delta=delta)
+
+
+def _identity(entry) -> tuple:
+    """`shard_identity` of a reuse entry (an image shard's span, or its files), to match listed shards."""
+    from .transforms.readers import shard_identity
+
+    return shard_identity({"paths": entry["paths"], "span": entry.get("span"), "bytes": entry["bytes_in"], "version": entry["input_version"]})
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:
@@ -172,6 +194,8 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
     with layout.fs.open(f"{layout.out}/{layout.MANIFEST}") as f:
         manifest = json.load(f)
     manifest["_seconds"] = seconds
+    if plan.delta and plan.delta.get("in_pipeline") and manifest.get("run_id") != plan.run_id:  # `images`: the pipeline found nothing new, changed or removed
+        return dict(manifest, _up_to_date=True, _metrics=metrics)
     if progress and _is_local_runner(runner):  # the final state, from the manifest (the markers went with the staging)
         c = manifest["counts"]
         progress(Progress(shards_done=plan.to_extract, shards=plan.to_extract, examples_done=c["records_read"], examples=plan.estimated_examples,

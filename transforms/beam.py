@@ -171,7 +171,8 @@ def ExtractShards(shards: beam.PCollection, spec: JobSpec, run_id: str):
 
 
 @beam.ptransform_fn
-def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id: str, planned_inputs: str | None = None, buckets: int | None = None, reuse: Sequence[Mapping] = ()):
+def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id: str, planned_inputs: str | None = None, buckets: int | None = None,
+                 reuse: Sequence[Mapping] | beam.PCollection = (), delta: beam.PCollection | None = None):
     """PCollection[ShardResult] → PCollection[counts]: the commit, distributed
     (`commit.py`'s steps; no step on one worker grows with rows, files or bytes).
 
@@ -189,7 +190,13 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         buckets: hash buckets of the dedupe (default `commit.DEDUPE_BUCKETS`).
         reuse: an incremental run's shards taken from the latest version (small summaries,
             one per shard): their kept key hashes join the dedupe, and each is carried
-            into the new version by `commit.reuse_shard` in parallel with publishing.
+            into the new version by `commit.reuse_shard` in parallel with publishing. A
+            sequence (the launcher matched the listing), or a PCollection where the pipeline
+            matched it (`images`, listed only there).
+        delta: where the pipeline matched the listing, its one delta (the manifest's `delta`,
+            counts of new, changed, reused, removed and redone shards). With `up_to_date`
+            true nothing is checked, published or finalized: the output stays at its version
+            and only this run's staging folder is removed.
     """
     from . import commit
     from .staging import OutputLayout
@@ -204,13 +211,22 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     # paths would be encoded as UTF-8 strings, which an undecodable file name (kept
     # surrogate-escaped, as Python lists it) cannot be. The commit functions take either.
     dicts = results
-    verdict = (
-        dicts
-        | "Brief" >> beam.Map(commit.brief)
-        | "AllBriefs" >> beam.combiners.ToList()
-        | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs, [e["shard"] for e in reuse])
-    )
-    reused = results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])
+    briefs = dicts | "Brief" >> beam.Map(commit.brief) | "AllBriefs" >> beam.combiners.ToList()
+    if isinstance(reuse, beam.PCollection):  # matched in the pipeline: the ids and the delta are side inputs
+        reused = reuse | "Reused" >> beam.Map(lambda e: _Pickled(dict(e, reused=True)))
+        reused_ids = beam.pvalue.AsList(reused | "ReusedIds" >> beam.Map(lambda e: e.value["shard"]))
+        decided = beam.pvalue.AsSingleton(delta) if delta is not None else None
+
+        def check(bs, listed, ids, d):
+            if _up_to_date(d):
+                return False  # nothing to publish; nothing is written (no publishing flag)
+            return commit.check_results(bs, listed, manifest_base, run_id, planned_inputs, ids)
+
+        verdict = briefs | "Check" >> beam.Map(check, beam.pvalue.AsList(shards), reused_ids, decided)
+    else:
+        verdict = briefs | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs, [e["shard"] for e in reuse])
+        reused = results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])
+        decided = None
     lost = (
         (
             dicts | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb)),
@@ -254,10 +270,16 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "Join" >> beam.CoGroupByKey()
         | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
+    def finalize(s, d):
+        if _up_to_date(d):  # the output stays at its version: no manifest, no `_SUCCESS`
+            return commit.committed_counts(layout()) or {}
+        base = manifest_base if d is None else dict(manifest_base, delta={k: v for k, v in d.items() if k != "up_to_date"})
+        return commit.finalize(layout(), [x.value for x in s], base)
+
     counts = (
         summaries
         | "AllSummaries" >> beam.combiners.ToList()
-        | "Finalize" >> beam.Map(lambda s: commit.finalize(layout(), [x.value for x in s], manifest_base))
+        | "Finalize" >> beam.Map(finalize, decided)
     )
     cleaned = (
         keyed
@@ -265,6 +287,11 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "Cleaned" >> beam.combiners.Count.Globally()
     )
     return counts | "CleanRun" >> beam.Map(lambda c, _: (commit.cleanup_run(layout()), c)[1], beam.pvalue.AsSingleton(cleaned))
+
+
+def _up_to_date(delta) -> bool:
+    """The delta the pipeline decided says there is nothing to commit."""
+    return bool(delta and delta.get("up_to_date"))
 
 
 class _Pickled:

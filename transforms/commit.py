@@ -556,7 +556,7 @@ def reuse_shard(layout: OutputLayout, entry: Mapping, repeats: Sequence[tuple[by
         old_dead = old_dead.cast(DEAD_LETTER_SCHEMA)
         had = {r["key"] for r in old_dead.to_pylist() if r["reason"] == "duplicate_key" and r["key"] is not None}
         had_h = set(key_hashes(sorted(had)).tolist()) if had else set()
-        gone = {h: {"key": None, "shard": entry["paths"][0] if len(entry["paths"]) == 1 else entry["paths"][i], "index": i, "stage": "dedupe",
+        gone = {h: {"key": None, "shard": _record_origin(entry, i), "index": i, "stage": "dedupe",
                     "reason": "duplicate_key", "detail": f"the key was already written by record {fi} of shard {fs_}"}
                 for h, i, fs_, fi in repeats if h not in had_h}
         tag = layout.run_id[:8]
@@ -585,6 +585,7 @@ def reuse_shard(layout: OutputLayout, entry: Mapping, repeats: Sequence[tuple[by
         "shard": shard,
         "reused": True,
         "paths": list(entry["paths"]),
+        **({"span": tuple(entry["span"])} if entry.get("span") else {}),  # an image shard: its folder and span
         "bytes_in": entry["bytes_in"],
         "version": entry.get("input_version", ""),
         "keys": entry["keys"],
