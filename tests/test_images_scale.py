@@ -368,6 +368,13 @@ def test_images_builds_are_incremental_a_new_day_folder_and_a_same_size_rewrite_
     assert [manifest_version(v) for v in list_versions(str(out))] == [1, 2, 3]
     assert {q: (q.stat().st_size, q.stat().st_mtime_ns) for q in out.rglob("*")} == before
     assert not Path(f"{out}.layerbeam-staging").exists()
+    # a day folder deleted: version 4 extracts nothing and drops its shards
+    import shutil
+
+    shutil.rmtree(data / "day3")
+    images = {k: v for k, v in images.items() if Path(k).parent.name != "day3"}
+    step(4, 0, 0, new=0, changed=0, reused=3, removed=2)
     r = run_cli(["history", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    print(r.stdout)
+    with capsys.disabled():
+        print(r.stdout)

@@ -270,6 +270,7 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         | "Join" >> beam.CoGroupByKey()
         | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
+
     def finalize(s, d):
         if _up_to_date(d):  # the output stays at its version: no manifest, no `_SUCCESS`
             return commit.committed_counts(layout()) or {}
