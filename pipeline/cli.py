@@ -458,20 +458,20 @@ def _print_summary(console, manifest: dict, human, quiet: bool = False) -> None:
     rate = c["records_read"] / secs if secs else 0.0
     errs = manifest.get("shard_errors") or []
     bad = {n: (s.get("nan", 0), s.get("inf", 0)) for n, s in (manifest.get("statistics") or {}).items() if s.get("nan") or s.get("inf")}
+    # an incremental version: what it took from its parent (for `images` decided in the pipeline)
+    d = manifest.get("delta") or {}
+    delta = (
+        f" · version {manifest['version']} from {manifest['parent']}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
+        + (f", {d['redone']} extracted again" if d.get("redone") else "") + (" (rebuilt)" if d.get("rebuild") else "")
+        if manifest.get("parent") is not None and "new" in d else ""
+    )
     console.print(
         f"done · {c['rows_written']:,} rows, {c['dead_letters']:,} dead letters, {len(errs)} shard errors, from {c['records_read']:,} records "
         f"· {len(files)} files, {human(nbytes)} · {secs:.1f}s ({rate:.1f} examples/s)"
         + (" · SAMPLE (smoke run)" if manifest.get("sample") else "")
-        + _loads_note(manifest.get("_metrics", {})),
+        + _loads_note(manifest.get("_metrics", {})) + delta,
         markup=False,
     )
-    d = manifest.get("delta") or {}
-    if manifest.get("parent") is not None and "new" in d:
-        console.print(
-            f"versions: version {manifest['version']} from version {manifest['parent']}: {d['new']} new, {d['changed']} changed, {d['reused']} reused, {d['removed']} removed shards"
-            + (f", {d['redone']} extracted again" if d.get("redone") else "") + (" (rebuilt: --overwrite)" if d.get("rebuild") else ""),
-            markup=False,
-        )
     reasons = c.get("dead_letter_reasons") or {}
     if reasons:
         console.print("dead letters by reason: " + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items())) + " (in _dead_letters/)", markup=False)

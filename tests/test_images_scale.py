@@ -373,7 +373,15 @@ def test_images_builds_are_incremental_a_new_day_folder_and_a_same_size_rewrite_
 
     shutil.rmtree(data / "day3")
     images = {k: v for k, v in images.items() if Path(k).parent.name != "day3"}
-    step(4, 0, 0, new=0, changed=0, reused=3, removed=2)
+    m4 = step(4, 0, 0, new=0, changed=0, reused=3, removed=2)
+    from layerbeam.cli import _print_summary
+
+    capsys.readouterr()
+    _print_summary(_console(), m4, human, quiet=True)
+    summary = capsys.readouterr().out
+    assert summary.count("\n") == 1 and "· version 4 from 3: 0 new, 0 changed, 3 reused, 2 removed shards" in summary, summary
+    with capsys.disabled():
+        print(summary)
     r = run_cli(["history", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     with capsys.disabled():
