@@ -567,8 +567,10 @@ def _check_compression(cfg: JobConfig, first_file: str) -> None:
 
 def _differences(info: Mapping, cfg: JobConfig, run_id: str) -> str:
     """Which config fields, model or input shards differ between a staged run and this one."""
-    mine = _flatten(config_to_dict(cfg))
-    theirs = _flatten(info.get("config", {}))
+    from .transforms.versions import flatten
+
+    mine = flatten(config_to_dict(cfg))
+    theirs = flatten(info.get("config", {}))
     keys = sorted(k for k in set(mine) | set(theirs) if k not in ("output.overwrite", "output.max_dead_letter_fraction") and mine.get(k) != theirs.get(k))
     parts = []
     if keys:
@@ -576,16 +578,6 @@ def _differences(info: Mapping, cfg: JobConfig, run_id: str) -> str:
     if not keys:
         parts.append("same config, but different model weights or input files")
     return "; ".join(parts)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _check_writable(layout) -> None:

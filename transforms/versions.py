@@ -59,11 +59,12 @@ def manifest_version(m: Mapping) -> int:
     return int(m.get("version") or 1)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict:
+def flatten(d: Mapping, prefix: str = "") -> dict:
+    """A nested config as one level of dotted keys (`output.path`)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -71,7 +72,7 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 def extraction_fields(config: Mapping) -> dict:
     """The flattened config fields that decide an extracted row's values."""
-    return {k: v for k, v in _flatten(config).items() if k not in EXTRACTION_IGNORED}
+    return {k: v for k, v in flatten(config).items() if k not in EXTRACTION_IGNORED}
 
 
 def extraction_fingerprint(config: Mapping, model_fingerprint: str) -> str:
