@@ -15,6 +15,7 @@ import yaml
 
 from layerbeam.config import load_config
 from tests.conftest import run_cli, write_tfrecords
+from tests.seed_models import seed_example_1, seed_example_3
 from tests.test_errors import _one_line_error
 
 
@@ -349,39 +350,7 @@ def test_variable_length_ids_are_padded_per_batch(tmp_path):
         np.testing.assert_allclose(_column(got["table"], "head", [row])[0], ref[0], rtol=1e-5, atol=1e-6)
 
 
-def _seed_example1():
-    """The article's example 1 as written (unnamed layers): a CNN on 28×28×1."""
-    import keras
-    from keras.layers import Conv2D, Dense, Flatten, MaxPooling2D
-
-    keras.utils.set_random_seed(1)
-    input_layer = keras.Input(shape=(28, 28, 1))
-    conv1 = Conv2D(32, (3, 3), activation="relu")(input_layer)
-    pool1 = MaxPooling2D((2, 2))(conv1)
-    conv2 = Conv2D(64, (3, 3), activation="relu")(pool1)
-    pool2 = MaxPooling2D((2, 2))(conv2)
-    flatten = Flatten()(pool2)
-    dense1 = Dense(128, activation="relu")(flatten)
-    output_layer = Dense(10, activation="softmax")(dense1)
-    return keras.Model(inputs=input_layer, outputs=[output_layer, conv1, pool2])
-
-
-def _seed_example3():
-    """The article's example 3 as written: two 28×28×1 branches, concatenated."""
-    import keras
-    from keras.layers import Conv2D, Dense, Flatten, Input, MaxPooling2D, concatenate
-
-    keras.utils.set_random_seed(3)
-    input_a = Input(shape=(28, 28, 1))
-    input_b = Input(shape=(28, 28, 1))
-    branch_a = MaxPooling2D((2, 2))(Conv2D(32, (3, 3), activation="relu")(input_a))
-    branch_b = MaxPooling2D((2, 2))(Conv2D(32, (3, 3), activation="relu")(input_b))
-    merged = concatenate([branch_a, branch_b])
-    output = Dense(10, activation="softmax")(Dense(128, activation="relu")(Flatten()(merged)))
-    return keras.Model(inputs=[input_a, input_b], outputs=[output, branch_a, branch_b])
-
-
-@pytest.mark.parametrize("build", [_seed_example1, _seed_example3], ids=["example1", "example3"])
+@pytest.mark.parametrize("build", [seed_example_1, seed_example_3], ids=["example1", "example3"])
 def test_seed_examples_1_and_3_through_the_cli_from_tfrecord_tensors_equal_keras(build, tmp_path):
     """The article's other two models (np.random.rand inputs, as it feeds them) from
     float_list features through `layerbeam run`: the outputs the article taps, each equal to
@@ -390,7 +359,7 @@ def test_seed_examples_1_and_3_through_the_cli_from_tfrecord_tensors_equal_keras
 
     from layerbeam.transforms.layers import ModelGraph
 
-    model = build()
+    model, *_ = build()
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, compile=False)
