@@ -45,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import resource
 import shutil
 import subprocess
@@ -382,7 +383,10 @@ def _scenario(s: str, a, kinds: list[tuple[str, str]], skipped: dict) -> dict:
     checks: dict[str, dict] = {}
     for r in range(a.rounds):  # interleaved, so drift on a shared machine hits every kind alike
         print(f"scenario {s}, round {r + 1}/{a.rounds} (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-        for k, python in kinds:
+        # Round 1 keeps the given order (the limit writes the check the others compare with);
+        # later rounds shuffle it (seeded), so no kind always runs last when the load changes.
+        order = list(kinds) if r == 0 else random.Random(r).sample(kinds, len(kinds))
+        for k, python in order:
             first = r == 0 and not a.no_check
             res = _run_child(k, python, a, check if first and k.split("@")[0] in ("limit", "layerbeam", "peer") and "limit" in runs else None)
             if "check" in res:
