@@ -61,29 +61,69 @@ def values_of(column) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+# Every float16 value, indexed by its bit pattern: a float16 output's statistics come from
+# the histogram of its bit patterns (one `bincount` pass, ~2 ns a value) instead of widening
+# each value to float32 and float64 (numpy's float16 → float32 conversion alone costs
+# ~6 ns a value: it dominated a shard's statistics of a 28×28×192 float16 map).
+_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+_F16_FINITE = np.flatnonzero(np.isfinite(_F16))
+_F16_NAN = np.flatnonzero(np.isnan(_F16))
+_F16_VALUE = _F16[_F16_FINITE].astype(np.float64)
+
+
+def _partial_f16(v: np.ndarray) -> dict:
+    """Partial statistics of a flat float16 array from its bit-pattern histogram: the same
+    quantities as `_partial`, exactly (float64 sums over at most 63,488 distinct values;
+    each count × value product is exact)."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    bits = v.view(np.uint16)
+    for start in range(0, bits.size, _CHUNK):  # bincount widens its input to intp: bounded copies
+        counts += np.bincount(bits[start : start + _CHUNK], minlength=1 << 16)
+    s = _empty()
+    s["values"] = int(v.size)
+    s["zeros"] = int(counts[0] + counts[0x8000])  # +0 and -0
+    s["nan"] = int(counts[_F16_NAN].sum())
+    c = counts[_F16_FINITE]
+    s["inf"] = int(v.size - c.sum()) - s["nan"]
+    seen = np.flatnonzero(c)
+    if seen.size:
+        c, x = c[seen].astype(np.float64), _F16_VALUE[seen]
+        n = int(counts[_F16_FINITE].sum())
+        mean = math.fsum(c * x) / n
+        d = x - mean
+        s.update(finite=n, mean=mean, m2=math.fsum(c * d * d), min=float(x.min()), max=float(x.max()))
+    return s
+
+
 def _partial(v: np.ndarray) -> dict:
-    """Partial statistics of a flat array, a chunk at a time: float16 is widened to float32
-    once per chunk (numpy has no fast float16 arithmetic), sums are taken in float64, and
-    each chunk's (mean, M2) comes from its sum and sum of squares, then merged (Chan)."""
+    """Partial statistics of a flat array, a chunk at a time: sums are taken in float64,
+    and each chunk's (mean, M2) comes from its sum and its centred sum of squares, then
+    merged (Chan). float16 goes through its histogram (`_partial_f16`)."""
+    if v.dtype == np.float16:
+        return _partial_f16(v)
     s = _empty()
     s["values"] = int(v.size)
     for start in range(0, v.size, _CHUNK):
         c = v[start : start + _CHUNK]
-        if c.dtype != np.float32:
-            c = c.astype(np.float32)
         part = _empty()
-        part["zeros"] = int(np.count_nonzero(c == 0))
-        finite = np.isfinite(c)
-        if not finite.all():
+        part["zeros"] = int(c.size - np.count_nonzero(c))  # NaN counts as non-zero, as NaN == 0 is False
+        d = c.astype(np.float64)
+        total = float(d.sum())
+        # A float64 sum of at most 2**20 finite float32 values cannot overflow: only a NaN or
+        # an Inf makes it non-finite, so the isfinite pass is only paid for chunks that have one.
+        if not math.isfinite(total):
+            finite = np.isfinite(c)
             part["nan"] = int(np.count_nonzero(np.isnan(c)))
             part["inf"] = int(c.size - np.count_nonzero(finite)) - part["nan"]
-            c = c[finite]
+            c, d = c[finite], d[finite]
+            total = float(d.sum())
         if c.size:
-            d = c.astype(np.float64)
             n = d.size
-            mean = float(d.sum()) / n
+            mean = total / n
             d -= mean  # centred before squaring: no cancellation when the mean is large
-            part.update(finite=n, mean=mean, m2=float(np.dot(d, d)), min=float(c.min()), max=float(c.max()))
+            # einsum, not np.dot: BLAS's threads spin on every core for a dot this size
+            # (measured 10x the CPU time of the single-threaded einsum on 2 cores).
+            part.update(finite=n, mean=mean, m2=float(np.einsum("i,i->", d, d)), min=float(c.min()), max=float(c.max()))
         values = s["values"]
         s = merge(s, part)
         s["values"] = values
