@@ -106,7 +106,7 @@ def _partial(v: np.ndarray) -> dict:
     for start in range(0, v.size, _CHUNK):
         c = v[start : start + _CHUNK]
         part = _empty()
-        part["zeros"] = int(c.size - np.count_nonzero(c))  # NaN counts as non-zero, as NaN == 0 is False
+        part["zeros"] = int(np.count_nonzero(c == 0))  # (count_nonzero(c) on floats is 6x slower)
         d = c.astype(np.float64)
         total = float(d.sum())
         # A float64 sum of at most 2**20 finite float32 values cannot overflow: only a NaN or
