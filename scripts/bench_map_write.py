@@ -16,6 +16,7 @@ CPU-seconds (`time.process_time`, every thread of the process) per 1000 rows, be
 
     python scripts/bench_map_write.py                       # this checkout
     python scripts/bench_map_write.py --old main            # side by side with main's code
+    python scripts/bench_map_write.py --old main --check    # and check the files are byte-identical
 
 `--old REF` loads `transforms/` as it is at git REF (via `git archive`) into a temporary
 package and times both implementations in the same process, interleaved repetition by
@@ -129,6 +130,35 @@ def stages(mods, columns, outputs, specs, workdir, batch):
     return out
 
 
+def check_identical(impls, columns, outputs, specs, workdir) -> bool:
+    """Every encoding and codec, in batches of 32 and 7 rows (with NaN in the map and a
+    file cap that splits the shard): the files each implementation writes, byte by byte."""
+    import hashlib
+
+    import pyarrow as pa
+
+    outputs = dict(outputs, **{MAP[0]: outputs[MAP[0]].copy()})
+    outputs[MAP[0]].reshape(-1)[::997] = np.nan
+    rows, same = len(columns["key"]), True
+    for batch in (32, 7):
+        for enc in ENCODINGS:
+            for codec in ("zstd", "none"):
+                digests = []
+                for mods in impls.values():
+                    S = mods["schema"]
+                    schema = S.output_schema(specs, {"key": pa.string(), "label": pa.int64()})
+                    rbs = [S.to_record_batch(schema, {k: v[i : i + batch] for k, v in columns.items()}, {k: v[i : i + batch] for k, v in outputs.items()}) for i in range(0, rows, batch)]
+                    w = mods["formats.parquet"].ParquetShardWriter(schema, compression=codec, compression_level=1 if codec == "zstd" else None, encoding=enc, row_group_bytes=16 << 20, max_rows_per_file=rows * 3 // 4)
+                    d = tempfile.mkdtemp(dir=workdir)
+                    files = w.write_shard(rbs, d, "part")
+                    digests.append([(f.path, f.rows, hashlib.sha256(open(os.path.join(d, f.path), "rb").read()).hexdigest()) for f in files])
+                    shutil.rmtree(d)
+                ok = all(x == digests[0] for x in digests)
+                same &= ok
+                print(f"check batch={batch:<3} {enc:<15} {codec:<5} {'byte-identical' if ok else 'DIFFERENT'} ({len(digests[0])} files)")
+    return same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -136,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="rows per batch (the model's batch size; default 32 as in the config)")
     ap.add_argument("--old", metavar="REF", help="also time transforms/ as at this git ref (e.g. main)")
     ap.add_argument("--only", help="comma-separated stage-name prefixes to time (default all)")
+    ap.add_argument("--check", action="store_true", help="with --old: check that both write byte-identical files first")
     ap.add_argument("--workdir", default=None, help="where the Parquet files go (default: a temporary folder)")
     a = ap.parse_args()
 
@@ -146,6 +177,8 @@ def main() -> None:
         impls = {"new": modules("layerbeam.transforms")}
         if a.old:
             impls = {"old": modules(load_old(a.old, tmp)), **impls}
+        if a.check and len(impls) == 2 and not check_identical(impls, columns, outputs, specs, workdir):
+            sys.exit("the implementations write different files")
         runs = {name: stages(m, columns, outputs, specs, workdir, a.batch) for name, m in impls.items()}
         names = list(runs[next(iter(runs))])
         if a.only:
