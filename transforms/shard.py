@@ -19,7 +19,7 @@ from .deadletters import Failure, count_reasons, dead_letter_table, write_dead_l
 from .formats import WriteSpec, make_writer
 from .layers import SelectSpec, trace_and_select
 from .models import ModelSpec
-from .readers import ReadSpec, Shard, ShardEnd, check_inputs, read_shard, shard_identity
+from .readers import ReadSpec, Shard, ShardEnd, ShardReaders, check_inputs, read_shard, shard_identity
 from .readers.folders import resolve
 from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' format: in staging, TensorFlow-free
@@ -162,6 +162,8 @@ class ShardProcessor:
         self.preprocess = preprocess_fn(cfg.input.preprocess, cfg.model.source) if images else None
         self.schema = output_schema(self.specs, column_types(cfg.input))
         self.writer = make_writer(cfg.output, self.schema)
+        # One long-lived input pipeline per reading thread instead of one per shard (see ShardReaders).
+        self.readers = ShardReaders(cfg.input, self.input_shapes, self.preprocess, self.batch_size, self.input_dtypes)
         self.layout = OutputLayout(cfg.output.path, run_id)
 
     def process(self, shard: Shard, on_batch=None) -> ShardResult:
@@ -197,7 +199,7 @@ class ShardProcessor:
             t = time.perf_counter()
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
-                self.batch_size, self.cfg.input.max_examples_per_shard, self.input_dtypes,
+                self.batch_size, self.cfg.input.max_examples_per_shard, self.input_dtypes, self.readers,
             ):
                 tb = time.perf_counter()
                 timing["input_wait"] += tb - t

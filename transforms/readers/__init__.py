@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
+import queue
+import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,7 +45,7 @@ from ..deadletters import Failure
 from ._common import without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
 
-__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "shard_identity", "read_shard", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
+__all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "shard_identity", "read_shard", "ShardReaders", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
 
 KINDS = ("tfrecord", "images", "parquet", "webdataset", "tfds")
 
@@ -254,6 +258,7 @@ def read_shard(
     batch_size: int,
     max_examples: int | None = None,
     input_dtypes: Mapping[str, str] | None = None,
+    readers: ShardReaders | None = None,
 ) -> Iterator[tuple[Batch | None, Any]]:
     """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
 
@@ -273,6 +278,9 @@ def read_shard(
         batch_size: examples per batch.
         max_examples: read at most this many records of the shard.
         input_dtypes: model input name → dtype (default float32 for all).
+        readers: a worker's long-lived pipelines (`ShardReaders`, made with the same
+            arguments); a shard they can read goes through one of them instead of a
+            pipeline of its own.
     """
     import tensorflow as tf
 
@@ -283,6 +291,7 @@ def read_shard(
         shard = resolve(shard, cfg.pattern)
     bridge = LocalBridge(shard.paths)
     repaired = None
+    lease = None
     try:
         paths = bridge.paths
         framing, index_map = None, None
@@ -294,52 +303,30 @@ def read_shard(
             if not framing.clean:
                 repaired, index_map = framing_mod.repair(paths[0], framing)
                 paths = [repaired]
-        raw = kind.dataset(paths, cfg)
-        if max_examples:
-            # In a repaired copy, the records whose original index is under the cap.
-            raw = raw.take(max_examples if index_map is None else int((index_map < max_examples).sum()))
         plans = plan_inputs(cfg, input_shapes, input_dtypes)
-        parse = kind.parser(shard, cfg, plans, preprocess)
-        # A reader may hand a traced `tf.function`; explaining a failure runs the plain function eagerly.
-        explain_parse = getattr(parse, "explain", parse)
-        # A sentinel after the last record carries the record count (its index) and the
-        # bytes of TFRecord framing consumed (the running sum) through the same pipeline,
-        # so records that fail at the very end are still counted, and a file that stops
-        # part-way (DataLossError, which ends the file's dataset under ignore_errors) is
-        # noticed: its records do not add up to its size.
-        sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
-
-        def running_bytes(total, item):
-            record, is_sentinel = item
-            if framed:
-                size = tf.where(is_sentinel, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + 16)
-            else:
-                size = tf.constant(0, tf.int64)
-            total = total + size
-            return total, (record, is_sentinel, total)
-
-        ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
-        ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
-        if index_map is not None:
-            # A repaired copy holds the intact records only: give each its original index
-            # (the sentinel's is the record count, damaged records included).
-            count = min(framing.records, max_examples) if max_examples else framing.records
-            originals = tf.constant(np.append(index_map[index_map < count], count), tf.int64)
-            ds = ds.map(lambda i, item: (tf.gather(originals, i), item))
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.ignore_errors()
-        if needs_padding(plans):
-            # Variable sizes (token sequences) are padded to the longest example of each
-            # batch with the input's pad_value; other columns keep their defaults.
-            pads = {f"__input__{n}": tf.constant(p.pad_value, p.dtype) for n, p in plans.items() if p.kind == "tensor"}
-            values = {k: pads.get(k, tf.zeros([], v.dtype) if v.dtype != tf.string else tf.constant("")) for k, v in ds.element_spec.items()}
-            ds = ds.padded_batch(batch_size, padding_values=values)
+        if readers is not None and index_map is None and readers.can_read(kind):
+            lease = readers.lease()
+            batches = lease.read(paths, max_examples or -1, posixpath.basename(shard.paths[0]))
+            # Only a failed record's explanation needs the shard's own parser (run eagerly).
+            explain_parse = None
         else:
-            ds = ds.batch(batch_size)
-        ds = without_autotune(ds.prefetch(2))
+            raw = kind.dataset(paths, cfg)
+            if max_examples:
+                # In a repaired copy, the records whose original index is under the cap.
+                raw = raw.take(max_examples if index_map is None else int((index_map < max_examples).sum()))
+            parse = kind.parser(shard, cfg, plans, preprocess)
+            # A reader may hand a traced `tf.function`; explaining a failure runs the plain function eagerly.
+            explain_parse = getattr(parse, "explain", parse)
+            originals = None
+            if index_map is not None:
+                # A repaired copy holds the intact records only: give each its original index
+                # (the sentinel's is the record count, damaged records included).
+                count = min(framing.records, max_examples) if max_examples else framing.records
+                originals = tf.constant(np.append(index_map[index_map < count], count), tf.int64)
+            batches = iter(without_autotune(_batched(raw, parse, framed, plans, batch_size, originals).prefetch(2)))
         seen = 0
         got: list[np.ndarray] = []
-        for el in ds:
+        for el in batches:
             index = el.pop("__index__").numpy()
             is_sentinel = el.pop("__sentinel__").numpy()
             consumed = el.pop("__bytes__").numpy()
@@ -350,6 +337,9 @@ def read_shard(
                 index = index[keep]
                 inputs = {n: tf.boolean_mask(v, keep) for n, v in inputs.items()}
                 el = {k: tf.boolean_mask(v, keep) for k, v in el.items()}
+                if lease is not None:  # the pipeline has given all of this shard: it may take the next
+                    lease.release()
+                    lease = None
                 if len(index):
                     got.append(index)
                     yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen + len(index)
@@ -371,6 +361,9 @@ def read_shard(
                 missing = np.setdiff1d(missing, np.array([f.index for f in corrupt], np.int64))
                 failures = list(corrupt)
                 if len(missing):
+                    if explain_parse is None:
+                        parse = kind.parser(shard, cfg, plans, preprocess)
+                        explain_parse = getattr(parse, "explain", parse)
                     if index_map is not None:
                         failures += _explain_repaired(kind, shard, cfg, plans, preprocess, explain_parse, paths, index_map, missing)
                     else:
@@ -383,9 +376,151 @@ def read_shard(
             yield Batch(index, {k: v.numpy() for k, v in el.items()}, inputs), seen
         raise RuntimeError(f"shard {shard.id} ended without its sentinel record; this is a bug")
     finally:
+        if lease is not None:  # left part-way (an error, or the caller stopped): not reusable
+            lease.discard()
         bridge.close()
         if repaired:
             os.unlink(repaired)
+
+
+def _batched(raw, parse, framed: bool, plans, batch_size: int, originals=None):
+    """One shard's records → parsed, batched rows, the sentinel last (in the last batch).
+
+    A sentinel after the last record carries the record count (its index) and the bytes of
+    TFRecord framing consumed (the running sum) through the same pipeline, so records that
+    fail at the very end are still counted, and a file that stops part-way (DataLossError,
+    which ends the file's dataset under ignore_errors) is noticed: its records do not add
+    up to its size. `originals`: the original index of each record of a repaired copy."""
+    import tensorflow as tf
+
+    sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
+
+    def running_bytes(total, item):
+        record, is_sentinel = item
+        if framed:
+            size = tf.where(is_sentinel, tf.constant(0, tf.int64), tf.cast(tf.strings.length(record), tf.int64) + 16)
+        else:
+            size = tf.constant(0, tf.int64)
+        total = total + size
+        return total, (record, is_sentinel, total)
+
+    ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
+    ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
+    if originals is not None:
+        ds = ds.map(lambda i, item: (tf.gather(originals, i), item))
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    if needs_padding(plans):
+        # Variable sizes (token sequences) are padded to the longest example of each
+        # batch with the input's pad_value; other columns keep their defaults.
+        pads = {f"__input__{n}": tf.constant(p.pad_value, p.dtype) for n, p in plans.items() if p.kind == "tensor"}
+        values = {k: pads.get(k, tf.zeros([], v.dtype) if v.dtype != tf.string else tf.constant("")) for k, v in ds.element_spec.items()}
+        return ds.padded_batch(batch_size, padding_values=values)
+    return ds.batch(batch_size)
+
+
+class ShardReaders:
+    """A worker's long-lived tf.data pipelines: one iterator reads shard after shard.
+
+    Every new tf.data iterator instantiates its functions again (the parser's decode,
+    resize and preprocess graph, optimised by Grappler each time): measured at 0.5–0.6 s
+    per shard for a MobileNetV2 224 job on 2 cores, three times the 0.17 s it then takes to
+    read the shard's 256 images, and 5.4 s of a 31 s job of 8 shards. Here shards enter one
+    pipeline through a queue (`from_generator` → `flat_map` of the same per-shard pipeline
+    `read_shard` builds), so that cost is paid once per worker thread: a later shard's
+    first batch comes 0.03 s after it is handed over.
+
+    One pipeline reads one shard at a time; concurrent readers (DoFn threads) each lease
+    their own. A shard left part-way (an error) discards its pipeline. Only kinds with a
+    `shared_parser` (TFRecord) are read this way, and not a repaired copy (its records
+    carry other indices); the rest keep a pipeline per shard.
+    """
+
+    def __init__(self, cfg: ReadSpec, input_shapes, preprocess, batch_size: int, input_dtypes=None):
+        self._args = (cfg, plan_inputs(cfg, input_shapes, input_dtypes), preprocess, batch_size)
+        self._idle: list[_Pipeline] = []
+        self._lock = threading.Lock()
+
+    def can_read(self, kind) -> bool:
+        return hasattr(kind, "shared_parser")
+
+    def lease(self) -> _Pipeline:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _Pipeline(self, *self._args)
+
+    def _give_back(self, pipeline: _Pipeline) -> None:
+        with self._lock:
+            self._idle.append(pipeline)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for p in idle:
+            p.discard()
+
+
+class _Pipeline:
+    """One long-lived pipeline of `ShardReaders`, leased to one shard at a time."""
+
+    def __init__(self, owner: ShardReaders, cfg: ReadSpec, plans, preprocess, batch_size: int):
+        import tensorflow as tf
+
+        kind = _kind(cfg.format)
+        parse = kind.shared_parser(cfg, plans, preprocess)
+        self._owner = owner
+        self._queue: queue.Queue = queue.Queue()
+        framed = kind.FRAMED
+
+        def shards():
+            while (item := self._queue.get()) is not None:
+                yield item
+
+        def one_shard(paths, take, base):
+            raw = kind.dataset(paths, cfg).take(take)
+            return _batched(raw, lambda i, item: parse(i, item, base), framed, plans, batch_size)
+
+        signature = (tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string))
+        ds = tf.data.Dataset.from_generator(shards, output_signature=signature).flat_map(one_shard)
+        self._ds = without_autotune(ds.prefetch(2))
+        self._it = None
+        # A pipeline waiting for its next shard holds a tf.data thread inside the generator;
+        # ending the generator before the iterator is freed (collected, or at exit) lets
+        # that thread finish instead of being joined while it waits.
+        self._finalizer = weakref.finalize(self, _end_pipeline, self._queue, self.__dict__)
+
+    def read(self, paths, take: int, base: str):
+        """The shard's batches, the sentinel's last; then `release()` (or `discard()`)."""
+        self._queue.put(([_path_bytes(p) for p in paths], take, base.encode("utf-8", "surrogateescape")))
+        if self._it is None:
+            self._it = iter(self._ds)
+        it = self._it
+        while True:
+            el = next(it)
+            last = bool(el["__sentinel__"].numpy().any())  # before the caller pops it
+            yield el
+            if last:
+                return
+
+    def release(self) -> None:
+        self._owner._give_back(self)
+
+    def discard(self) -> None:
+        self._finalizer()
+
+
+def _end_pipeline(q: queue.Queue, state: dict) -> None:
+    q.put(None)
+    it = state.pop("_it", None)
+    if it is not None:
+        for _ in it:  # the rest of a shard left part-way, then the end
+            pass
+
+
+def _path_bytes(path: str) -> bytes:
+    """A local path's bytes (a name that is not UTF-8 reaches TensorFlow as the file system has it)."""
+    return path.encode("utf-8", "surrogateescape")
 
 
 def _placeholder(spec):

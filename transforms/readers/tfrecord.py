@@ -22,9 +22,11 @@ FRAMED = True
 
 
 def dataset(paths, spec):
+    """`paths`: a list, or a string tensor (a shard's files inside a long-lived pipeline)."""
     import tensorflow as tf
 
-    return tf.data.TFRecordDataset(list(paths), compression_type=spec.compression or None, buffer_size=8 << 20)
+    files = paths if isinstance(paths, tf.Tensor) else list(paths)
+    return tf.data.TFRecordDataset(files, compression_type=spec.compression or None, buffer_size=8 << 20)
 
 
 def check_inputs(spec, plans) -> None:
@@ -48,11 +50,24 @@ def parser(shard, cfg, plans, preprocess):
         return _PARSERS[key]
 
 
+def shared_parser(cfg, plans, preprocess):
+    """The parser of every shard at once, for `readers.ShardReaders`' long-lived pipeline:
+    `(index, item, base) → row`, `base` (the shard's file name, which keys name when there
+    is no key feature) a string tensor instead of a constant traced in. Traced once per worker."""
+    key = (repr(cfg), repr(plans), preprocess, "shared")
+    with _PARSERS_LOCK:
+        if key not in _PARSERS:
+            if len(_PARSERS) >= 8:
+                _PARSERS.pop(next(iter(_PARSERS)))
+            _PARSERS[key] = _traced_parser(cfg, plans, preprocess, None, shared=True)
+        return _PARSERS[key]
+
+
 _PARSERS: dict[tuple, object] = {}  # (spec, plans, preprocess, file name or None) → traced parser
 _PARSERS_LOCK = threading.Lock()
 
 
-def _traced_parser(cfg, plans, preprocess, base):
+def _traced_parser(cfg, plans, preprocess, base, shared: bool = False):
     """The parser as a `tf.function` with a fixed signature, traced once per worker and
     reused by every shard: tf.data re-traces a plain Python map function for each new
     dataset, which cost each shard more than its model time on small shards (py-spy: the
@@ -66,9 +81,15 @@ def _traced_parser(cfg, plans, preprocess, base):
     import tensorflow as tf
 
     user = preprocess is not None and not getattr(preprocess, "__module__", "").startswith(("keras.", "layerbeam."))
-    parse = _tfrecord_parser(cfg, plans, tf.function(preprocess) if user else preprocess, base)
     scalar = tf.TensorSpec([], tf.int64)
     item = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([], tf.int64))
+    if shared:  # the file name is an argument: `_tfrecord_parser` takes a tensor as well as a str
+
+        def parse_any(index, item, base):
+            return _tfrecord_parser(cfg, plans, tf.function(preprocess) if user else preprocess, base)(index, item)
+
+        return tf.function(parse_any, input_signature=[scalar, item, tf.TensorSpec([], tf.string)], autograph=False)
+    parse = _tfrecord_parser(cfg, plans, tf.function(preprocess) if user else preprocess, base)
     traced = tf.function(parse, input_signature=[scalar, item], autograph=False)
     traced.explain = _tfrecord_parser(cfg, plans, preprocess, base) if user else parse  # all eager: the op's own error
     return traced
