@@ -393,6 +393,10 @@ def _batched(raw, parse, framed: bool, plans, batch_size: int, originals=None):
     up to its size. `originals`: the original index of each record of a repaired copy."""
     import tensorflow as tf
 
+    # Functions given to tf.data here are plain TensorFlow, never converted by AutoGraph:
+    # converting them (and a long-lived pipeline's `flat_map` function) cost 0.8 s of a
+    # worker's first shard (cProfile), for no branch that needs it.
+    plain = tf.autograph.experimental.do_not_convert
     sentinel = tf.data.Dataset.from_tensors((tf.nest.map_structure(_placeholder, raw.element_spec), tf.constant(True)))
 
     def running_bytes(total, item):
@@ -404,10 +408,10 @@ def _batched(raw, parse, framed: bool, plans, batch_size: int, originals=None):
         total = total + size
         return total, (record, is_sentinel, total)
 
-    ds = raw.map(lambda r: (r, tf.constant(False))).concatenate(sentinel)
-    ds = ds.scan(tf.constant(0, tf.int64), running_bytes).enumerate()
+    ds = raw.map(plain(lambda r: (r, tf.constant(False)))).concatenate(sentinel)
+    ds = ds.scan(tf.constant(0, tf.int64), plain(running_bytes)).enumerate()
     if originals is not None:
-        ds = ds.map(lambda i, item: (tf.gather(originals, i), item))
+        ds = ds.map(plain(lambda i, item: (tf.gather(originals, i), item)))
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     if needs_padding(plans):
@@ -477,12 +481,14 @@ class _Pipeline:
             while (item := self._queue.get()) is not None:
                 yield item
 
+        plain = tf.autograph.experimental.do_not_convert  # see `_batched`
+
         def one_shard(paths, take, base):
             raw = kind.dataset(paths, cfg).take(take)
-            return _batched(raw, lambda i, item: parse(i, item, base), framed, plans, batch_size)
+            return _batched(raw, plain(lambda i, item: parse(i, item, base)), framed, plans, batch_size)
 
         signature = (tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string))
-        ds = tf.data.Dataset.from_generator(shards, output_signature=signature).flat_map(one_shard)
+        ds = tf.data.Dataset.from_generator(shards, output_signature=signature).flat_map(plain(one_shard))
         self._ds = without_autotune(ds.prefetch(2))
         self._it = None
         # A pipeline waiting for its next shard holds a tf.data thread inside the generator;
