@@ -187,6 +187,45 @@ def test_exif_orientation_equals_pil_exif_transpose(orientation):
     np.testing.assert_array_equal(got, _exif_transposed(data, orientation))
 
 
+def _app1_big_endian(orientation: int, extra_tags: int = 3) -> bytes:
+    """A JPEG prefix whose APP1 holds a Motorola-order ("MM") TIFF with tag 0x0112 after a few others."""
+    be = lambda v, n: v.to_bytes(n, "big")  # noqa: E731
+    entries = b"".join(be(0x0100 + k, 2) + be(3, 2) + be(1, 4) + be(k, 2) + b"\0\0" for k in range(extra_tags))
+    entries += be(0x0112, 2) + be(3, 2) + be(1, 4) + be(orientation, 2) + b"\0\0"
+    tiff = b"MM\x00\x2a" + be(8, 4) + be(extra_tags + 1, 2) + entries + be(0, 4)
+    seg = b"Exif\x00\x00" + tiff
+    return b"\xff\xd8\xff\xe1" + be(len(seg) + 2, 2) + seg
+
+
+def test_exif_orientation_reads_what_pil_reads_and_1_where_there_is_none():
+    """Against PIL's own EXIF parser: Motorola and Intel byte order, the tag after
+    others, JFIF before EXIF, no EXIF, a PNG, and bytes that are not an image."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from layerbeam.transforms.readers.images import exif_orientation
+
+    img = photo_crops(1, 32, seed=3)[0]
+    cases = []
+    for o in range(1, 9):
+        body = _jpeg_with_orientation(img, 1)[2:]  # a real JPEG after SOI
+        cases.append(_app1_big_endian(o) + body)
+        cases.append(_jpeg_with_orientation(img, o))
+    plain = io.BytesIO()
+    Image.fromarray(img).save(plain, "JPEG")  # JFIF, no EXIF
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, "PNG")
+    cases += [plain.getvalue(), png.getvalue()]
+    for data in cases:
+        want = Image.open(io.BytesIO(data)).getexif().get(0x0112, 1)
+        assert int(exif_orientation(tf.constant(data))) == want
+    for data in (b"", b"\xff\xd8\xff", b"\xff\xd8\xffExif\x00\x00", b"not an image", _app1_big_endian(6)[:20]):
+        assert int(exif_orientation(tf.constant(data))) in range(1, 9)  # never an error inside tf.data
+    assert int(exif_orientation(tf.constant(b"\xff\xd8\xff" + b"\0" * 70_000 + _app1_big_endian(6)[2:]))) == 1  # past the 64 KB scanned
+
+
 def test_exif_orientation_is_applied_through_the_pipeline_unless_turned_off(setup):
     import tensorflow as tf
 

@@ -99,56 +99,55 @@ _EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most
 def exif_orientation(data):
     """The EXIF orientation (1..8) of JPEG bytes, 1 when absent or unreadable; TensorFlow
     ops only (runs inside tf.data). Finds the first `Exif\0\0` in the first 64 KB, reads
-    the TIFF byte order and IFD0, and the value of tag 0x0112."""
+    the TIFF byte order and IFD0, and the value of tag 0x0112.
+
+    Straight-line ops only, no `tf.cond` or `map_fn`: the search is one substring split,
+    the IFD's entries are read as one gather, and the reads are done whether or not the
+    marker was found (offsets clipped into the bytes), the value kept only if it was.
+    The version with two `map_fn` loops and a `cond` cost each worker about a second to
+    trace and instantiate, in front of its first batch."""
     import tensorflow as tf
 
-    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, _EXIF_SCAN), tf.uint8), tf.int64)
+    head = tf.strings.substr(data, 0, _EXIF_SCAN)
+    before = tf.strings.split(head, sep=b"Exif\x00\x00", maxsplit=1)  # two parts when found
+    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    b = tf.io.decode_raw(head, tf.uint8)
     n = tf.shape(b, out_type=tf.int64)[0]
-    pattern = [0x45, 0x78, 0x69, 0x66, 0x00, 0x00]  # "Exif\0\0"
-    m = n - len(pattern)
-    hit = tf.ones([tf.maximum(m, 0)], tf.bool)
-    for k, v in enumerate(pattern):
-        hit = tf.logical_and(hit, tf.equal(b[k : k + tf.maximum(m, 0)], v))
-    found = tf.where(hit)[:, 0]
+    b = tf.concat([b, tf.zeros([8], tf.uint8)], 0)  # reads clipped into fewer than 4 bytes stay inside
 
     def at(i, size, little):
+        """The `size`-byte unsigned integers at offsets `i` (any shape), clipped into the bytes."""
         i = tf.clip_by_value(i, 0, tf.maximum(n - size, 0))
         order = tf.range(size, dtype=tf.int64)
         order = tf.where(little, order, size - 1 - order)
-        return tf.reduce_sum(tf.gather(b, i + tf.range(size, dtype=tf.int64)) * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+        raw = tf.cast(tf.gather(b, i[..., None] + tf.range(size, dtype=tf.int64)), tf.int64)
+        return tf.reduce_sum(raw * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order), axis=-1)
 
-    def read():
-        t = found[0] + 6  # the TIFF header
-        little = tf.equal(b[tf.minimum(t, n - 1)], 0x49)  # "II"
-        ifd = t + at(t + 4, 4, little)
-        count = tf.minimum(at(ifd, 2, little), 64)
-        entries = ifd + 2 + 12 * tf.range(count)
-        tags = tf.map_fn(lambda e: at(e, 2, little), entries)
-        values = tf.map_fn(lambda e: at(e + 8, 2, little), entries)
-        match = tf.where(tf.equal(tags, 0x0112))[:, 0]
-        value = tf.cond(tf.size(match) > 0, lambda: tf.gather(values, match[0]), lambda: tf.constant(1, tf.int64))
-        return tf.where((value >= 1) & (value <= 8), value, 1)
-
-    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    return tf.cond(tf.logical_and(jpeg, tf.size(found) > 0), read, lambda: tf.constant(1, tf.int64))
+    t = tf.cast(tf.strings.length(before[0]), tf.int64) + 6  # the TIFF header
+    little = tf.equal(b[tf.clip_by_value(t, 0, tf.maximum(n - 1, 0))], 0x49)  # "II"
+    ifd = t + at(t + 4, 4, little)
+    count = tf.clip_by_value(at(ifd, 2, little), 0, 64)
+    entries = ifd + 2 + 12 * tf.range(count)
+    tags, values = at(entries, 2, little), at(entries + 8, 2, little)
+    value = tf.concat([tf.boolean_mask(values, tf.equal(tags, 0x0112)), tf.ones([1], tf.int64)], 0)[0]
+    ok = jpeg & (tf.size(before) > 1) & (value >= 1) & (value <= 8)
+    return tf.where(ok, value, tf.constant(1, tf.int64))
 
 
 def apply_orientation(img, orientation):
-    """Turn an (H, W, C) image as EXIF orientation 1..8 says (as PIL's exif_transpose)."""
+    """Turn an (H, W, C) image as EXIF orientation 1..8 says (as PIL's exif_transpose).
+
+    Every orientation is an optional transpose, then optional up-down and left-right
+    flips (`tf.image.rot90` is built the same way), given to the ops as tensors: no
+    control flow to trace (a `switch_case` traced eight branch functions per worker)."""
     import tensorflow as tf
 
-    flip_lr, flip_ud, transpose = tf.image.flip_left_right, tf.image.flip_up_down, tf.image.transpose
-    branches = [
-        lambda: img,  # 1
-        lambda: flip_lr(img),  # 2: mirrored
-        lambda: tf.image.rot90(img, 2),  # 3: upside down
-        lambda: flip_ud(img),  # 4
-        lambda: transpose(img),  # 5
-        lambda: tf.image.rot90(img, 3),  # 6: turned 90° (phones held upright)
-        lambda: tf.image.rot90(transpose(img), 2),  # 7: transverse
-        lambda: tf.image.rot90(img, 1),  # 8
-    ]
-    return tf.switch_case(tf.cast(orientation - 1, tf.int32), branches)
+    o = tf.cast(orientation, tf.int32)
+    transpose = o >= 5  # 5: transpose; 6: rot90 k=3 (transpose, then flip LR); 7: transverse; 8: rot90 k=1 (transpose, then flip UD)
+    up_down = tf.reduce_any(tf.equal(o, [3, 4, 7, 8]))
+    left_right = tf.reduce_any(tf.equal(o, [2, 3, 6, 7]))
+    img = tf.transpose(img, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
+    return tf.reverse(img, tf.boolean_mask([0, 1], tf.stack([up_down, left_right])))
 
 
 def decode_image(data, shape, cfg, preprocess):
