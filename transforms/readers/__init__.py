@@ -20,7 +20,10 @@ image or a tensor), its feature, shape and dtype, already checked against the mo
 * `FRAMED`: whether items carry TFRecord framing bytes (for the size check and the
   framing walk of `framing.py`); a module whose files differ has `is_framed(path)`;
 * optionally `check_shards(spec, shard)`: raise ValueError when the files lack what the
-  config reads (checked on the first shard before any work).
+  config reads (checked on the first shard before any work);
+* optionally `shared_parser(spec, plans, preprocess)`: the parser of every shard at once,
+  `(index, item, base)` with the shard's file name as a tensor; a kind that has one is
+  read shard after shard through one long-lived pipeline per worker (`ShardReaders`).
 
 Decoding happens inside tf.data (parallel, in C++), never per element in Python. A record
 that cannot be parsed or decoded is dropped by tf.data and reported by index, so the
