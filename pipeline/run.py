@@ -66,7 +66,7 @@ def build_pipeline(pipeline, plan: Plan):
 
     todo, reuse, delta = shards, plan.reuse, None
     if plan.reuse:  # an incremental run: only new and changed shards reach the extraction
-        skip = {_identity(e) for e in plan.reuse}
+        skip = {shard_identity(e) for e in plan.reuse}
         todo = shards | "NewOrChanged" >> beam.Filter(lambda s: shard_identity(s) not in skip)
     elif plan.delta and plan.delta.get("in_pipeline"):
         # `images` over an output with a version: the launcher has no listing, so the reuse
@@ -79,7 +79,7 @@ def build_pipeline(pipeline, plan: Plan):
             | "AllListed" >> beam.combiners.ToList()
             | "Delta" >> beam.Map(delta_in_pipeline, cfg["output"]["path"], plan.parent, plan.sample)
         )  # (delta, reuse entries)
-        skip = decided | "SkipIdentities" >> beam.Map(lambda d: {_identity(e) for e in d[1]})
+        skip = decided | "SkipIdentities" >> beam.Map(lambda d: {shard_identity(e) for e in d[1]})
         todo = shards | "NewOrChanged" >> beam.Filter(lambda s, skip: shard_identity(s) not in skip, beam.pvalue.AsSingleton(skip))
         reuse = decided | "ReuseEntries" >> beam.FlatMap(lambda d: d[1])
         delta = decided | "DeltaCounts" >> beam.Map(lambda d: d[0])
@@ -89,13 +89,6 @@ def build_pipeline(pipeline, plan: Plan):
     # worker checks its folder still holds the span and version listed
     planned = None if plan.listing is not None else inputs_digest(plan.inputs)
     return results | "Commit" >> CommitShards(shards, manifest_base(plan), plan.run_id, planned, reuse=reuse, delta=delta)
-
-
-def _identity(entry) -> tuple:
-    """`shard_identity` of a reuse entry (an image shard's span, or its files), to match listed shards."""
-    from .transforms.readers import shard_identity
-
-    return shard_identity({"paths": entry["paths"], "span": entry.get("span"), "bytes": entry["bytes_in"], "version": entry["input_version"]})
 
 
 def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = None, progress: Callable[[Progress], None] | None = None) -> dict:

@@ -84,11 +84,11 @@ def _partial_f16(v: np.ndarray) -> dict:
     s["zeros"] = int(counts[0] + counts[0x8000])  # +0 and -0
     s["nan"] = int(counts[_F16_NAN].sum())
     c = counts[_F16_FINITE]
-    s["inf"] = int(v.size - c.sum()) - s["nan"]
+    n = int(c.sum())
+    s["inf"] = v.size - n - s["nan"]
     seen = np.flatnonzero(c)
     if seen.size:
         c, x = c[seen].astype(np.float64), _F16_VALUE[seen]
-        n = int(counts[_F16_FINITE].sum())
         mean = math.fsum(c * x) / n
         d = x - mean
         s.update(finite=n, mean=mean, m2=math.fsum(c * d * d), min=float(x.min()), max=float(x.max()))

@@ -45,7 +45,7 @@ import numpy as np
 
 from .._fs import LocalBridge, fsspec_fs
 from ..deadletters import Failure
-from ._common import without_autotune
+from ._common import path_bytes, without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
 
 __all__ = ["ReadSpec", "Shard", "Batch", "ShardEnd", "KINDS", "match_shards", "shard_identity", "read_shard", "ShardReaders", "check_inputs", "check_shards", "plan_inputs", "estimate_examples"]
@@ -461,12 +461,6 @@ class ShardReaders:
         with self._lock:
             self._idle.append(pipeline)
 
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for p in idle:
-            p.discard()
-
 
 class _Pipeline:
     """One long-lived pipeline of `ShardReaders`, leased to one shard at a time."""
@@ -500,17 +494,12 @@ class _Pipeline:
         self._finalizer = weakref.finalize(self, _end_pipeline, self._queue, self.__dict__)
 
     def read(self, paths, take: int, base: str):
-        """The shard's batches, the sentinel's last; then `release()` (or `discard()`)."""
-        self._queue.put(([_path_bytes(p) for p in paths], take, base.encode("utf-8", "surrogateescape")))
+        """The pipeline's iterator, fed this shard: its batches come next, the sentinel in
+        the last. The caller stops there, then `release()`s (or `discard()`s) the pipeline."""
+        self._queue.put(([path_bytes(p) for p in paths], take, path_bytes(base)))
         if self._it is None:
             self._it = iter(self._ds)
-        it = self._it
-        while True:
-            el = next(it)
-            last = bool(el["__sentinel__"].numpy().any())  # before the caller pops it
-            yield el
-            if last:
-                return
+        return self._it
 
     def release(self) -> None:
         self._owner._give_back(self)
@@ -525,11 +514,6 @@ def _end_pipeline(q: queue.Queue, state: dict) -> None:
     if it is not None:
         for _ in it:  # the rest of a shard left part-way, then the end
             pass
-
-
-def _path_bytes(path: str) -> bytes:
-    """A local path's bytes (a name that is not UTF-8 reaches TensorFlow as the file system has it)."""
-    return path.encode("utf-8", "surrogateescape")
 
 
 def _placeholder(spec):

@@ -7,7 +7,13 @@ from ..deadletters import Failure
 from ..errors import first_line
 from .tensors import dummy
 
-__all__ = ["without_autotune", "tagged", "sentinel_row", "explain_by_retry"]
+__all__ = ["without_autotune", "tagged", "sentinel_row", "explain_by_retry", "path_bytes"]
+
+
+def path_bytes(path: str) -> bytes:
+    """A path's bytes: a file name that is not UTF-8 (held by Python as surrogate escapes)
+    reaches TensorFlow as the bytes the file system has."""
+    return path.encode("utf-8", "surrogateescape")
 
 
 def without_autotune(ds):

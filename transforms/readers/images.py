@@ -10,23 +10,17 @@ import numpy as np
 
 from ..deadletters import Failure
 from ..errors import first_line
-from ._common import explain_by_retry, tagged
+from ._common import explain_by_retry, path_bytes, tagged
 
 __all__ = ["FRAMED", "dataset", "parser", "explain", "check_end", "check_inputs", "estimate_examples", "decode_image", "classify_image", "single_image_input"]
 
 FRAMED = False
 
 
-def _raw(path: str) -> bytes:
-    """A path's bytes: a file name that is not UTF-8 (held by Python as surrogate escapes)
-    reaches TensorFlow as the bytes the file system has."""
-    return path.encode("utf-8", "surrogateescape")
-
-
 def dataset(paths, spec):
     import tensorflow as tf
 
-    return tf.data.Dataset.from_tensor_slices([_raw(p) for p in paths])
+    return tf.data.Dataset.from_tensor_slices([path_bytes(p) for p in paths])
 
 
 def check_inputs(spec, plans) -> None:
@@ -49,7 +43,7 @@ def estimate_examples(spec, shards, budget: int = 2000) -> int:
 def parser(shard, cfg, plans, preprocess):
     import tensorflow as tf
 
-    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([_raw(p) for p in shard.paths]))
+    return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([path_bytes(p) for p in shard.paths]))
 
 
 def _u(data, start: int, n: int, little: bool):
@@ -311,7 +305,7 @@ def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarr
     out: list[Failure] = []
     channels = next(iter(plans.values())).shape[-1]
     for i in missing.tolist():
-        key = _raw(shard.paths[i]).decode("utf-8", "backslashreplace")
+        key = path_bytes(shard.paths[i]).decode("utf-8", "backslashreplace")
         if key != shard.paths[i]:
             out.append(Failure(i, key, "decode", "invalid_utf8", f"the file name {key!r} is not UTF-8 text, which the key and label columns hold; rename the file"))
             continue
@@ -324,5 +318,5 @@ def explain(shard, cfg, plans, preprocess, parse, local_paths, missing: np.ndarr
         bad = classify_image(data, channels, getattr(cfg, "max_image_pixels", None))
         if bad and bad[0] == "empty_image":
             bad = ("empty_image", "the file is empty (0 bytes)")
-        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(_raw(local_paths[i]))))
+        out.append(Failure(i, key, "decode", *bad) if bad else explain_by_retry(i, key, parse, tf.constant(path_bytes(local_paths[i]))))
     return out

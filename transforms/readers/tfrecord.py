@@ -41,30 +41,28 @@ def feature_map(plans) -> dict[str, str]:
 def parser(shard, cfg, plans, preprocess):
     # Without a key feature the keys name the shard's file, so each shard has its own parser.
     base = None if cfg.key_feature else posixpath.basename(shard.paths[0])
-    key = (repr(cfg), repr(plans), preprocess, base)
-    with _PARSERS_LOCK:
-        if key not in _PARSERS:
-            if len(_PARSERS) >= 8:
-                _PARSERS.pop(next(iter(_PARSERS)))
-            _PARSERS[key] = _traced_parser(cfg, plans, preprocess, base)
-        return _PARSERS[key]
+    return _cached((repr(cfg), repr(plans), preprocess, base), lambda: _traced_parser(cfg, plans, preprocess, base))
 
 
 def shared_parser(cfg, plans, preprocess):
     """The parser of every shard at once, for `readers.ShardReaders`' long-lived pipeline:
     `(index, item, base) → row`, `base` (the shard's file name, which keys name when there
     is no key feature) a string tensor instead of a constant traced in. Traced once per worker."""
-    key = (repr(cfg), repr(plans), preprocess, "shared")
+    return _cached((repr(cfg), repr(plans), preprocess, "shared"), lambda: _traced_parser(cfg, plans, preprocess, None, shared=True))
+
+
+_PARSERS: dict[tuple, object] = {}  # (spec, plans, preprocess, file name, None or "shared") → traced parser
+_PARSERS_LOCK = threading.Lock()
+
+
+def _cached(key: tuple, build):
+    """The parser under `key`, built once per worker (the 8 most recently built kept)."""
     with _PARSERS_LOCK:
         if key not in _PARSERS:
             if len(_PARSERS) >= 8:
                 _PARSERS.pop(next(iter(_PARSERS)))
-            _PARSERS[key] = _traced_parser(cfg, plans, preprocess, None, shared=True)
+            _PARSERS[key] = build()
         return _PARSERS[key]
-
-
-_PARSERS: dict[tuple, object] = {}  # (spec, plans, preprocess, file name or None) → traced parser
-_PARSERS_LOCK = threading.Lock()
 
 
 def _traced_parser(cfg, plans, preprocess, base, shared: bool = False):
@@ -83,13 +81,14 @@ def _traced_parser(cfg, plans, preprocess, base, shared: bool = False):
     user = preprocess is not None and not getattr(preprocess, "__module__", "").startswith(("keras.", "layerbeam."))
     scalar = tf.TensorSpec([], tf.int64)
     item = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool), tf.TensorSpec([], tf.int64))
+    pre = tf.function(preprocess) if user else preprocess
     if shared:  # the file name is an argument: `_tfrecord_parser` takes a tensor as well as a str
 
         def parse_any(index, item, base):
-            return _tfrecord_parser(cfg, plans, tf.function(preprocess) if user else preprocess, base)(index, item)
+            return _tfrecord_parser(cfg, plans, pre, base)(index, item)
 
         return tf.function(parse_any, input_signature=[scalar, item, tf.TensorSpec([], tf.string)], autograph=False)
-    parse = _tfrecord_parser(cfg, plans, tf.function(preprocess) if user else preprocess, base)
+    parse = _tfrecord_parser(cfg, plans, pre, base)
     traced = tf.function(parse, input_signature=[scalar, item], autograph=False)
     traced.explain = _tfrecord_parser(cfg, plans, preprocess, base) if user else parse  # all eager: the op's own error
     return traced
