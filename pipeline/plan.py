@@ -597,10 +597,19 @@ def _check_writable(layout) -> None:
             while d and not os.path.exists(d):
                 created.append(d)
                 d = os.path.dirname(d.rstrip("/"))
-        layout.fs.makedirs(layout.staging_root, exist_ok=True)
-        with layout.fs.open(probe, "w") as f:
-            f.write("ok")
-        layout.fs.rm(probe)
+        for attempt in range(3):  # another run's commit may remove an empty staging folder meanwhile
+            layout.fs.makedirs(layout.staging_root, exist_ok=True)
+            try:
+                with layout.fs.open(probe, "w") as f:
+                    f.write("ok")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        try:
+            layout.fs.rm(probe)
+        except FileNotFoundError:  # removed with the staging folder by that commit
+            pass
         for d in created:  # deepest first
             try:
                 os.rmdir(d)

@@ -549,3 +549,38 @@ def test_a_partition_by_over_the_file_cap_is_refused_before_work(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.layerbeam-staging").exists()
     cfg["output"]["max_files"] = 3
     assert prepare(load_config(raw=cfg)).shards == 3
+
+
+def test_listing_staged_runs_survives_another_run_removing_the_staging_folder(store):
+    """A run planning the output lists the runs staged beside it while another run's commit removes
+    the whole staging folder (CI caught `ls` raising FileNotFoundError after `exists` said yes)."""
+    from layerbeam.transforms.staging import OutputLayout
+
+    out = _out(store)
+    layout = OutputLayout(out, "me")
+    other = f"{store.path}/out.layerbeam-staging/other"
+    stop = threading.Event()
+    seen, errors = set(), []
+
+    def plan_loop():
+        while not stop.is_set():
+            try:
+                layout.fs.invalidate_cache()
+                seen.update(layout.other_runs())
+                layout.discard_runs(["gone"])  # never staged: a no-op, not an error
+            except Exception as e:  # noqa: BLE001 - the assertion below names it
+                errors.append(repr(e))
+                return
+
+    t = threading.Thread(target=plan_loop)
+    t.start()
+    try:
+        for _ in range(30):  # stage a run, then remove the staging root as a finishing commit does
+            store.fs.makedirs(other, exist_ok=True)
+            store.fs.pipe_file(f"{other}/run.json", b"{}")
+            store.fs.rm(f"{store.path}/out.layerbeam-staging", recursive=True)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[0]
+    assert seen <= {"other"}

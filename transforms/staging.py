@@ -164,10 +164,13 @@ class OutputLayout:
 
     def other_runs(self) -> list[str]:
         """Run ids of other (half-built) runs staged for the same output."""
-        if not self.fs.exists(self.staging_root):
+        # no exists() first: another run's commit may remove the staging root between the two calls
+        try:
+            listing = self.fs.ls(self.staging_root, detail=True)
+        except FileNotFoundError:
             return []
         out = []
-        for p in self.fs.ls(self.staging_root, detail=True):
+        for p in listing:
             name = posixpath.basename(p["name"].rstrip("/"))
             if p["type"] == "directory" and name != self.run_id and not name.startswith(("old-", "_", ".")):
                 out.append(name)
@@ -186,6 +189,7 @@ class OutputLayout:
 
     def discard_runs(self, run_ids: Sequence[str]) -> None:
         for r in run_ids:
-            p = f"{self.staging_root}/{r}"
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
+            try:
+                self.fs.rm(f"{self.staging_root}/{r}", recursive=True)
+            except FileNotFoundError:  # already gone (never staged, or another run cleaned it up)
+                pass
