@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import queue
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -185,8 +187,9 @@ class ShardProcessor:
         attempt = self.layout.new_attempt()
         t0 = time.perf_counter()
         stats = {"rows": 0}
-        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion;
-        # the rest of the shard's time is the writer (encoding, compression, I/O).
+        # Where the shard's time goes: waiting for tf.data, the model, Arrow conversion; the
+        # rest is the writer (encoding, compression, I/O) where it did not overlap those
+        # (it runs behind them on its own thread: `write_behind`) and the shard's bookkeeping.
         timing = {"input_wait": 0.0, "model": 0.0, "to_arrow": 0.0}
         end: list[ShardEnd] = []
         first_seen: dict[bytes, int] = {}  # key → index of the record that wrote it
@@ -229,7 +232,9 @@ class ShardProcessor:
         # The run id is in the name: a reader that listed an older output and opens its files
         # after the swap finds them gone instead of reading this run's data under old names.
         basename = f"part-{self.layout.run_id[:8]}-{shard.id}"
-        files = self.writer.write_shard(batches(), self.layout.shard_dir(shard.id, attempt), basename)
+        files = write_behind(
+            lambda rows: self.writer.write_shard(rows, self.layout.shard_dir(shard.id, attempt), basename), batches()
+        )
         (shard_end,) = end
         failures = sorted([*shard_end.failures, *dupes], key=lambda f: f.index)
         self.layout.write_keys(
@@ -323,6 +328,72 @@ def _launcher_model(run_id: str) -> LauncherModel | None:
 
     entry = _LAUNCHER_MODELS.get(run_id)
     return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
+
+
+_END = object()
+
+
+def write_behind(write, batches: Iterable, depth: int = 2):
+    """`write(batches)`, with the writer on a thread of its own that takes the batches from a
+    queue of `depth`, so that encoding, compressing and uploading batch k overlaps reading and
+    the model on batch k+1 (both release the GIL: pyarrow's writer and TensorFlow's kernels).
+
+    The batches are produced on the calling thread (a worker thread's long-lived tf.data
+    pipeline and the model stay on it). An error on either side ends both and is raised
+    here, as if `write(batches)` had run in line: the writer sees a producer's error raised
+    from its iterator, so it closes its files the same way.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done: dict[str, Any] = {}
+
+    def rows():
+        while (item := q.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+    def consume():
+        try:
+            done["files"] = write(rows())
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            done["error"] = e
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
+                while True:
+                    q.get_nowait()
+
+    def put(item) -> bool:
+        while t.is_alive():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False  # the writer stopped (an error): stop producing
+
+    t = threading.Thread(target=consume, name="layerbeam-writer", daemon=True)
+    t.start()
+    try:
+        for b in batches:
+            if not put(b):
+                break
+    except BaseException as e:
+        put(_Raised(e))
+        t.join()
+        raise
+    else:
+        put(_END)
+        t.join()
+    finally:
+        if hasattr(batches, "close"):  # a generator the writer's error left part-way: end it now
+            batches.close()
+    if "error" in done:
+        raise done["error"]
+    return done["files"]
+
+
+@dataclasses.dataclass
+class _Raised:
+    error: BaseException
 
 
 def effective_batch_size(batch_size: int, max_batch_bytes: int, bytes_per_example: int) -> int:
