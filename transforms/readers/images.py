@@ -90,6 +90,16 @@ def _bmp_signed(data, start):
 _EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most 64 KB
 
 
+def has_exif(data):
+    """Whether the first 64 KB of the bytes hold an EXIF marker: only those pay for reading it
+    (~45 small ops, 0.29 ms CPU an image here; this test costs 0.09 ms). A `tf.cond` with two
+    small branches costs little to trace, unlike the `switch_case` that the reading replaced.
+    (Not a regex: RE2 reads the pattern and bytes as UTF-8, which image bytes are not.)"""
+    import tensorflow as tf
+
+    return tf.size(tf.strings.split(tf.strings.substr(data, 0, _EXIF_SCAN), sep=b"Exif\x00\x00", maxsplit=1)) > 1
+
+
 def exif_orientation(data):
     """The EXIF orientation (1..8) of JPEG bytes, 1 when absent or unreadable; TensorFlow
     ops only (runs inside tf.data). Finds the first `Exif\0\0` in the first 64 KB, reads
@@ -156,7 +166,7 @@ def decode_image(data, shape, cfg, preprocess):
             data = tf.identity(data)
     img = tf.io.decode_image(data, channels=c, dtype=tf.uint8, expand_animations=False)
     if getattr(cfg, "exif_orientation", False):
-        img = apply_orientation(img, exif_orientation(data))
+        img = tf.cond(has_exif(data), lambda: apply_orientation(img, exif_orientation(data)), lambda: img)
     img = tf.image.resize(img, (h, w), method=cfg.resize_method)
     img = tf.ensure_shape(tf.cast(img, tf.float32), (h, w, c))
     return tf.cast(preprocess(img), tf.float32)
