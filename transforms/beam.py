@@ -82,8 +82,9 @@ class _ExtractShardDoFn(beam.DoFn):
             self._loads.inc()
             if self._processor.reused_launcher_model:
                 self._reused.inc()
-        # The writer pulls batches on a pyarrow thread; Beam metrics are per thread, so
-        # the callback only records and the metrics are updated here, on the DoFn's thread.
+        # Beam metrics belong to the thread of the DoFn's context: the callback only records
+        # (it runs on this thread today, but the shard's writer has its own: `write_behind`),
+        # and the metrics are updated here.
         done: list[tuple[int, float, float]] = []
 
         def on_batch(n, seconds):
