@@ -591,13 +591,15 @@ def _check_writable(layout) -> None:
 
     probe = f"{layout.staging_root}/.probe-{time.time_ns()}"
     try:
-        created = []
-        if is_local(layout.fs):
-            d = layout.staging_root
-            while d and not os.path.exists(d):
-                created.append(d)
-                d = os.path.dirname(d.rstrip("/"))
+        created: list[str] = []
         for attempt in range(3):  # another run's commit may remove an empty staging folder meanwhile
+            if is_local(layout.fs):
+                d = layout.staging_root
+                while d and not os.path.exists(d):
+                    if d not in created:
+                        created.append(d)
+                    d = os.path.dirname(d.rstrip("/"))
+                created.sort(key=len, reverse=True)  # deepest first
             layout.fs.makedirs(layout.staging_root, exist_ok=True)
             try:
                 with layout.fs.open(probe, "w") as f:

@@ -341,13 +341,24 @@ def write_behind(write, batches: Iterable, depth: int = 2):
     The batches are produced on the calling thread (a worker thread's long-lived tf.data
     pipeline and the model stay on it). An error on either side ends both and is raised
     here, as if `write(batches)` had run in line: the writer sees a producer's error raised
-    from its iterator, so it closes its files the same way.
+    from its iterator, so it closes its files the same way; if the caller is interrupted
+    anywhere (even while waiting for the writer), the writer stops at its next batch.
+    Memory: up to `depth` + 2 batches are alive at once (queued, being written, being made).
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()  # the caller left abnormally: the writer must not wait for more
     done: dict[str, Any] = {}
 
     def rows():
-        while (item := q.get()) is not _END:
+        while True:
+            try:
+                item = q.get(timeout=0.05)
+            except queue.Empty:
+                if stop.is_set():
+                    raise RuntimeError("the shard's producer stopped before its last batch") from None
+                continue
+            if item is _END:
+                return
             if isinstance(item, _Raised):
                 raise item.error
             yield item
@@ -372,18 +383,24 @@ def write_behind(write, batches: Iterable, depth: int = 2):
 
     t = threading.Thread(target=consume, name="layerbeam-writer", daemon=True)
     t.start()
+    finished = False
     try:
-        for b in batches:
-            if not put(b):
-                break
-    except BaseException as e:
-        put(_Raised(e))
-        t.join()
-        raise
-    else:
+        try:
+            for b in batches:
+                if not put(b):
+                    break
+        except BaseException as e:
+            put(_Raised(e))
+            t.join()
+            if done.get("error") not in (None, e):  # the writer had failed too: say so
+                e.add_note(f"the shard's writer had failed as well: {done['error']!r}")
+            raise
         put(_END)
         t.join()
+        finished = True
     finally:
+        if not finished:
+            stop.set()
         if hasattr(batches, "close"):  # a generator the writer's error left part-way: end it now
             batches.close()
     if "error" in done:
