@@ -167,8 +167,8 @@ class OutputLayout:
         # no exists() first: another run's commit may remove the staging root between the two calls
         try:
             listing = self.fs.ls(self.staging_root, detail=True)
-        except FileNotFoundError:
-            return []
+        except (FileNotFoundError, NotADirectoryError):  # none staged (or a file where the folder would be:
+            return []  # `_check_writable` then names that)
         out = []
         for p in listing:
             name = posixpath.basename(p["name"].rstrip("/"))
@@ -191,5 +191,5 @@ class OutputLayout:
         for r in run_ids:
             try:
                 self.fs.rm(f"{self.staging_root}/{r}", recursive=True)
-            except FileNotFoundError:  # already gone (never staged, or another run cleaned it up)
+            except (FileNotFoundError, NotADirectoryError):  # already gone (never staged, or another run cleaned it up)
                 pass
