@@ -90,14 +90,23 @@ def _bmp_signed(data, start):
 _EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most 64 KB
 
 
-def has_exif(data):
-    """Whether the first 64 KB of the bytes hold an EXIF marker: only those pay for reading it
-    (~45 small ops, 0.29 ms CPU an image here; this test costs 0.09 ms). A `tf.cond` with two
-    small branches costs little to trace, unlike the `switch_case` that the reading replaced.
-    (Not a regex: RE2 reads the pattern and bytes as UTF-8, which image bytes are not.)"""
+def _exif_head(data):
+    """(the first 64 KB, split once at the first `Exif\0\0`: two parts when found). Not a
+    regex: RE2 reads the pattern and bytes as UTF-8, which image bytes are not."""
     import tensorflow as tf
 
-    return tf.size(tf.strings.split(tf.strings.substr(data, 0, _EXIF_SCAN), sep=b"Exif\x00\x00", maxsplit=1)) > 1
+    head = tf.strings.substr(data, 0, _EXIF_SCAN)
+    return head, tf.strings.split(head, sep=b"Exif\x00\x00", maxsplit=1)
+
+
+def has_exif(data):
+    """Whether the first 64 KB of the bytes hold an EXIF marker: only those pay for reading it.
+    `scripts/bench_decode_exif.py`: decode + resize 1.27 ms CPU an image reading it always,
+    1.06 with this test, 0.89 with EXIF off. A `tf.cond` with two small branches costs
+    little to trace, unlike the `switch_case` that the reading replaced."""
+    import tensorflow as tf
+
+    return tf.size(_exif_head(data)[1]) > 1
 
 
 def exif_orientation(data):
@@ -112,8 +121,7 @@ def exif_orientation(data):
     trace and instantiate, in front of its first batch."""
     import tensorflow as tf
 
-    head = tf.strings.substr(data, 0, _EXIF_SCAN)
-    before = tf.strings.split(head, sep=b"Exif\x00\x00", maxsplit=1)  # two parts when found
+    head, before = _exif_head(data)
     jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
     b = tf.io.decode_raw(head, tf.uint8)
     n = tf.shape(b, out_type=tf.int64)[0]
