@@ -10,8 +10,8 @@ loaded on first use.
     >>> manifest = layerbeam.run("configs/demo.yaml")     # the CLI's job, from Python
     >>> table = layerbeam.read("out/demo")                # any output, back as pyarrow
 
-Beam users apply `layerbeam.ExtractLayers(...)` to their own PCollections and write with
-`layerbeam.WriteLayers(...)`.
+Beam users apply `layerbeam.ExtractLayers(...)` to their own PCollections (encoded images
+first through `layerbeam.DecodeImages(...)`) and write with `layerbeam.WriteLayers(...)`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "arrow_dataset",
     "open_output",
     "ExtractLayers",
+    "DecodeImages",
     "WriteLayers",
     "load_config",
     "LayerbeamError",
@@ -54,6 +55,7 @@ _LAZY = {
     "arrow_dataset": (".transforms.readback", "arrow_dataset"),
     "open_output": (".transforms.readback", "open_output"),
     "ExtractLayers": (".transforms.beam", "ExtractLayers"),
+    "DecodeImages": (".transforms.beam", "DecodeImages"),
     "WriteLayers": (".transforms.beam", "WriteLayers"),
     "load_config": (".config", "load_config"),
 }

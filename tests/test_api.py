@@ -544,3 +544,132 @@ def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(im
     with TestPipeline() as p:
         out = p | beam.Create([(f"k{i}", v) for i, v in enumerate(images)]) | layerbeam.ExtractLayers("tests.tiny:unnamed_input_model", select=["conv1"], batch_size=4)
         assert_that(out, _CloseTo(want))
+
+
+# --------------------------------------------------------------------------- DecodeImages
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def encoded() -> dict[str, tuple[bytes, np.ndarray]]:
+    """key → (PNG bytes, the pixels PIL reads back): lossless, so an independent decoder
+    gives the exact pixels; sizes other than the model's, so every image is resized."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    out = {}
+    for i, (h, w) in enumerate([(40, 50), (32, 32), (64, 20), (33, 47), (50, 40)]):
+        data = _png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out[f"img{i}"] = (data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return out
+
+
+def _pil_reference(pixels: np.ndarray, scale) -> np.ndarray:
+    """PIL's pixels, resized by tf.image.resize (bilinear, as input.resize_method's default)."""
+    import tensorflow as tf
+
+    return scale(tf.image.resize(pixels, (SIZE, SIZE)).numpy().astype(np.float32))
+
+
+def test_decode_images_gives_pils_pixels_resized_and_preprocessed(encoded):
+    """DecodeImages' arrays equal PIL's decode of the same PNGs, resized and scaled: the
+    decode is TensorFlow's, the reference PIL's (`scale` and `tf` preprocessing)."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+
+    for preprocess, scale in (("scale", lambda x: x / 255.0), ("tf", lambda x: x / 127.5 - 1.0)):
+        want = {k: {"x": _pil_reference(pixels, scale)} for k, (_, pixels) in encoded.items()}
+        with TestPipeline() as p:
+            out = (
+                p
+                | beam.Create([(k, data) for k, (data, _) in encoded.items()])
+                | layerbeam.DecodeImages((SIZE, SIZE), preprocess, batch_size=2)
+                | beam.Map(lambda kv: (kv[0], {"x": kv[1]}))
+            )
+            assert_that(out, _CloseTo(want))
+
+
+def test_decode_images_then_extract_layers_equals_keras(tiny_model, encoded):
+    """Encoded images → DecodeImages → ExtractLayers equals Keras `predict` on a sub-model
+    fed PIL's pixels, resized: the RunInference path from bytes, end to end."""
+    import apache_beam as beam
+    import keras
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+
+    keys = sorted(encoded)
+    x = np.stack([_pil_reference(encoded[k][1], lambda v: v) for k in keys])
+    model = keras.saving.load_model(tiny_model)
+    ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("pool")], x)
+    want = {k: {"conv1": ref[0][i].mean(axis=(0, 1)), "pool": ref[1][i].reshape(-1)} for i, k in enumerate(keys)}
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create([(k, encoded[k][0]) for k in keys])
+            | layerbeam.DecodeImages((SIZE, SIZE), "none", batch_size=3)
+            | layerbeam.ExtractLayers(str(tiny_model), select=["conv1", "pool"], batch_size=3)
+        )
+        assert_that(out, _CloseTo(want))
+
+
+def test_decode_images_routes_bad_images_to_dead_letters_and_keeps_their_batch(encoded):
+    """An image that does not decode fails alone (its batch is decoded again one by one):
+    with exception handling it is a dead letter with the file path's reason, and the good
+    images of its batch still arrive; without, the pipeline fails naming the element."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+
+    good = {k: {"x": _pil_reference(pixels, lambda v: v)} for k, (_, pixels) in encoded.items()}
+    first = next(iter(encoded.values()))[0]
+    bad = [("junk", b"no image here"), ("cut", first[: len(first) // 2]), ("text", "a string"), ("empty", b"")]
+    with TestPipeline() as p:
+        ok, dead = (
+            p
+            | beam.Create([(k, data) for k, (data, _) in encoded.items()] + bad, reshuffle=False)
+            | layerbeam.DecodeImages((SIZE, SIZE), "none", batch_size=len(encoded) + len(bad)).with_exception_handling()
+        )
+        assert_that(ok | beam.Map(lambda kv: (kv[0], {"x": kv[1]})), _CloseTo(good), label="good")
+        assert_that(dead, _DeadLetters({
+            "junk": ("not_an_image", "no image signature"),
+            "cut": ("truncated_image", "ends before the image does"),
+            "text": ("bad_input", "holds a str"),
+            "empty": ("empty_image", "0 bytes"),
+        }), label="dead")
+    with pytest.raises(Exception, match="no image signature.*with_exception_handling"):
+        with TestPipeline() as p:
+            _ = p | beam.Create([("junk", b"no image here")]) | layerbeam.DecodeImages((SIZE, SIZE))
+
+
+def test_decode_images_refuses_bad_arguments_on_the_launcher():
+    import layerbeam
+    from layerbeam import ConfigError
+
+    with pytest.raises(ConfigError, match=r"size \(224,\) is not \(height, width\)"):
+        layerbeam.DecodeImages((224,))
+    with pytest.raises(ConfigError, match="preprocess 'auto' needs a model"):
+        layerbeam.DecodeImages((224, 224), "auto")
+    with pytest.raises(ConfigError, match="DecodeImages preprocess 'nope' is unknown"):
+        layerbeam.DecodeImages((224, 224), "nope")
+    with pytest.raises(ConfigError, match="keras.applications has no 'NoSuchNet'"):
+        layerbeam.DecodeImages((224, 224), "keras.applications.NoSuchNet")
+    with pytest.raises(ConfigError, match="resize_method 'cubic' is unknown"):
+        layerbeam.DecodeImages((224, 224), resize_method="cubic")
