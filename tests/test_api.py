@@ -673,3 +673,27 @@ def test_decode_images_refuses_bad_arguments_on_the_launcher():
         layerbeam.DecodeImages((224, 224), "keras.applications.NoSuchNet")
     with pytest.raises(ConfigError, match="resize_method 'cubic' is unknown"):
         layerbeam.DecodeImages((224, 224), resize_method="cubic")
+
+
+def test_decode_images_keeps_each_elements_window(encoded):
+    """DecodeImages emits a batch while the next one decodes (and the last from
+    finish_bundle): every array still arrives in its own element's window."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms.window import FixedWindows, TimestampedValue
+
+    import layerbeam
+
+    keys = sorted(encoded)
+    at = dict(zip(keys, [0, 1, 15, 16, 30]))
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create([(k, encoded[k][0]) for k in keys])
+            | "Stamp" >> beam.Map(lambda kv: TimestampedValue(kv, at[kv[0]]))
+            | beam.WindowInto(FixedWindows(10))
+            | layerbeam.DecodeImages((SIZE, SIZE), "none", batch_size=2)
+            | beam.Map(lambda kv, w=beam.DoFn.WindowParam: (kv[0], int(w.start), kv[1].shape))
+        )
+        assert_that(out, equal_to([(k, at[k] // 10 * 10, (SIZE, SIZE, 3)) for k in keys]))
