@@ -514,7 +514,8 @@ class DecodeImages(beam.PTransform[beam.PCollection[tuple[Any, bytes]], beam.PCo
     both paths. Put it in front of `ExtractLayers`.
 
     Elements are decoded in batches of `batch_size` by one `tf.function` that decodes a
-    batch's images in parallel (`tf.map_fn`). Decoding each element eagerly in a `Map`, as
+    batch's images in parallel (`tf.map_fn`), one batch ahead of the steps after it (on a
+    GPU worker, the next batch decodes while the model runs). Decoding each element eagerly in a `Map`, as
     Beam's RunInference examples do, costs every op's eager dispatch and uses one core:
     on 2 cores, 256 px photo crops to 224, 0.8 ms of wall time per image here against
     1.1–1.5 ms, and `ExtractLayers` fed this way ran 1.11× faster end to end than fed by
