@@ -665,6 +665,8 @@ def test_decode_images_refuses_bad_arguments_on_the_launcher():
 
     with pytest.raises(ConfigError, match=r"size \(224,\) is not \(height, width\)"):
         layerbeam.DecodeImages((224,))
+    with pytest.raises(ConfigError, match=r"size 224 is not \(height, width\)"):
+        layerbeam.DecodeImages(224)
     with pytest.raises(ConfigError, match="preprocess 'auto' needs a model"):
         layerbeam.DecodeImages((224, 224), "auto")
     with pytest.raises(ConfigError, match="DecodeImages preprocess 'nope' is unknown"):

@@ -558,8 +558,9 @@ class DecodeImages(beam.PTransform[beam.PCollection[tuple[Any, bytes]], beam.PCo
         super().__init__()
         from .readers import ReadSpec
 
-        if len(size) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in size):
-            raise ConfigError(f"DecodeImages size {tuple(size)!r} is not (height, width) in positive pixels; give e.g. (224, 224)")
+        if not isinstance(size, Sequence) or len(size) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in size):
+            shown = tuple(size) if isinstance(size, Sequence) else size
+            raise ConfigError(f"DecodeImages size {shown!r} is not (height, width) in positive pixels; give e.g. (224, 224)")
         if channels not in (1, 3):
             raise ConfigError(f"DecodeImages channels {channels!r} is not 1 or 3; decode to RGB (3) or grayscale (1)")
         if batch_size < 1:
