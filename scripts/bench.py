@@ -518,10 +518,11 @@ def _table(r: dict) -> str:
             ratios += [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k.startswith("layerbeam@")]
             ratios += [f"{k}/layerbeam = {best[k]['images_per_s'] / lb:.2f}" for k in best if k.split("@")[0] in ("extract", "extract_layers", "extract_layers_eager")]
             lines.append("  " + " · ".join(ratios))
-            if best["layerbeam"].get("run_job_s"):
-                rj = best["layerbeam"]["run_job_s"]
-                lines.append(f"  layerbeam seconds are the pipeline's (its summary); run_job took {rj:.1f}s with Beam's import and the lock: "
-                             f"{best['layerbeam']['images'] / rj:.1f} img/s, {best['layerbeam']['images'] / rj / lim:.2f} of the limit" if lim else "")
+            rj = best["layerbeam"].get("run_job_s")
+            if rj:
+                per_s = best["layerbeam"]["images"] / rj
+                of_limit = f", {per_s / lim:.2f} of the limit" if lim else ""
+                lines.append(f"  layerbeam seconds are the pipeline's (its summary); run_job took {rj:.1f}s with Beam's import and the lock: {per_s:.1f} img/s{of_limit}")
             t = best["layerbeam"].get("time_in_shards") or {}
             if t:
                 # the extract thread's parts and the writer's `write` overlap (older checkouts: write_and_other, in series)
