@@ -517,7 +517,8 @@ def _table(r: dict) -> str:
             ratios = [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k != "layerbeam" and not k.startswith("layerbeam@")]
             ratios += [f"layerbeam/{k} = {lb / best[k]['images_per_s']:.2f}" for k in best if k.startswith("layerbeam@")]
             ratios += [f"{k}/layerbeam = {best[k]['images_per_s'] / lb:.2f}" for k in best if k.split("@")[0] in ("extract", "extract_layers", "extract_layers_eager")]
-            lines.append("  " + " · ".join(ratios))
+            if ratios:  # layerbeam alone (`--kinds layerbeam --rss`) has nothing to compare with
+                lines.append("  " + " · ".join(ratios))
             rj = best["layerbeam"].get("run_job_s")
             if rj:
                 per_s = best["layerbeam"]["images"] / rj
@@ -525,7 +526,8 @@ def _table(r: dict) -> str:
                 lines.append(f"  layerbeam seconds are the pipeline's (its summary); run_job took {rj:.1f}s with Beam's import and the lock: {per_s:.1f} img/s{of_limit}")
             t = best["layerbeam"].get("time_in_shards") or {}
             if t:
-                # the extract thread's parts and the writer's `write` overlap (older checkouts: write_and_other, in series)
+                # input_wait and model are the extracting thread's; to_arrow is the writer's thread's (older checkouts: the
+                # extracting thread's), overlapped; write_and_other is the extracting thread's wait for the writer and bookkeeping
                 lines.append("  layerbeam time in shards: " + ", ".join(f"{k} {x:.1f}s" for k, x in t.items()))
         if "layerbeam_4n" in v:
             b4 = v["layerbeam_4n"]
