@@ -44,18 +44,14 @@ def main() -> None:
     from layerbeam.transforms.readers import match_shards, read_shard
     from layerbeam.transforms.shard import ShardProcessor
 
-    cfg_input = {"pattern": f"{data}/*.tfrecord", "key_feature": "image/key", "image_size": [bench.SIZE, bench.SIZE]}
+    # scenario (a)'s config, as bench.py's layerbeam kind reads it
+    a.scenario, a.data, a.batch_size = "a", data, 32
+    raw = bench._config(a, "/tmp/bench-reader-out")
     if a.no_exif:
-        cfg_input["exif_orientation"] = False
+        raw["input"]["exif_orientation"] = False
     if a.no_cap:
-        cfg_input["max_image_pixels"] = None
-    cfg = load_config(raw={
-        "input": cfg_input,
-        "model": {"source": "keras.applications.MobileNetV2", "weights": None, "seed": 0},
-        "layers": {"select": bench.MNV2_LAYERS},
-        "batching": {"batch_size": 32},
-        "output": {"path": "/tmp/bench-reader-out", "overwrite": True},
-    })
+        raw["input"]["max_image_pixels"] = None
+    cfg = load_config(raw=raw)
     spec = to_spec(cfg)
     shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=spec.input)
     p = ShardProcessor(spec, f"bench-reader-{time.time_ns()}")  # builds the reader as a worker does
@@ -70,7 +66,7 @@ def main() -> None:
         return n
 
     def plain() -> int:
-        return sum(len(keys) for keys, _ in bench._plain_dataset(data, "a", 32, autotune=False))
+        return sum(len(keys) for keys, _ in bench._plain_dataset(data, a.scenario, a.batch_size, autotune=False))
 
     kinds = {"layerbeam": layerbeam_reader, "plain": plain}
     for f in kinds.values():  # warm: traces, the long-lived pipeline
