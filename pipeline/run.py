@@ -156,18 +156,15 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             layout.discard_runs([r for r in layout.other_runs() if superseded(layout, r, plan)])
         layout.write_run_info(_run_info(plan))
         t0 = time.perf_counter()
+        p = beam.Pipeline(runner=runner, options=options)
+        build_pipeline(p, plan)
         offered = plan.launcher_model
         local = workers_in_this_process(runner, options)
         if offered is not None and not local:
             offered.release()  # the workers load their own; the launcher need not hold it
-        watcher = None
+        watcher = _Watcher(layout, plan, progress, t0) if progress else None
         try:
-            # Workers in this process: the first one's processor starts now, building and
-            # warming up while Beam builds and starts the pipeline (`offer_launcher_model`).
-            with offer_launcher_model(plan.run_id, offered, plan.spec if local and plan.to_extract else None):
-                p = beam.Pipeline(runner=runner, options=options)
-                build_pipeline(p, plan)
-                watcher = _Watcher(layout, plan, progress, t0) if progress else None
+            with offer_launcher_model(plan.run_id, offered):
                 if watcher and _is_local_runner(runner):
                     watcher.start()
                 result = p.run()

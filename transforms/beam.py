@@ -29,7 +29,7 @@ from apache_beam.utils import shared
 from .deadletters import Failure
 from .errors import ConfigError, ModelError, first_line
 from .readers import Shard, match_shards
-from .shard import JobSpec, ShardProcessor, ShardResult, take_launcher_processor
+from .shard import JobSpec, ShardProcessor, ShardResult
 
 __all__ = ["MatchShards", "ExtractShards", "CommitShards", "ExtractLayers", "WriteLayers", "examples_so_far"]
 
@@ -71,13 +71,8 @@ class _ExtractShardDoFn(beam.DoFn):
         spec, run_id = self._spec, self._run_id
 
         def load():
-            # In the launcher's process (an in-process runner), the launcher started this
-            # worker's processor while Beam built and started the pipeline.
-            processor = take_launcher_processor(run_id, spec)
-            if processor is None:
-                _LOG.info("loading the model for run %s", run_id)
-                processor = ShardProcessor(spec, run_id, warm_up=True)
-            return _Holder(processor)
+            _LOG.info("loading the model for run %s", run_id)
+            return _Holder(ShardProcessor(spec, run_id))
 
         self._holder = self._shared.acquire(load, tag=run_id)
         self._processor = self._holder.value

@@ -119,11 +119,6 @@ class ExtractorPool:
             fn = self._copies[next(self._next)]
         return self._run(fn, inputs)
 
-    def warm_up(self, batch_size: int) -> None:
-        """Each copy's `warm_up(batch_size)` (see `Extractor.warm_up`)."""
-        for fn in self._copies:
-            fn.warm_up(batch_size)
-
     def _run(self, fn, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         n = int(next(iter(inputs.values())).shape[0])
         if self.max_batch is not None and n > self.max_batch:

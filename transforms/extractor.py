@@ -49,25 +49,6 @@ class Extractor:
         out = self._fn({n: inputs[n] for n in self.input_names})
         return {k: v.numpy() for k, v in out.items()}
 
-    def warm_up(self, batch_size: int) -> None:
-        """Trace and run the function once on a batch of zeros (sizes the signature leaves
-        open: 1), so the first real batch finds it ready; the signature is fixed, so that
-        batch does not trace again. A model whose call changes its own non-trainable
-        variables (a stateful RNN, a random layer's seed) gets them back as they were:
-        the first real batch sees the state it would have seen without this call."""
-        import tensorflow as tf
-
-        (signature,) = self._fn.input_signature
-        zeros = {}
-        for n, spec in signature.items():
-            shape = [batch_size, *[1 if d is None else d for d in spec.shape.as_list()[1:]]]
-            zeros[n] = tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
-        before = [(v, np.array(v.numpy())) for v in self.model.non_trainable_variables]
-        self(zeros)
-        for v, value in before:
-            if not np.array_equal(v.numpy(), value):
-                v.assign(value)
-
 
 def model_inputs(value: Any, input_shapes: Mapping[str, Sequence[int]], batched: bool, what: str = "inputs") -> dict[str, np.ndarray]:
     """Arrays a user gave → {model input name: float32 array}, checked against the model.

@@ -6,10 +6,8 @@ worker process and counts metrics.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
-import logging
 import queue
 import threading
 import time
@@ -30,8 +28,6 @@ from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' 
 from .stats import ShardStats
 
 __all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
-
-_LOG = logging.getLogger("layerbeam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,17 +117,9 @@ class ShardProcessor:
     Args:
         spec: the job (what travels to workers).
         run_id: the run fingerprint; names the staging folder.
-        warm_up: start the first batch's one-time work now, on two threads of its own:
-            the model's trace and first run (on zeros), and the first reader pipeline
-            (traced, instantiated, primed with an empty shard). The first `process` waits
-            for both. Done in line, this work was 3.4–4.1 s from a worker's first shard
-            to its first batch's outputs on 2 cores (MobileNetV2 224), the reader's 1.3–1.5
-            s of it before the model's; with the two side by side, 2.8–3.7 s, and started
-            by the launcher while Beam builds and starts the pipeline (`offer_launcher_model`)
-            it overlaps that too.
     """
 
-    def __init__(self, spec: JobSpec, run_id: str, warm_up: bool = False):
+    def __init__(self, spec: JobSpec, run_id: str):
         from .devices import ExtractorPool, discover_gpus, plan_devices, precision
         from .extractor import Extractor, extractor_model
         from .models import load_model, model_fingerprint, preprocess_fn
@@ -179,23 +167,6 @@ class ShardProcessor:
         # One long-lived input pipeline per reading thread instead of one per shard (see ShardReaders).
         self.readers = ShardReaders(cfg.input, self.input_shapes, self.preprocess, self.batch_size, self.input_dtypes)
         self.layout = OutputLayout(cfg.output.path, run_id)
-        self._warming: list[concurrent.futures.Future] = []
-        if warm_up:
-            # Two threads: the reader's share is mostly TensorFlow's C++ (instantiating and
-            # optimising its functions), which runs while the model's trace holds the GIL.
-            pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="layerbeam-warm-up")
-            self._warming = [pool.submit(self.readers.warm_up), pool.submit(self.extractor.warm_up, self.batch_size)]
-            pool.shutdown(wait=False)
-
-    def wait_warm_up(self) -> None:
-        """Wait for the warm-up `warm_up=True` started, if any. A part that failed is only
-        logged: the first shard does that work itself and meets any real error there."""
-        warming, self._warming = self._warming, []
-        for f in warming:
-            try:
-                f.result()
-            except Exception as e:  # noqa: BLE001 - the first shard redoes it and reports the real failure
-                _LOG.info("warm-up did not finish (%s: %s); the first shard does that work itself", type(e).__name__, e)
 
     def process(self, shard: Shard, on_batch=None) -> ShardResult:
         """Extract and write one shard; return its result (also stored as its marker).
@@ -210,7 +181,6 @@ class ShardProcessor:
         done = self.layout.read_marker(shard.id)
         if done is not None and shard_identity(done) == shard_identity(shard):
             return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
-        self.wait_warm_up()
         described = shard
         if shard.span is not None:  # listed by the pipeline: its worker lists the folder again
             shard = resolve(shard, self.cfg.input.pattern)
@@ -340,20 +310,6 @@ class LauncherModel:
         return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device, traced)
 
 
-# Workers' processors the launcher started building (and warming up), by run id: see
-# `offer_launcher_model`.
-_LAUNCHER_PROCESSORS: dict[str, tuple[JobSpec, concurrent.futures.Future]] = {}
-
-
-def take_launcher_processor(run_id: str, spec: JobSpec) -> ShardProcessor | None:
-    """The processor the launcher started for run `run_id` with this same `spec`, once
-    built (its warm-up may still run), or None. Taken once: a second caller builds its own."""
-    entry = _LAUNCHER_PROCESSORS.pop(run_id, None)
-    if entry is None or entry[0] != spec:
-        return None
-    return entry[1].result()
-
-
 # The launcher's models, by run id. An in-process runner (DirectRunner's FnApiRunner in
 # in_memory or multi_threading mode, a LOOPBACK portable runner) runs the worker in the
 # launcher's own process, where loading the model a second time only costs start-up time
@@ -362,26 +318,15 @@ _LAUNCHER_MODELS: dict[str, LauncherModel] = {}
 
 
 @contextlib.contextmanager
-def offer_launcher_model(run_id: str, model: LauncherModel | None, spec: JobSpec | None = None):
+def offer_launcher_model(run_id: str, model: LauncherModel | None):
     """While the block runs, a worker of run `run_id` in this process takes `model` as its
-    copy for `model.device` instead of loading one, if it runs under the same dtype policy.
-
-    With `spec` (the job the workers run), the worker's whole `ShardProcessor` is started
-    now, on a thread, with its warm-up: it builds, traces and primes while the block builds
-    and starts the Beam pipeline (1.2 s of single-threaded Python for the default job), and
-    the first worker of this process takes it (`take_launcher_processor`)."""
+    copy for `model.device` instead of loading one, if it runs under the same dtype policy."""
     if model is not None and model.model is not None:
         _LAUNCHER_MODELS[run_id] = model
-    pool = None
-    if spec is not None:
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layerbeam-launcher-worker")
-        _LAUNCHER_PROCESSORS[run_id] = (spec, pool.submit(ShardProcessor, spec, run_id, True))
-        pool.shutdown(wait=False)
     try:
         yield
     finally:
         _LAUNCHER_MODELS.pop(run_id, None)
-        _LAUNCHER_PROCESSORS.pop(run_id, None)
 
 
 def _launcher_model(run_id: str) -> LauncherModel | None:

@@ -461,24 +461,6 @@ class ShardReaders:
         with self._lock:
             self._idle.append(pipeline)
 
-    def warm_up(self) -> bool:
-        """Build one pipeline ahead of the first shard and run it through an empty shard,
-        then keep it idle for the first `lease()`: the parser's trace, the iterator and
-        the instantiation of its functions (0.8–1.0 s before a worker's first batch on 2
-        cores, against 0.17 s for a plain tf.data pipeline's first batch) happen here, on
-        the caller's thread, while the worker does other start-up work on another (see
-        `ShardProcessor`'s warm-up). False where this input kind is not read this way."""
-        if not self.can_read(_kind(self._args[0].format)):
-            return False
-        pipeline = self.lease()
-        try:
-            pipeline.prime()
-        except BaseException:
-            pipeline.discard()
-            raise
-        pipeline.release()
-        return True
-
 
 class _Pipeline:
     """One long-lived pipeline of `ShardReaders`, leased to one shard at a time."""
@@ -518,14 +500,6 @@ class _Pipeline:
         if self._it is None:
             self._it = iter(self._ds)
         return self._it
-
-    def prime(self) -> None:
-        """Read a shard of no files: its only batch is the sentinel's, and what a first
-        shard's first batch pays once (tracing, instantiating, optimising the functions)
-        is paid here."""
-        batch = next(self.read([], -1, ""))
-        if not bool(batch["__sentinel__"].numpy().all()):
-            raise RuntimeError("priming a reader pipeline gave records from a shard of no files; this is a bug")
 
     def release(self) -> None:
         self._owner._give_back(self)
