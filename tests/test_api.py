@@ -527,8 +527,46 @@ def test_readme_imports_only_layerbeam():
     assert "from transforms" not in text and "import pipeline" not in text
 
 
-def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(images):
-    """The launcher and the in-process worker each build a `module:function` model whose
+def test_extract_layers_in_the_launchers_process_takes_its_model_and_trace(tiny_model, images, monkeypatch):
+    """An in-process worker takes the model and trace the launcher made for its checks (no
+    second load or trace), and its outputs equal Keras; where the workers run elsewhere the
+    launcher's copy is let go when the pipeline is built."""
+    import apache_beam as beam
+    import keras
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.portable_runner import PortableRunner
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    import layerbeam
+    import layerbeam.transforms.inference as inference
+
+    model = keras.saving.load_model(tiny_model)
+    ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("conv2")], np.stack(images))
+    want = {f"k{i}": {"conv2": ref[1][i].mean(axis=(0, 1))} for i in range(len(images))}
+    loads, graphs = [], []
+    real_load = inference.load_model
+    monkeypatch.setattr(inference, "load_model", lambda spec: loads.append(spec) or real_load(spec))
+    real_graph = inference.ModelGraph
+    monkeypatch.setattr(inference, "ModelGraph", lambda *a, **k: graphs.append(a) or real_graph(*a, **k))
+    extract = layerbeam.ExtractLayers(str(tiny_model), select=["conv2"], batch_size=4)
+    with TestPipeline() as p:
+        out = p | beam.Create([(f"k{i}", v) for i, v in enumerate(images)]) | extract
+        assert_that(out, _CloseTo(want))
+    assert (loads, graphs) == ([], [])  # the worker loaded and traced nothing of its own
+    assert extract._launcher_key in inference._LAUNCHER_MODELS  # offered while the transform lives
+
+    remote = layerbeam.ExtractLayers(str(tiny_model), select=["conv2"], batch_size=4)
+    key = remote._launcher_key
+    assert key in inference._LAUNCHER_MODELS
+    elsewhere = beam.Pipeline(runner=PortableRunner(), options=PipelineOptions(["--environment_type=DOCKER"]))
+    _ = elsewhere | beam.Create([("k", images[0])]) | remote  # built, not run
+    assert key not in inference._LAUNCHER_MODELS
+
+
+def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(images, monkeypatch):
+    """The launcher and a worker that loads its own copy (here: the launcher's copy not
+    offered, as in a worker process of its own) each build a `module:function` model whose
     input Keras names itself (`input_layer`, then `input_layer_1`): elements still reach the
     worker's input by position, and the outputs equal Keras."""
     import apache_beam as beam
@@ -536,7 +574,10 @@ def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(im
     from apache_beam.testing.util import assert_that
 
     import layerbeam
+    import layerbeam.transforms.inference as inference
     from tests.tiny import unnamed_input_model
+
+    monkeypatch.setattr(inference, "_launcher_model", lambda key: None)
 
     model = unnamed_input_model()
     ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("pool")], np.stack([v.astype(np.float32) for v in images]))

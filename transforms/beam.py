@@ -455,7 +455,7 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
         model_identifier: str | None = None,
     ):
         super().__init__()
-        from .inference import LayerModelHandler
+        from .inference import LayerModelHandler, offer_launcher_model, withdraw_launcher_model
         from .layers import ModelGraph, SelectSpec
         from .models import ModelSpec, model_fingerprint, resolve_model
 
@@ -471,9 +471,19 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
         self._in_memory = spec is None
         if spec is None:
             spec = ModelSpec(source=_save_temporarily(self, keras_model), safe_mode=safe_mode)
+            key = None  # the caller's own model object: workers load the saved copy
+        else:
+            # A worker in this process (DirectRunner, LOOPBACK) takes the model loaded here
+            # and its trace instead of loading it again; offered while this transform lives,
+            # withdrawn at once where the workers run elsewhere (`expand`).
+            key = uuid.uuid4().hex
+            offer_launcher_model(key, keras_model, (graph, self.outputs))
+            weakref.finalize(self, withdraw_launcher_model, key)
+        self._launcher_key = key
         self._handler = LayerModelHandler(
             spec, layers, input_shapes=list(self.input_shapes.values()), batch_size=batch_size, fingerprint=fingerprint,
             jit_compile=jit_compile, min_batch_size=min_batch_size, max_batch_duration_secs=max_batch_duration_secs,
+            launcher_key=key,
         )
         self._model_identifier = model_identifier
         self._dead = False
@@ -486,7 +496,12 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
     def expand(self, pcoll):
         from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-        if self._in_memory and not _runs_here(pcoll.pipeline):
+        runs_here = _runs_here(pcoll.pipeline)
+        if self._launcher_key and not runs_here:
+            from .inference import withdraw_launcher_model
+
+            withdraw_launcher_model(self._launcher_key)  # the workers load their own
+        if self._in_memory and not runs_here:
             raise ConfigError(
                 f"ExtractLayers got a keras.Model in memory, but runner {type(pcoll.pipeline.runner).__name__} runs workers elsewhere; "
                 "save the model where the workers can read it (model.save('gs://.../model.keras')) and pass that path"

@@ -22,6 +22,30 @@ from .models import ModelSpec, load_model, model_fingerprint
 
 __all__ = ["LayerModelHandler"]
 
+# Models the launcher loaded to check an `ExtractLayers` (by the key its handler carries),
+# with the dtype policy they were built under: a worker in the same process (DirectRunner,
+# LOOPBACK) takes that copy instead of loading the same model again.
+_LAUNCHER_MODELS: dict[str, tuple[Any, str, tuple]] = {}
+
+
+def offer_launcher_model(key: str, model, traced: tuple) -> None:
+    """`traced`: the launcher's (ModelGraph, selected OutputSpecs) for the handler's selection."""
+    import keras
+
+    _LAUNCHER_MODELS[key] = (model, keras.mixed_precision.global_policy().name, traced)
+
+
+def withdraw_launcher_model(key: str) -> None:
+    _LAUNCHER_MODELS.pop(key, None)
+
+
+def _launcher_model(key: str | None) -> tuple | None:
+    """(model, graph, specs) the launcher offered under `key`, if built under the policy in force."""
+    import keras
+
+    entry = _LAUNCHER_MODELS.get(key) if key else None
+    return (entry[0], *entry[2]) if entry is not None and entry[1] == keras.mixed_precision.global_policy().name else None
+
 
 class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult, Extractor]):
     """Runs a Keras model's selected layer outputs for RunInference.
@@ -44,6 +68,8 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
             so it sees no reason to grow them), which computes slower than batches of 32.
         max_batch_duration_secs: passed to `BatchElements` (streaming: flush a batch
             that waits longer).
+        launcher_key: the key under which the launcher offered the model it loaded
+            (`offer_launcher_model`); a worker in the launcher's process takes that copy.
     """
 
     def __init__(
@@ -56,6 +82,7 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         jit_compile: bool = False,
         min_batch_size: int | None = None,
         max_batch_duration_secs: int | None = None,
+        launcher_key: str | None = None,
     ):
         lo = batch_size if min_batch_size is None else min(min_batch_size, batch_size)
         super().__init__(min_batch_size=lo, max_batch_size=batch_size, max_batch_duration_secs=max_batch_duration_secs)
@@ -64,8 +91,17 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         self._input_shapes = None if input_shapes is None else [tuple(s) for s in input_shapes]
         self._fingerprint = fingerprint
         self._jit_compile = jit_compile
+        self._launcher_key = launcher_key
 
     def load_model(self) -> Extractor:
+        # In the launcher's process the model it loaded and traced for its checks is the
+        # one to use (its fingerprint is the one checked against): loading and tracing it
+        # again cost the RunInference path about a second, and named the copy's inputs
+        # `input_layer_1`.
+        offered = _launcher_model(self._launcher_key)
+        if offered is not None:
+            _, graph, specs = offered
+            return Extractor(extractor_model(graph, specs), jit_compile=self._jit_compile)
         model = load_model(self._model)
         if self._fingerprint is not None:
             fp = model_fingerprint(model)
