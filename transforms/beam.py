@@ -399,7 +399,9 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
 
     The model travels as a source, never pickled. When the transform is built, the
     launcher loads it once to check the selection and learn the input shapes (so a
-    selector that matches nothing fails here, not on a worker). A `keras.Model` given in
+    selector that matches nothing fails here, not on a worker); a worker in the launcher's
+    process (DirectRunner, LOOPBACK) takes that copy and its trace instead of loading the
+    model again (a source it loaded, not a caller's in-memory model). A `keras.Model` given in
     memory is saved to a temporary `.keras` file on this machine (deleted when the
     transform is garbage-collected), which only workers on this machine can read: it is
     accepted for DirectRunner (any `direct_running_mode`), Prism and LOOPBACK portable
