@@ -479,7 +479,7 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
             # and its trace instead of loading it again; offered while this transform lives,
             # withdrawn at once where the workers run elsewhere (`expand`).
             key = uuid.uuid4().hex
-            offer_launcher_model(key, keras_model, (graph, self.outputs))
+            offer_launcher_model(key, graph, self.outputs)
             weakref.finalize(self, withdraw_launcher_model, key)
         self._launcher_key = key
         self._handler = LayerModelHandler(

@@ -22,17 +22,17 @@ from .models import ModelSpec, load_model, model_fingerprint
 
 __all__ = ["LayerModelHandler"]
 
-# Models the launcher loaded to check an `ExtractLayers` (by the key its handler carries),
-# with the dtype policy they were built under: a worker in the same process (DirectRunner,
-# LOOPBACK) takes that copy instead of loading the same model again.
-_LAUNCHER_MODELS: dict[str, tuple[Any, str, tuple]] = {}
+# What the launcher traced to check an `ExtractLayers` (the `ModelGraph`, which holds the
+# model, and the selected `OutputSpec`s), by the key its handler carries, with the dtype
+# policy the model was built under: a worker in the same process (DirectRunner, LOOPBACK)
+# takes it instead of loading and tracing the same model again.
+_LAUNCHER_MODELS: dict[str, tuple[str, Any, tuple]] = {}
 
 
-def offer_launcher_model(key: str, model, traced: tuple) -> None:
-    """`traced`: the launcher's (ModelGraph, selected OutputSpecs) for the handler's selection."""
+def offer_launcher_model(key: str, graph: ModelGraph, specs) -> None:
     import keras
 
-    _LAUNCHER_MODELS[key] = (model, keras.mixed_precision.global_policy().name, traced)
+    _LAUNCHER_MODELS[key] = (keras.mixed_precision.global_policy().name, graph, tuple(specs))
 
 
 def withdraw_launcher_model(key: str) -> None:
@@ -40,11 +40,11 @@ def withdraw_launcher_model(key: str) -> None:
 
 
 def _launcher_model(key: str | None) -> tuple | None:
-    """(model, graph, specs) the launcher offered under `key`, if built under the policy in force."""
+    """(graph, specs) the launcher offered under `key`, if its model was built under the policy in force."""
     import keras
 
     entry = _LAUNCHER_MODELS.get(key) if key else None
-    return (entry[0], *entry[2]) if entry is not None and entry[1] == keras.mixed_precision.global_policy().name else None
+    return entry[1:] if entry is not None and entry[0] == keras.mixed_precision.global_policy().name else None
 
 
 class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult, Extractor]):
@@ -100,7 +100,7 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         # `input_layer_1`.
         offered = _launcher_model(self._launcher_key)
         if offered is not None:
-            _, graph, specs = offered
+            graph, specs = offered
             return Extractor(extractor_model(graph, specs), jit_compile=self._jit_compile)
         model = load_model(self._model)
         if self._fingerprint is not None:
