@@ -150,6 +150,37 @@ def test_images_over_the_pixel_cap_are_dead_letters_before_decoding(setup):
     assert manifest["counts"]["records_read"] == 3
 
 
+def test_header_pixels_reads_what_pil_reads():
+    """The pixel cap's header read against PIL's size, for JPEG, PNG, GIF and BMP (a
+    top-down BMP too, whose height is negative); -1 for WebP, TIFF, short or foreign
+    bytes; a broken JPEG fails as decoding it would."""
+    import io
+    import struct
+
+    import pytest
+    import tensorflow as tf
+    from PIL import Image
+
+    from layerbeam.transforms.readers.images import header_pixels
+
+    read = tf.function(header_pixels, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+    rng = np.random.default_rng(0)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"):
+        for w, h in ((1, 1), (37, 19), (300, 2)):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
+            data = buf.getvalue()
+            width, height = Image.open(io.BytesIO(data)).size
+            assert int(read(data)) == (width * height if fmt not in ("WEBP", "TIFF") else -1), (fmt, w, h)
+            if fmt == "BMP":
+                top_down = data[:22] + struct.pack("<i", -height) + data[26:]
+                assert int(read(top_down)) == width * height
+    for data in (b"", b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF89a12", b"BM", b"not an image at all"):
+        assert int(read(data)) == -1, data
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        read(b"\xff\xd8\xff" + b"garbage" * 10)
+
+
 def _jpeg_with_orientation(img: np.ndarray, orientation: int) -> bytes:
     import io
 

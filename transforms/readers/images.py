@@ -46,104 +46,126 @@ def parser(shard, cfg, plans, preprocess):
     return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([path_bytes(p) for p in shard.paths]))
 
 
-def _u(data, start: int, n: int, little: bool):
-    """The unsigned integer of `n` bytes at `start` of a scalar string tensor."""
-    import tensorflow as tf
+_HEAD = 26  # the bytes that the PNG, GIF and BMP headers' sizes lie in
 
-    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
-    order = tf.range(n, dtype=tf.int64) if little else tf.range(n - 1, -1, -1, dtype=tf.int64)
-    return tf.reduce_sum(b * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order))
+
+def _places(start: int, size: int, little: bool) -> list[int]:
+    """A row that, multiplied by the head's bytes and summed, gives the `size`-byte unsigned
+    integer at `start`."""
+    row = [0] * _HEAD
+    for i in range(size):
+        row[start + i] = 1 << (8 * (i if little else size - 1 - i))
+    return row
+
+
+# PNG IHDR width, height (big-endian, at 16 and 20); GIF width, height (little-endian, at 6
+# and 8); BMP width, height (little-endian, signed, at 18 and 22).
+_PLACES = [_places(16, 4, False), _places(20, 4, False), _places(6, 2, True), _places(8, 2, True), _places(18, 4, True), _places(22, 4, True)]
 
 
 def header_pixels(data):
     """width × height declared by a JPEG, PNG, GIF or BMP header (-1 for other formats or
     too-short data), read without decoding: the pixel cap is checked before any buffer of
-    that size is allocated."""
+    that size is allocated.
+
+    Straight-line ops, no `tf.cond`: the PNG, GIF and BMP sizes are read from the first 26
+    bytes, zero-padded, whatever the format, and the one that the signature names is kept;
+    `extract_jpeg_shape` reads either the bytes or, for any other format, a 1×1 JPEG. The
+    version with a `cond` per format cost each worker 0.2–0.35 s to trace and instantiate,
+    in front of its first batch."""
     import tensorflow as tf
 
     n = tf.strings.length(data)
-    head = tf.strings.substr(data, 0, 8)
+    b = tf.cast(tf.io.decode_raw(_read(data, 0, _HEAD), tf.uint8), tf.int64)
+    # The six header integers (PNG, GIF, BMP width and height) in one product with their
+    # bytes' place values, as signed 32-bit (BMP's height is negative when its rows run top
+    # down; PNG's and GIF's never reach 2**31): each op traced costs start-up time.
+    dims = tf.reduce_sum(tf.constant(_PLACES, tf.int64) * b, axis=1)
+    dims = tf.abs(tf.where(dims >= 2**31, dims - 2**32, dims))
+    png, gif, bmp = tf.unstack(dims[0::2] * dims[1::2])
 
-    def jpeg():
-        hw = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-        return hw[0] * hw[1]
-
-    branches = [
-        (tf.logical_and(tf.equal(head, b"\x89PNG\r\n\x1a\n"), n >= 24), lambda: _u(data, 16, 4, False) * _u(data, 20, 4, False)),
-        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), lambda: _u(data, 6, 2, True) * _u(data, 8, 2, True)),
-        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), lambda: tf.abs(_bmp_signed(data, 18)) * tf.abs(_bmp_signed(data, 22))),
-        (tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff"), jpeg),
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    hw = tf.cast(tf.image.extract_jpeg_shape(tf.where(is_jpeg, data, tf.constant(_TINY_JPEG))), tf.int64)
+    sizes = [
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n"), n >= 24), png),
+        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), gif),
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), bmp),
+        (is_jpeg, hw[0] * hw[1]),
     ]
     out = tf.constant(-1, tf.int64)
-    for cond, fn in reversed(branches):
-        out = tf.cond(cond, fn, lambda o=out: o)
+    for found, pixels in reversed(sizes):
+        out = tf.where(found, pixels, out)
     return out
 
 
-def _bmp_signed(data, start):
-    import tensorflow as tf
-
-    v = _u(data, start, 4, True)
-    return tf.where(v >= 2**31, v - 2**32, v)
+# A 1×1 grey baseline JPEG (PIL's): what `extract_jpeg_shape` reads when the bytes are not a JPEG.
+_TINY_JPEG = bytes.fromhex(
+    "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b0b0c1912130f141d1a1f1e1d1a1c1c20"
+    "242e2720222c231c1c2837292c30313434341f27393d38323c2e333432ffc0000b080001000101011100ffc4001f0000010501010101010100000000"
+    "000000000102030405060708090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114328191a108"
+    "2342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a737475"
+    "767778797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2"
+    "e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffda0008010100003f00f9febfffd9"
+)
 
 
 _EXIF_SCAN = 1 << 16  # the APP1 segment holding EXIF comes first and is at most 64 KB
 
 
-def _exif_head(data):
-    """(the first 64 KB, split once at the first `Exif\0\0`: two parts when found). Not a
-    regex: RE2 reads the pattern and bytes as UTF-8, which image bytes are not."""
+def _exif_split(data):
+    """The first 64 KB, split once at the first `Exif\0\0`: two parts when found, one
+    otherwise. Not a regex: RE2 reads the pattern and bytes as UTF-8, which image bytes
+    are not. The raw op: `tf.strings.split` adds a ragged tensor's dozen ops around it,
+    and each op costs every worker start-up time."""
     import tensorflow as tf
 
-    head = tf.strings.substr(data, 0, _EXIF_SCAN)
-    return head, tf.strings.split(head, sep=b"Exif\x00\x00", maxsplit=1)
+    head = tf.reshape(tf.strings.substr(data, 0, _EXIF_SCAN), [1])
+    return tf.raw_ops.StringSplitV2(input=head, sep=b"Exif\x00\x00", maxsplit=1).values
 
 
-def has_exif(data):
-    """Whether the first 64 KB of the bytes hold an EXIF marker: only those pay for reading it.
-    `scripts/bench_decode_exif.py`: decode + resize 1.27 ms CPU an image reading it always,
-    1.06 with this test, 0.89 with EXIF off. A `tf.cond` with two small branches costs
-    little to trace, unlike the `switch_case` that the reading replaced."""
+_IFD_ENTRIES = 64  # IFD0's entries read; tag 0x0112 comes early (tags are sorted)
+
+
+def _read(data, pos, size: int):
+    """The `size` bytes of a scalar string tensor at `pos` (clipped into it), zero-padded
+    past its end: a read that never fails inside tf.data."""
     import tensorflow as tf
 
-    return tf.size(_exif_head(data)[1]) > 1
+    pos = tf.cast(tf.clip_by_value(tf.cast(pos, tf.int64), 0, tf.cast(tf.strings.length(data), tf.int64)), tf.int32)
+    return tf.strings.substr(tf.strings.join([tf.strings.substr(data, pos, size), tf.constant(b"\0" * size)]), 0, size)
 
 
-def exif_orientation(data):
+def exif_orientation(data, before=None):
     """The EXIF orientation (1..8) of JPEG bytes, 1 when absent or unreadable; TensorFlow
     ops only (runs inside tf.data). Finds the first `Exif\0\0` in the first 64 KB, reads
     the TIFF byte order and IFD0, and the value of tag 0x0112.
 
-    Straight-line ops only, no `tf.cond` or `map_fn`: the search is one substring split,
-    the IFD's entries are read as one gather, and the reads are done whether or not the
-    marker was found (offsets clipped into the bytes), the value kept only if it was.
-    The version with two `map_fn` loops and a `cond` cost each worker about a second to
-    trace and instantiate, in front of its first batch."""
+    Straight-line ops, and few of them: `before` (the split that `decode_image` already
+    made to test for the marker) gives the TIFF header's offset; the header and IFD0's
+    entries are two fixed-size, zero-padded reads, decoded as 16- and 32-bit integers in
+    both byte orders, the TIFF's kept; the value is kept only if the marker was found.
+    Each op costs every worker start-up time to trace and instantiate, inside a `cond`
+    too: the version that read the first 64 KB as bytes and gathered its offsets from
+    them made the first reader pipeline's first batch 1.0–1.1 s, this one 0.57–0.67 s
+    (cap included; `max_image_pixels` and this both off: 0.37–0.40 s)."""
     import tensorflow as tf
 
-    head, before = _exif_head(data)
+    def ints(raw, dtype):
+        """`raw` as integers of `dtype`, in the TIFF's byte order, made unsigned."""
+        v = tf.where(little, tf.io.decode_raw(raw, dtype, little_endian=True), tf.io.decode_raw(raw, dtype, little_endian=False))
+        return tf.bitwise.bitwise_and(tf.cast(v, tf.int64), (1 << dtype.size * 8) - 1)
+
+    before = _exif_split(data) if before is None else before
+    t = tf.cast(tf.strings.length(before[0]), tf.int64) + 6  # the TIFF header: byte order, 42, IFD0's offset
+    tiff = _read(data, t, 8)
+    little = tf.equal(tf.strings.substr(tiff, 0, 2), b"II")
+    ifd = ints(_read(data, t + ints(tiff, tf.int32)[1], 2 + 12 * _IFD_ENTRIES), tf.uint16)  # count, then 12-byte entries
+    entries = tf.reshape(ifd[1:], [_IFD_ENTRIES, 6])  # tag, type, count (2), a SHORT value, 0
+    hit = tf.equal(entries[:, 0], 0x0112) & (tf.range(_IFD_ENTRIES, dtype=tf.int64) < ifd[0])
+    v = tf.gather(entries[:, 4], tf.argmax(tf.cast(hit, tf.int32)))  # the first hit's
     jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    b = tf.io.decode_raw(head, tf.uint8)
-    n = tf.shape(b, out_type=tf.int64)[0]
-    b = tf.concat([b, tf.zeros([8], tf.uint8)], 0)  # reads clipped into fewer than 4 bytes stay inside
-
-    def at(i, size, little):
-        """The `size`-byte unsigned integers at offsets `i` (any shape), clipped into the bytes."""
-        i = tf.clip_by_value(i, 0, tf.maximum(n - size, 0))
-        order = tf.range(size, dtype=tf.int64)
-        order = tf.where(little, order, size - 1 - order)
-        raw = tf.cast(tf.gather(b, i[..., None] + tf.range(size, dtype=tf.int64)), tf.int64)
-        return tf.reduce_sum(raw * tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * order), axis=-1)
-
-    t = tf.cast(tf.strings.length(before[0]), tf.int64) + 6  # the TIFF header
-    little = tf.equal(b[tf.clip_by_value(t, 0, tf.maximum(n - 1, 0))], 0x49)  # "II"
-    ifd = t + at(t + 4, 4, little)
-    count = tf.clip_by_value(at(ifd, 2, little), 0, 64)
-    entries = ifd + 2 + 12 * tf.range(count)
-    tags, values = at(entries, 2, little), at(entries + 8, 2, little)
-    value = tf.concat([tf.boolean_mask(values, tf.equal(tags, 0x0112)), tf.ones([1], tf.int64)], 0)[0]
-    ok = jpeg & (tf.size(before) > 1) & (value >= 1) & (value <= 8)
-    return tf.where(ok, value, tf.constant(1, tf.int64))
+    ok = jpeg & (tf.size(before) > 1) & tf.reduce_any(hit) & (v >= 1) & (v <= 8)
+    return tf.where(ok, v, tf.constant(1, tf.int64))
 
 
 def apply_orientation(img, orientation):
@@ -169,12 +191,19 @@ def decode_image(data, shape, cfg, preprocess):
     cap = getattr(cfg, "max_image_pixels", None)
     if cap:
         pixels = header_pixels(data)
-        check = tf.debugging.assert_less_equal(pixels, tf.constant(cap, tf.int64), message="image_too_large")
+        # `Assert` with string data only: `assert_less_equal` carries the int64 values and
+        # so wraps its `Assert` in a `tf.cond`, which each worker traces and instantiates
+        # (the reason and the numbers come from `classify_image` on the bad path).
+        check = tf.debugging.Assert(pixels <= cap, ["image_too_large"])
         with tf.control_dependencies([check]):
             data = tf.identity(data)
     img = tf.io.decode_image(data, channels=c, dtype=tf.uint8, expand_animations=False)
     if getattr(cfg, "exif_orientation", False):
-        img = tf.cond(has_exif(data), lambda: apply_orientation(img, exif_orientation(data)), lambda: img)
+        # Behind a `cond`: read for every image, the reading's few dozen ops (a few µs
+        # each) cost an image without EXIF about 0.1 ms more CPU, which at a few
+        # thousand images outweighs what the `cond` costs a worker once.
+        before = _exif_split(data)
+        img = tf.cond(tf.size(before) > 1, lambda: apply_orientation(img, exif_orientation(data, before)), lambda: img)
     img = tf.image.resize(img, (h, w), method=cfg.resize_method)
     img = tf.ensure_shape(tf.cast(img, tf.float32), (h, w, c))
     return tf.cast(preprocess(img), tf.float32)
