@@ -54,7 +54,7 @@ class Plan:
     shards_total: int = 0
     # Why the run would be refused at the output (`--plan-only` prints it instead of failing).
     output_problem: str | None = None
-    # The model the checks loaded (`transforms.shard.LauncherModel`); a worker that runs in
+    # The model the checks loaded (`transforms.models.LauncherModel`); a worker that runs in
     # this process takes it instead of loading its own. Never pickled to workers.
     launcher_model: Any = dataclasses.field(default=None, repr=False, compare=False)
     # Versions (incremental builds): the latest committed version this run builds on (None:
@@ -114,10 +114,9 @@ def prepare(cfg: JobConfig, plan_only: bool = False) -> Plan:
     """
     from .transforms.devices import discover_gpus, precision
     from .transforms.layers import trace_and_select
-    from .transforms.models import describe_preprocess, load_model, model_fingerprint, preprocess_fn
+    from .transforms.models import LauncherModel, describe_preprocess, load_model, model_fingerprint, preprocess_fn
     from .transforms.readers import check_inputs, check_shards, estimate_examples, folders, match_shards
     from .transforms.readers.tensors import describe
-    from .transforms.shard import LauncherModel
 
     job = to_spec(cfg)
     for what, url in (("input.pattern", cfg.input.pattern), ("output.path", cfg.output.path)):

@@ -122,7 +122,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
 
     from .transforms.commit import OutputLock
     from .transforms.errors import OutcomeError
-    from .transforms.shard import offer_launcher_model
+    from .transforms.models import launcher_model_offered
     from .transforms.staging import OutputLayout
 
     plan = plan or prepare(cfg)
@@ -164,7 +164,7 @@ def run_job(cfg: JobConfig, beam_args: Sequence[str] = (), plan: Plan | None = N
             offered.release()  # the workers load their own; the launcher need not hold it
         watcher = _Watcher(layout, plan, progress, t0) if progress else None
         try:
-            with offer_launcher_model(plan.run_id, offered):
+            with launcher_model_offered(plan.run_id, offered):
                 if watcher and _is_local_runner(runner):
                     watcher.start()
                 result = p.run()

@@ -540,6 +540,7 @@ def test_extract_layers_in_the_launchers_process_takes_its_model_and_trace(tiny_
 
     import layerbeam
     import layerbeam.transforms.inference as inference
+    import layerbeam.transforms.models as models
 
     model = keras.saving.load_model(tiny_model)
     ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("conv2")], np.stack(images))
@@ -554,14 +555,14 @@ def test_extract_layers_in_the_launchers_process_takes_its_model_and_trace(tiny_
         out = p | beam.Create([(f"k{i}", v) for i, v in enumerate(images)]) | extract
         assert_that(out, _CloseTo(want))
     assert (loads, graphs) == ([], [])  # the worker loaded and traced nothing of its own
-    assert extract._launcher_key in inference._LAUNCHER_MODELS  # offered while the transform lives
+    assert extract._launcher_key in models._LAUNCHER_MODELS  # offered while the transform lives
 
     remote = layerbeam.ExtractLayers(str(tiny_model), select=["conv2"], batch_size=4)
     key = remote._launcher_key
-    assert key in inference._LAUNCHER_MODELS
+    assert key in models._LAUNCHER_MODELS
     elsewhere = beam.Pipeline(runner=PortableRunner(), options=PipelineOptions(["--environment_type=DOCKER"]))
     _ = elsewhere | beam.Create([("k", images[0])]) | remote  # built, not run
-    assert key not in inference._LAUNCHER_MODELS
+    assert key not in models._LAUNCHER_MODELS
 
 
 def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(images, monkeypatch):
@@ -577,7 +578,7 @@ def test_extract_layers_feeds_a_worker_copy_whose_input_keras_named_otherwise(im
     import layerbeam.transforms.inference as inference
     from tests.tiny import unnamed_input_model
 
-    monkeypatch.setattr(inference, "_launcher_model", lambda key: None)
+    monkeypatch.setattr(inference, "launcher_model", lambda key: None)
 
     model = unnamed_input_model()
     ref = sub_model_outputs(model, [model.get_layer("conv1"), model.get_layer("pool")], np.stack([v.astype(np.float32) for v in images]))

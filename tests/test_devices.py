@@ -101,7 +101,8 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
     import keras
     import tensorflow as tf
 
-    from layerbeam.transforms.shard import LauncherModel, _launcher_model, offer_launcher_model
+    from layerbeam.transforms.models import LauncherModel, launcher_model_offered
+    from layerbeam.transforms.models import launcher_model as _launcher_model
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     try:
@@ -109,7 +110,7 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
         offered = LauncherModel.capture(model, "fp")
         assert offered.device == ("/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0")
         assert _launcher_model("run") is None  # nothing offered
-        with offer_launcher_model("run", offered):
+        with launcher_model_offered("run", offered):
             assert _launcher_model("run") is offered
             assert _launcher_model("other run") is None
             keras.mixed_precision.set_global_policy("mixed_bfloat16")  # the worker's precision differs
@@ -117,7 +118,7 @@ def test_a_worker_takes_the_launchers_model_only_under_the_same_dtype_policy():
         keras.mixed_precision.set_global_policy("float32")
         assert _launcher_model("run") is None  # withdrawn when the run ends
         offered.release()
-        with offer_launcher_model("run", offered):
+        with launcher_model_offered("run", offered):
             assert _launcher_model("run") is None  # a released model is not offered
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -154,6 +155,7 @@ def test_an_in_process_worker_takes_the_launchers_trace_of_its_own_job_only(tmp_
 
     import layerbeam.transforms.shard as shard
     from layerbeam.config import load_config
+    from layerbeam.transforms.models import launcher_model_offered
     from layerbeam.plan import prepare
     from tests.conftest import base_config
 
@@ -162,7 +164,7 @@ def test_an_in_process_worker_takes_the_launchers_trace_of_its_own_job_only(tmp_
     traced = []
     real = shard.trace_and_select
     monkeypatch.setattr(shard, "trace_and_select", lambda *a: traced.append(a) or real(*a))
-    with shard.offer_launcher_model(plan.run_id, plan.launcher_model):
+    with launcher_model_offered(plan.run_id, plan.launcher_model):
         worker = shard.ShardProcessor(plan.spec, plan.run_id)
         assert worker.reused_launcher_model and traced == []
         assert worker.specs == plan.outputs

@@ -457,9 +457,9 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
         model_identifier: str | None = None,
     ):
         super().__init__()
-        from .inference import LayerModelHandler, offer_launcher_model, withdraw_launcher_model
+        from .inference import LayerModelHandler
         from .layers import ModelGraph, SelectSpec
-        from .models import ModelSpec, model_fingerprint, resolve_model
+        from .models import LauncherModel, ModelSpec, model_fingerprint, offer_launcher_model, resolve_model, withdraw_launcher_model
 
         if batch_size < 1:
             raise ConfigError(f"batch_size {batch_size!r} must be at least 1")
@@ -479,7 +479,7 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
             # and its trace instead of loading it again; offered while this transform lives,
             # withdrawn at once where the workers run elsewhere (`expand`).
             key = uuid.uuid4().hex
-            offer_launcher_model(key, graph, self.outputs)
+            offer_launcher_model(key, LauncherModel.capture(keras_model, fingerprint, (graph, tuple(self.outputs)), placed=False))
             weakref.finalize(self, withdraw_launcher_model, key)
         self._launcher_key = key
         self._handler = LayerModelHandler(
@@ -500,7 +500,7 @@ class ExtractLayers(beam.PTransform[beam.PCollection[tuple[Any, Any]], beam.PCol
 
         runs_here = _runs_here(pcoll.pipeline)
         if self._launcher_key and not runs_here:
-            from .inference import withdraw_launcher_model
+            from .models import withdraw_launcher_model
 
             withdraw_launcher_model(self._launcher_key)  # the workers load their own
         if self._in_memory and not runs_here:

@@ -18,34 +18,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from .errors import ModelError, first_line
 from .extractor import Extractor, extractor_model
 from .layers import ModelGraph, SelectSpec
-from .models import ModelSpec, load_model, model_fingerprint
+from .models import ModelSpec, launcher_model, load_model, model_fingerprint
 
 __all__ = ["LayerModelHandler"]
-
-# What the launcher traced to check an `ExtractLayers` (the `ModelGraph`, which holds the
-# model, and the selected `OutputSpec`s), by the key its handler carries, with the dtype
-# policy the model was built under: a worker in the same process (DirectRunner, LOOPBACK)
-# takes it instead of loading and tracing the same model again.
-_LAUNCHER_MODELS: dict[str, tuple[str, Any, tuple]] = {}
-
-
-def offer_launcher_model(key: str, graph: ModelGraph, specs) -> None:
-    import keras
-
-    _LAUNCHER_MODELS[key] = (keras.mixed_precision.global_policy().name, graph, tuple(specs))
-
-
-def withdraw_launcher_model(key: str) -> None:
-    _LAUNCHER_MODELS.pop(key, None)
-
-
-def _launcher_model(key: str | None) -> tuple | None:
-    """(graph, specs) the launcher offered under `key`, if its model was built under the policy in force."""
-    import keras
-
-    entry = _LAUNCHER_MODELS.get(key) if key else None
-    return entry[1:] if entry is not None and entry[0] == keras.mixed_precision.global_policy().name else None
-
 
 class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult, Extractor]):
     """Runs a Keras model's selected layer outputs for RunInference.
@@ -69,7 +44,7 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         max_batch_duration_secs: passed to `BatchElements` (streaming: flush a batch
             that waits longer).
         launcher_key: the key under which the launcher offered the model it loaded
-            (`offer_launcher_model`); a worker in the launcher's process takes that copy.
+            (`models.offer_launcher_model`); a worker in the launcher's process takes that copy.
     """
 
     def __init__(
@@ -98,9 +73,9 @@ class LayerModelHandler(ModelHandler[Mapping[str, np.ndarray], PredictionResult,
         # one to use (its fingerprint is the one checked against): loading and tracing it
         # again cost the RunInference path about a second, and named the copy's inputs
         # `input_layer_1`.
-        offered = _launcher_model(self._launcher_key)
+        offered = launcher_model(self._launcher_key)
         if offered is not None:
-            graph, specs = offered
+            graph, specs = offered.traced
             return Extractor(extractor_model(graph, specs), jit_compile=self._jit_compile)
         model = load_model(self._model)
         if self._fingerprint is not None:

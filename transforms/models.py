@@ -3,6 +3,7 @@ functions. Plain Keras: no Beam, no config objects."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -15,7 +16,7 @@ import numpy as np
 from ._fs import local_copy
 from .errors import ModelError, first_line
 
-__all__ = ["ModelSpec", "load_model", "resolve_model", "custom_objects", "model_fingerprint", "preprocess_fn", "describe_preprocess", "PREPROCESS_CHOICES"]
+__all__ = ["ModelSpec", "LauncherModel", "offer_launcher_model", "withdraw_launcher_model", "launcher_model_offered", "launcher_model", "load_model", "resolve_model", "custom_objects", "model_fingerprint", "preprocess_fn", "describe_preprocess", "PREPROCESS_CHOICES"]
 
 PREPROCESS_CHOICES = "none, scale, tf, caffe, torch or module:function"
 
@@ -31,6 +32,76 @@ class ModelSpec:
     seed: int = 0
     safe_mode: bool = True
     custom_objects: tuple[str, ...] | Mapping[str, str] = ()
+
+
+@dataclasses.dataclass
+class LauncherModel:
+    """A model the launcher loaded for its checks, as a worker in the same process may
+    take it: with its fingerprint, the Keras dtype policy it was built under, the device
+    its variables were placed on (TensorFlow's default then; None where no worker asks),
+    and what the launcher traced for its checks, as the taker reads it back. `release()`
+    lets the launcher's reference go once no in-process worker can want it."""
+
+    model: Any
+    fingerprint: str
+    policy: str
+    device: str | None = None
+    traced: tuple | None = None
+
+    def release(self) -> None:
+        self.model = None
+        self.traced = None
+
+    @classmethod
+    def capture(cls, model, fingerprint: str, traced: tuple | None = None, placed: bool = True) -> LauncherModel:
+        """The model under the dtype policy in force; with `placed`, the device TensorFlow
+        placed it on (the first the device plan gives)."""
+        import keras
+
+        device = None
+        if placed:
+            from .devices import discover_gpus, plan_devices
+
+            device = plan_devices(discover_gpus()).devices[0]
+        return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device, traced)
+
+
+# The launcher's models, by key (the file path's run id, an `ExtractLayers`' own key). An
+# in-process runner (DirectRunner's FnApiRunner in in_memory or multi_threading mode, a
+# LOOPBACK portable runner) runs the worker in the launcher's own process, where loading
+# and tracing the model a second time only costs start-up time (1 s for ResNet50).
+# Workers in other processes find this empty and load their own.
+_LAUNCHER_MODELS: dict[str, LauncherModel] = {}
+
+
+def offer_launcher_model(key: str, model: LauncherModel | None) -> None:
+    """Until `withdraw_launcher_model(key)`, a worker in this process that asks for `key`
+    takes `model` instead of loading one, if it runs under the same dtype policy."""
+    if model is not None and model.model is not None:
+        _LAUNCHER_MODELS[key] = model
+
+
+def withdraw_launcher_model(key: str) -> None:
+    _LAUNCHER_MODELS.pop(key, None)
+
+
+@contextlib.contextmanager
+def launcher_model_offered(key: str, model: LauncherModel | None):
+    """`model` offered under `key` while the block runs."""
+    offer_launcher_model(key, model)
+    try:
+        yield
+    finally:
+        withdraw_launcher_model(key)
+
+
+def launcher_model(key: str | None) -> LauncherModel | None:
+    """The launcher's model offered under `key`, if this process has it and it was built
+    under the dtype policy in force here (a worker's `batching.precision`)."""
+    import keras
+
+    entry = _LAUNCHER_MODELS.get(key) if key else None
+    return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
 
 
 def load_model(cfg) -> Any:

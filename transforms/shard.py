@@ -27,7 +27,7 @@ from .schema import column_types, output_schema, stored_bytes, to_record_batch
 from .staging import KEY_HASH_DTYPE, OutputLayout, key_hashes  # the key files' format: in staging, TensorFlow-free
 from .stats import ShardStats
 
-__all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "LauncherModel", "offer_launcher_model", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
+__all__ = ["BatchSpec", "JobSpec", "ShardResult", "ShardProcessor", "effective_batch_size", "key_hashes", "KEY_HASH_DTYPE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ShardProcessor:
     def __init__(self, spec: JobSpec, run_id: str):
         from .devices import ExtractorPool, discover_gpus, plan_devices, precision
         from .extractor import Extractor, extractor_model
-        from .models import load_model, model_fingerprint, preprocess_fn
+        from .models import launcher_model, load_model, model_fingerprint, preprocess_fn
 
         self.cfg = cfg = spec
         self.device_plan = plan_devices(discover_gpus(), cfg.batching.max_gpus)
@@ -155,7 +155,7 @@ class ShardProcessor:
                 return Extractor(extractor_model(graph, self.specs), jit_compile=cfg.batching.jit_compile)
 
         with precision(cfg.batching.precision):
-            launcher = _launcher_model(run_id)  # compares the policy in force
+            launcher = launcher_model(run_id)  # compares the policy in force
             self.extractor = ExtractorPool(build, self.device_plan)
         stored = sum(stored_bytes(s, cfg.output.parquet_encoding if cfg.output.format == "parquet" else None) for s in self.specs)
         self.batch_size = effective_batch_size(cfg.batching.batch_size, cfg.batching.max_batch_bytes, stored)
@@ -279,63 +279,6 @@ class ShardProcessor:
             write_dead_letters(self.layout.dead_file(shard.id, attempt), dead_letter_table(dead, shard.paths, per_file=len(shard.paths) > 1))
         self.layout.write_marker(shard.id, result.to_dict())
         return result
-
-
-@dataclasses.dataclass
-class LauncherModel:
-    """A model the launcher loaded for its checks, as a worker in the same process may
-    take it: with its fingerprint, the Keras dtype policy it was built under, and the
-    device its variables were placed on (TensorFlow's default then). `release()` lets the
-    launcher's reference go once no in-process worker can want it."""
-
-    model: Any
-    fingerprint: str
-    policy: str
-    device: str
-    traced: tuple | None = None  # (ModelGraph, OutputSpecs, the JobSpec they were traced for)
-
-    def release(self) -> None:
-        self.model = None
-        self.traced = None
-
-    @classmethod
-    def capture(cls, model, fingerprint: str, traced: tuple | None = None) -> LauncherModel:
-        """`traced`: what `trace_and_select(spec, model)` gave the launcher, with `spec`;
-        a worker of the same spec takes it instead of tracing again."""
-        import keras
-
-        from .devices import discover_gpus, plan_devices
-
-        device = plan_devices(discover_gpus()).devices[0]  # where TensorFlow placed it by default
-        return cls(model, fingerprint, keras.mixed_precision.global_policy().name, device, traced)
-
-
-# The launcher's models, by run id. An in-process runner (DirectRunner's FnApiRunner in
-# in_memory or multi_threading mode, a LOOPBACK portable runner) runs the worker in the
-# launcher's own process, where loading the model a second time only costs start-up time
-# (1 s for ResNet50). Workers in other processes find this empty and load their own.
-_LAUNCHER_MODELS: dict[str, LauncherModel] = {}
-
-
-@contextlib.contextmanager
-def offer_launcher_model(run_id: str, model: LauncherModel | None):
-    """While the block runs, a worker of run `run_id` in this process takes `model` as its
-    copy for `model.device` instead of loading one, if it runs under the same dtype policy."""
-    if model is not None and model.model is not None:
-        _LAUNCHER_MODELS[run_id] = model
-    try:
-        yield
-    finally:
-        _LAUNCHER_MODELS.pop(run_id, None)
-
-
-def _launcher_model(run_id: str) -> LauncherModel | None:
-    """The launcher's model for this run, if this process has it and it was built under
-    the dtype policy this worker set (`batching.precision`)."""
-    import keras
-
-    entry = _LAUNCHER_MODELS.get(run_id)
-    return entry if entry is not None and entry.policy == keras.mixed_precision.global_policy().name else None
 
 
 _END = object()
