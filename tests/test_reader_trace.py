@@ -114,18 +114,18 @@ def test_the_next_shard_is_read_ahead_into_the_same_pipeline_and_gives_what_its_
     pre = preprocess_fn("auto", "keras.applications.MobileNetV2")
     for cap in (None, 2):
         readers = ShardReaders(spec, {"input": (64, 64, 3)}, pre, 4)
-        pipelines = []
-        for s, then in zip(shards, shards[1:] + [None]):
-            if pipelines:
-                assert list(readers._ahead) == [s.id]  # kept for it by the shard before
-                pipelines.append(readers._ahead[s.id])
+        leased = []
+        lease = readers.lease
+        readers.lease = lambda shard_id=None: leased.append(lease(shard_id)) or leased[-1]
+        for k, (s, then) in enumerate(zip(shards, shards[1:] + [None])):
+            assert list(readers._ahead) == ([s.id] if k else [])  # kept for it by the shard before
             want, want_end = _all(s, spec, pre, max_examples=cap)
             got, got_end = _all(s, spec, pre, readers, max_examples=cap, then=then)
-            pipelines = pipelines or [readers._idle[0]]
             assert sorted(got) == sorted(want) and got_end == want_end
-            for k in want:
-                np.testing.assert_array_equal(got[k], want[k])
-        assert len({id(p) for p in pipelines}) == 1 and readers._ahead == {} and readers._idle == pipelines[:1]
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+        assert len({id(p) for p in leased}) == 1 and len(leased) == len(shards)
+        assert readers._ahead == {} and readers._idle == leased[:1]
 
     readers = ShardReaders(spec, {"input": (64, 64, 3)}, pre, 4)
     _all(shards[0], spec, pre, readers, then=shards[1])
