@@ -40,12 +40,12 @@ def test_every_shard_reuses_one_traced_parser_and_a_users_tensor_branch_still_ru
     assert sorted(_read(shards[1], keyless, pre)) == [f"{shards[1].paths[0].rsplit('/', 1)[-1]}:{i}" for i in range(3)]
 
 
-def _all(shard, spec, pre, readers=None, max_examples=None, then=None):
+def _all(shard, spec, pre, readers=None, max_examples=None):
     """Every batch of a shard (keys, inputs) and its end, through `readers` or a pipeline of its own."""
     from layerbeam.transforms.readers import read_shard
 
     rows, end = {}, None
-    for b, so_far in read_shard(shard, spec, {"input": (64, 64, 3)}, pre, 4, max_examples, None, readers, then):
+    for b, so_far in read_shard(shard, spec, {"input": (64, 64, 3)}, pre, 4, max_examples, None, readers):
         if b is None:
             end = so_far
         else:
@@ -73,7 +73,7 @@ def test_one_long_lived_pipeline_reads_shard_after_shard_as_a_pipeline_per_shard
         readers = ShardReaders(spec, {"input": (64, 64, 3)}, pre, 4)
         leased = []
         lease = readers.lease
-        readers.lease = lambda shard_id=None: leased.append(lease(shard_id)) or leased[-1]
+        readers.lease = lambda: leased.append(lease()) or leased[-1]
         for cap in (None, 2):
             for s in shards:
                 want, want_end = _all(s, spec, pre, max_examples=cap)
@@ -94,58 +94,6 @@ def test_one_long_lived_pipeline_reads_shard_after_shard_as_a_pipeline_per_shard
     assert readers._idle == []
     got, end = _all(shards[0], spec, pre, readers)
     assert len(got) == 4 and end.records == 4 and len(readers._idle) == 1 and readers._idle[0] is not leased[0]
-
-
-def test_the_next_shard_is_read_ahead_into_the_same_pipeline_and_gives_what_its_own_would(png_dataset, tmp_path):
-    """`read_shard(..., then=)`: the next shard is queued behind the current one in the
-    same long-lived pipeline, which is kept for it; read from there, every shard gives
-    exactly what a pipeline of its own gives (with and without a cap). A shard read ahead
-    and then not read from there is forgotten (its pipeline discarded), and a damaged
-    shard, which needs a repaired copy, is not read ahead."""
-    import shutil
-
-    from layerbeam.config import load_config, to_spec
-    from layerbeam.transforms.models import preprocess_fn
-    from layerbeam.transforms.readers import ShardReaders, match_shards
-
-    folder, images, _ = png_dataset
-    spec = to_spec(load_config(raw=base_config(f"{folder}/*.tfrecord", str(tmp_path / "out")))).input
-    shards = match_shards(spec.pattern, "tfrecord", spec=spec)
-    pre = preprocess_fn("auto", "keras.applications.MobileNetV2")
-    for cap in (None, 2):
-        readers = ShardReaders(spec, {"input": (64, 64, 3)}, pre, 4)
-        leased = []
-        lease = readers.lease
-        readers.lease = lambda shard_id=None: leased.append(lease(shard_id)) or leased[-1]
-        for k, (s, then) in enumerate(zip(shards, shards[1:] + [None])):
-            assert list(readers._ahead) == ([s.id] if k else [])  # kept for it by the shard before
-            want, want_end = _all(s, spec, pre, max_examples=cap)
-            got, got_end = _all(s, spec, pre, readers, max_examples=cap, then=then)
-            assert sorted(got) == sorted(want) and got_end == want_end
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key])
-        assert len({id(p) for p in leased}) == 1 and len(leased) == len(shards)
-        assert readers._ahead == {} and readers._idle == leased[:1]
-
-    readers = ShardReaders(spec, {"input": (64, 64, 3)}, pre, 4)
-    _all(shards[0], spec, pre, readers, then=shards[1])
-    kept = readers._ahead[shards[1].id]
-    readers.forget(shards[1].id)  # e.g. its marker says it is done: nobody reads it there
-    assert readers._ahead == {} and "_it" not in vars(kept)  # discarded: its iterator ended
-    got, _ = _all(shards[2], spec, pre, readers)
-    assert sorted(got) == ["k007", "k008", "k009"]
-
-    damaged_dir = tmp_path / "damaged"
-    damaged_dir.mkdir()
-    shutil.copy(shards[1].paths[0], damaged_dir / "a.tfrecord")
-    data = bytearray((damaged_dir / "a.tfrecord").read_bytes())
-    data[20] ^= 0xFF  # a record's data CRC no longer matches
-    (damaged_dir / "a.tfrecord").write_bytes(bytes(data))
-    (damaged,) = match_shards(f"{damaged_dir}/*.tfrecord", "tfrecord", spec=spec)
-    _all(shards[0], spec, pre, readers, then=damaged)
-    assert readers._ahead == {}  # not read ahead
-    got, end = _all(damaged, spec, pre, readers)
-    assert len(got) + len(end.failures) == 3 and end.failures[0].reason == "corrupt_record"
 
 
 def test_a_process_with_a_waiting_pipeline_exits_promptly(png_dataset, tmp_path):

@@ -218,24 +218,6 @@ def test_in_memory_loads_the_model_once(reference):
     assert metrics["launcher_model_reused"] == 1
 
 
-def test_each_shard_is_extracted_knowing_the_next_shard_of_its_bundle(reference, tmp_path, monkeypatch):
-    """The extracting DoFn holds each shard until the next one arrives, so that its
-    reading can run into the next shard: every shard is extracted once, told the shard
-    that follows it in the bundle (the last, none), and the rows equal the reference's."""
-    from layerbeam.transforms.shard import ShardProcessor
-
-    pattern, want, _ = reference
-    calls = []
-    real = ShardProcessor.process
-    monkeypatch.setattr(ShardProcessor, "process", lambda self, shard, on_batch=None, then=None: calls.append((shard.id, then and then.id)) or real(self, shard, on_batch, then))
-    out = tmp_path / "ahead"
-    manifest = run_job(_config(tmp_path, pattern, out), ["--direct_running_mode=in_memory"])
-    _assert_same_rows(_rows(out), want)
-    assert manifest["_metrics"]["shards"] == 3 and len(calls) == 3  # one bundle here
-    assert sorted(shard for shard, _ in calls) == ["s00000", "s00001", "s00002"]
-    assert [then for _, then in calls] == [shard for shard, _ in calls[1:]] + [None]
-
-
 @pytest.mark.parametrize(
     "mode, max_loads, reused",
     [

@@ -25,7 +25,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
-from apache_beam.utils.windowed_value import WindowedValue
 
 from .deadletters import Failure
 from .errors import ConfigError, ModelError, first_line
@@ -51,13 +50,7 @@ def examples_so_far(run_id: str) -> int:
 
 
 class _ExtractShardDoFn(beam.DoFn):
-    """Shard → `ShardResult`, after writing the shard's rows to staging.
-
-    Each shard is held until the next one of the bundle arrives (the last until
-    `finish_bundle`), so that its reading can go on into the next shard while the model
-    runs its last batches (`ShardProcessor.process(then=)`): a `DoFn` sees one element at
-    a time, and each shard's first batches were otherwise waited for (input_wait) at every
-    shard boundary. Its result keeps its own timestamp and window."""
+    """Shard → `ShardResult`, after writing the shard's rows to staging."""
 
     def __init__(self, spec: JobSpec, run_id: str):
         self._spec = spec
@@ -84,21 +77,7 @@ class _ExtractShardDoFn(beam.DoFn):
         self._holder = self._shared.acquire(load, tag=run_id)
         self._processor = self._holder.value
 
-    def start_bundle(self):
-        self._held = None
-
-    def process(self, shard: Shard, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        held, self._held = self._held, (shard, timestamp, window)
-        if held is not None:
-            yield self._extract(held, then=shard)
-
-    def finish_bundle(self):
-        held, self._held = self._held, None
-        if held is not None:
-            yield self._extract(held)
-
-    def _extract(self, held, then: Shard | None = None) -> WindowedValue:
-        shard, timestamp, window = held
+    def process(self, shard: Shard):
         if self._holder.claim_count():  # counted here: setup() runs outside any metrics context
             self._loads.inc()
             if self._processor.reused_launcher_model:
@@ -113,7 +92,7 @@ class _ExtractShardDoFn(beam.DoFn):
             with _LIVE_LOCK:
                 _LIVE[self._run_id] = _LIVE.get(self._run_id, 0) + n
 
-        result = self._processor.process(shard, on_batch=on_batch, then=then)
+        result = self._processor.process(shard, on_batch=on_batch)
         for n, seconds, at in done:
             self._examples.inc(n)
             self._batches.inc()
@@ -128,7 +107,7 @@ class _ExtractShardDoFn(beam.DoFn):
         for err in result.shard_errors:
             Metrics.counter(_NS, f"shard_errors.{err['reason']}").inc()
         _LOG.info("shard %s: %d rows, %d dead letters in %.1fs", shard.id, result.rows, result.dead_letters, result.seconds)
-        return WindowedValue(result, timestamp, (window,))
+        yield result
 
 
 class _Holder:

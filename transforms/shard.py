@@ -168,10 +168,8 @@ class ShardProcessor:
         self.readers = ShardReaders(cfg.input, self.input_shapes, self.preprocess, self.batch_size, self.input_dtypes)
         self.layout = OutputLayout(cfg.output.path, run_id)
 
-    def process(self, shard: Shard, on_batch=None, then: Shard | None = None) -> ShardResult:
+    def process(self, shard: Shard, on_batch=None) -> ShardResult:
         """Extract and write one shard; return its result (also stored as its marker).
-        `then`: the shard the caller processes next, if it knows; its reading starts
-        behind this one's (`read_shard`).
 
         A shard whose marker exists for the same input files and content (a resumed run) is
         not processed again. Otherwise this attempt writes under its own attempt id, so a
@@ -182,7 +180,6 @@ class ShardProcessor:
         """
         done = self.layout.read_marker(shard.id)
         if done is not None and shard_identity(done) == shard_identity(shard):
-            self.readers.forget(shard.id)  # read ahead by the shard before it: not needed
             return dataclasses.replace(ShardResult.from_dict(done), resumed=True)
         described = shard
         if shard.span is not None:  # listed by the pipeline: its worker lists the folder again
@@ -206,7 +203,7 @@ class ShardProcessor:
             t = time.perf_counter()
             for batch, so_far in read_shard(
                 shard, self.cfg.input, self.input_shapes, self.preprocess,
-                self.batch_size, self.cfg.input.max_examples_per_shard, self.input_dtypes, self.readers, then,
+                self.batch_size, self.cfg.input.max_examples_per_shard, self.input_dtypes, self.readers,
             ):
                 tb = time.perf_counter()
                 timing["input_wait"] += tb - t

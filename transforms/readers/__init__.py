@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .._fs import LocalBridge, fsspec_fs, tf_readable
+from .._fs import LocalBridge, fsspec_fs
 from ..deadletters import Failure
 from ._common import path_bytes, without_autotune
 from .tensors import InputPlan, needs_padding, plan_inputs
@@ -262,7 +262,6 @@ def read_shard(
     max_examples: int | None = None,
     input_dtypes: Mapping[str, str] | None = None,
     readers: ShardReaders | None = None,
-    then: Shard | None = None,
 ) -> Iterator[tuple[Batch | None, Any]]:
     """Yield `(batch, records_so_far)`; the final item is `(None, ShardEnd)`.
 
@@ -285,9 +284,6 @@ def read_shard(
         readers: a worker's long-lived pipelines (`ShardReaders`, made with the same
             arguments); a shard they can read goes through one of them instead of a
             pipeline of its own.
-        then: the shard the caller reads next, if it knows: read through `readers`, it
-            follows this one into the same pipeline, whose prefetch then holds its
-            first batches when the caller asks for it.
     """
     import tensorflow as tf
 
@@ -312,15 +308,11 @@ def read_shard(
                 paths = [repaired]
         plans = plan_inputs(cfg, input_shapes, input_dtypes)
         if readers is not None and index_map is None and readers.can_read(kind):
-            lease = readers.lease(shard.id)
+            lease = readers.lease()
             batches = lease.read(paths, max_examples or -1, posixpath.basename(shard.paths[0]))
-            if then is not None and (ahead := _read_in_place(then, cfg, kind)) is not None:
-                lease.read_next(then.id, ahead, max_examples or -1, posixpath.basename(then.paths[0]))
             # Only a failed record's explanation needs the shard's own parser (run eagerly).
             explain_parse = None
         else:
-            if readers is not None:
-                readers.forget(shard.id)  # read ahead, but it needs a repair now: not from there
             raw = kind.dataset(paths, cfg)
             if max_examples:
                 # In a repaired copy, the records whose original index is under the cap.
@@ -394,21 +386,6 @@ def read_shard(
             os.unlink(repaired)
 
 
-def _read_in_place(shard: Shard, cfg: ReadSpec, kind) -> list[str] | None:
-    """The paths a long-lived pipeline reads `shard` from, if `read_shard` would read it
-    there as it is: no listing to resolve, no local copy to make, no damage to repair."""
-    if shard.span is not None or not hasattr(kind, "shared_parser") or not all(tf_readable(p) or p.startswith("file://") for p in shard.paths):
-        return None
-    paths = [p[len("file://"):] if p.startswith("file://") else p for p in shard.paths]
-    framed = kind.is_framed(paths[0]) if hasattr(kind, "is_framed") else kind.FRAMED
-    if framed and not cfg.compression and os.path.isfile(paths[0]):
-        from . import framing
-
-        if not framing.scan(paths[0]).clean:
-            return None
-    return paths
-
-
 def _batched(raw, parse, framed: bool, plans, batch_size: int, originals=None):
     """One shard's records → parsed, batched rows, the sentinel last (in the last batch).
 
@@ -464,51 +441,25 @@ class ShardReaders:
     their own. A shard left part-way (an error) discards its pipeline. Only kinds with a
     `shared_parser` (TFRecord) are read this way, and not a repaired copy (its records
     carry other indices); the rest keep a pipeline per shard.
-
-    A reader that knows its next shard (`read_shard(..., then=)`) queues it behind the
-    current one: the pipeline goes on into it while the model runs the current shard's
-    last batches, and is kept for it (`lease(shard_id)`) instead of going back idle. A
-    shard read ahead and then not read from there (resumed, or repaired) is `forget`ten.
     """
-
-    _AHEAD = 4  # pipelines kept for shards read ahead; past that the oldest is discarded
 
     def __init__(self, cfg: ReadSpec, input_shapes, preprocess, batch_size: int, input_dtypes=None):
         self._args = (cfg, plan_inputs(cfg, input_shapes, input_dtypes), preprocess, batch_size)
         self._idle: list[_Pipeline] = []
-        self._ahead: dict[str, _Pipeline] = {}
         self._lock = threading.Lock()
 
     def can_read(self, kind) -> bool:
         return hasattr(kind, "shared_parser")
 
-    def lease(self, shard_id: str | None = None) -> _Pipeline:
-        """The pipeline that read `shard_id` ahead, else an idle or a new one."""
+    def lease(self) -> _Pipeline:
         with self._lock:
-            if shard_id in self._ahead:
-                return self._ahead.pop(shard_id)
             if self._idle:
                 return self._idle.pop()
         return _Pipeline(self, *self._args)
 
-    def forget(self, shard_id: str) -> None:
-        """Discard the pipeline that read `shard_id` ahead, if any: nobody will read it there."""
+    def _give_back(self, pipeline: _Pipeline) -> None:
         with self._lock:
-            pipeline = self._ahead.pop(shard_id, None)
-        if pipeline is not None:
-            pipeline.discard()
-
-    def _give_back(self, pipeline: _Pipeline, ahead: str | None = None) -> None:
-        old = None
-        with self._lock:
-            if ahead is None:
-                self._idle.append(pipeline)
-            else:
-                self._ahead[ahead] = pipeline
-                if len(self._ahead) > self._AHEAD:  # a reader that never came for its shard
-                    old = self._ahead.pop(next(iter(self._ahead)))
-        if old is not None:
-            old.discard()
+            self._idle.append(pipeline)
 
 
 class _Pipeline:
@@ -537,35 +488,21 @@ class _Pipeline:
         ds = tf.data.Dataset.from_generator(shards, output_signature=signature).flat_map(plain(one_shard))
         self._ds = without_autotune(ds.prefetch(2))
         self._it = None
-        self._next: tuple | None = None  # (shard id, its queue item): queued behind the current shard
         # A pipeline waiting for its next shard holds a tf.data thread inside the generator;
         # ending the generator before the iterator is freed (collected, or at exit) lets
         # that thread finish instead of being joined while it waits.
         self._finalizer = weakref.finalize(self, _end_pipeline, self._queue, self.__dict__)
 
     def read(self, paths, take: int, base: str):
-        """The pipeline's iterator, fed this shard (unless it was queued ahead, as the
-        same item): its batches come next, the sentinel in the last. The caller stops
-        there, then `release()`s (or `discard()`s) the pipeline."""
-        item = ([path_bytes(p) for p in paths], take, path_bytes(base))
-        if self._next is not None and self._next[1] == item:
-            self._next = None
-        else:
-            if self._next is not None:  # leased for another shard than it read ahead: a bug
-                raise RuntimeError(f"pipeline read ahead for shard {self._next[0]}, leased for another")
-            self._queue.put(item)
+        """The pipeline's iterator, fed this shard: its batches come next, the sentinel in
+        the last. The caller stops there, then `release()`s (or `discard()`s) the pipeline."""
+        self._queue.put(([path_bytes(p) for p in paths], take, path_bytes(base)))
         if self._it is None:
             self._it = iter(self._ds)
         return self._it
 
-    def read_next(self, shard_id: str, paths, take: int, base: str) -> None:
-        """Queue the shard to read after the current one (see `ShardReaders`)."""
-        item = ([path_bytes(p) for p in paths], take, path_bytes(base))
-        self._queue.put(item)
-        self._next = (shard_id, item)
-
     def release(self) -> None:
-        self._owner._give_back(self, self._next[0] if self._next is not None else None)
+        self._owner._give_back(self)
 
     def discard(self) -> None:
         self._finalizer()
