@@ -8,6 +8,14 @@ and what the reader's options cost (`--no-exif`, `--no-cap`).
 
     python scripts/bench.py --n 2048 --kinds limit_noat --rounds 1   # makes data/bench-2048-8
     python scripts/bench_reader.py [--n 2048] [--rounds 3] [--no-exif] [--no-cap]
+    python scripts/bench_reader.py --first-batch [--variant NAME=PYTHON]
+
+`--first-batch` times a worker's first reader pipeline instead: from asking `read_shard`
+for the first shard (the model already built) to its first batch, against the plain
+dataset from building it to its first batch, each in a fresh process, alternating
+(`--variant` adds another checkout's layerbeam, as `bench.py`'s does). 2026-11-28, 3
+rounds: layerbeam 0.57–0.67 s after 8458012 (no `tf.cond` per format in the pixel cap, a
+smaller EXIF reading), 1.03–1.12 s before it; the plain dataset 0.17 s.
 
 On 2 CPU cores (2026-11-28, N=2048, 3 rounds): layerbeam 1.71–1.78 ms of CPU per image,
 the plain dataset 1.23–1.52; without the EXIF test and the pixel cap 1.61–1.73 against
@@ -17,7 +25,10 @@ dead letters and the end-of-file check possible."""
 
 import argparse
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +44,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-exif", action="store_true", help="input.exif_orientation: false")
     ap.add_argument("--no-cap", action="store_true", help="input.max_image_pixels: null")
+    ap.add_argument("--first-batch", action="store_true", help="time to the first reader pipeline's first batch, fresh processes")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHON", help="with --first-batch: also another checkout's layerbeam")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.first_batch and not a.child:
+        return first_batches(a)
 
     spec_ = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec_)
@@ -54,7 +70,17 @@ def main() -> None:
     cfg = load_config(raw=raw)
     spec = to_spec(cfg)
     shards = match_shards(cfg.input.pattern, cfg.input.format, cfg.input.files_per_shard, spec=spec.input)
+    if a.child == "plain":
+        t0 = time.perf_counter()
+        next(iter(bench._plain_dataset(data, a.scenario, a.batch_size, autotune=False)))
+        print(json.dumps({"first_batch_s": time.perf_counter() - t0}))
+        return
     p = ShardProcessor(spec, f"bench-reader-{time.time_ns()}")  # builds the reader as a worker does
+    if a.child == "layerbeam":
+        t0 = time.perf_counter()
+        next(read_shard(shards[0], p.cfg.input, p.input_shapes, p.preprocess, p.batch_size, None, p.input_dtypes, p.readers))
+        print(json.dumps({"first_batch_s": time.perf_counter() - t0}))
+        return
 
     def layerbeam_reader() -> int:
         n = 0
@@ -82,6 +108,24 @@ def main() -> None:
             print(f"round {r + 1} {k:<10} {n} images  wall {wall:5.2f}s  cpu {cpu:5.2f}s  {1000 * cpu / n:.2f} ms CPU/image", flush=True)
     lb, pl = min(per["layerbeam"]), min(per["plain"])
     print(f"best: layerbeam {lb:.2f} ms CPU/image, plain {pl:.2f} · layerbeam/plain = {lb / pl:.2f}")
+
+
+def first_batches(a) -> None:
+    """Each kind's first batch, in a fresh process per run, rounds interleaved."""
+    base = [f"--n={a.n}", f"--shards={a.shards}"] + (["--no-exif"] if a.no_exif else []) + (["--no-cap"] if a.no_cap else [])
+    runs = {"layerbeam": (sys.executable, "layerbeam"), "plain": (sys.executable, "plain")}
+    for v in a.variant:
+        name, python = v.split("=", 1)
+        runs[f"layerbeam@{name}"] = (python, "layerbeam")
+    got: dict[str, list[float]] = {k: [] for k in runs}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for r in range(a.rounds):
+        for k, (python, child) in runs.items():
+            out = subprocess.run([python, __file__, *base, f"--child={child}"], capture_output=True, text=True, env=env, check=True).stdout
+            got[k].append(json.loads(out.strip().splitlines()[-1])["first_batch_s"])
+            print(f"round {r + 1} {k:<18} first batch {got[k][-1]:.3f}s", flush=True)
+    for k, v in got.items():
+        print(f"{k:<18} first batch {min(v):.3f}–{max(v):.3f}s")
 
 
 if __name__ == "__main__":
