@@ -14,8 +14,9 @@ and what the reader's options cost (`--no-exif`, `--no-cap`).
 for the first shard (the model already built) to its first batch, against the plain
 dataset from building it to its first batch, each in a fresh process, alternating
 (`--variant` adds another checkout's layerbeam, as `bench.py`'s does). 2026-11-28, 3
-rounds: layerbeam 0.57–0.67 s after 8458012 (no `tf.cond` per format in the pixel cap, a
-smaller EXIF reading), 1.03–1.12 s before it; the plain dataset 0.17 s.
+rounds: layerbeam 0.88–1.02 s at 4377762, layerbeam@a7afdc5 (before the reader's start-up
+was cut: a `tf.cond` per format in the pixel cap, a larger EXIF reading) 1.20–1.65 s, the
+plain dataset 0.21–0.26 s.
 
 On 2 CPU cores (2026-11-28, N=2048, 3 rounds): layerbeam 1.71–1.78 ms of CPU per image,
 the plain dataset 1.23–1.52; without the EXIF test and the pixel cap 1.61–1.73 against
