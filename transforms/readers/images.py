@@ -46,6 +46,15 @@ def parser(shard, cfg, plans, preprocess):
     return _image_file_parser(cfg, {n: p.shape for n, p in plans.items()}, preprocess, tf.constant([path_bytes(p) for p in shard.paths]))
 
 
+def _read(data, pos, size: int):
+    """The `size` bytes of a scalar string tensor at `pos` (clipped into it), zero-padded
+    past its end: a read that never fails inside tf.data."""
+    import tensorflow as tf
+
+    pos = tf.cast(tf.clip_by_value(tf.cast(pos, tf.int64), 0, tf.cast(tf.strings.length(data), tf.int64)), tf.int32)
+    return tf.strings.substr(tf.strings.join([tf.strings.substr(data, pos, size), tf.constant(b"\0" * size)]), 0, size)
+
+
 _HEAD = 26  # the bytes that the PNG, GIF and BMP headers' sizes lie in
 
 
@@ -124,15 +133,6 @@ def _exif_split(data):
 
 
 _IFD_ENTRIES = 64  # IFD0's entries read; tag 0x0112 comes early (tags are sorted)
-
-
-def _read(data, pos, size: int):
-    """The `size` bytes of a scalar string tensor at `pos` (clipped into it), zero-padded
-    past its end: a read that never fails inside tf.data."""
-    import tensorflow as tf
-
-    pos = tf.cast(tf.clip_by_value(tf.cast(pos, tf.int64), 0, tf.cast(tf.strings.length(data), tf.int64)), tf.int32)
-    return tf.strings.substr(tf.strings.join([tf.strings.substr(data, pos, size), tf.constant(b"\0" * size)]), 0, size)
 
 
 def exif_orientation(data, before=None):
