@@ -74,11 +74,10 @@ def build_pipeline(pipeline, plan: Plan):
         # description per shard (a span, not its images), so it is bounded by the shard count.
         from .plan import delta_in_pipeline
 
-        decided = (
-            shards
-            | "AllListed" >> beam.combiners.ToList()
-            | "Delta" >> beam.Map(delta_in_pipeline, cfg["output"]["path"], plan.parent, plan.sample)
-        )  # (delta, reuse entries)
+        out, parent, sample = cfg["output"]["path"], plan.parent, plan.sample  # not `plan`, which holds the launcher's model
+        decided = pipeline | "Listed" >> beam.Impulse() | "Delta" >> beam.Map(
+            lambda _, listed: delta_in_pipeline(listed, out, parent, sample), beam.pvalue.AsList(shards)
+        )  # (delta, reuse entries), once, over every shard listed (a side input)
         skip = decided | "SkipIdentities" >> beam.Map(lambda d: {shard_identity(e) for e in d[1]})
         todo = shards | "NewOrChanged" >> beam.Filter(lambda s, skip: shard_identity(s) not in skip, beam.pvalue.AsSingleton(skip))
         reuse = decided | "ReuseEntries" >> beam.FlatMap(lambda d: d[1])

@@ -212,26 +212,36 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     # paths would be encoded as UTF-8 strings, which an undecodable file name (kept
     # surrogate-escaped, as Python lists it) cannot be. The commit functions take either.
     dicts = results
-    briefs = dicts | "Brief" >> beam.Map(commit.brief) | "AllBriefs" >> beam.combiners.ToList()
+    # The steps that need a whole collection (the check, the final names, the manifest) run
+    # once each, on one `Impulse`, with that collection as a list side input. As
+    # `combiners.ToList()` + `Map` each was a `CombineGlobally` (9 transforms, 2 fused stages
+    # and a side input for its default value): 4 of them were 36 of the job's 74
+    # transforms, a third of building the graph and half of the commit's stages.
+    once = results.pipeline | "Once" >> beam.Impulse()
+    briefs = beam.pvalue.AsList(dicts | "Brief" >> beam.Map(commit.brief))
     if isinstance(reuse, beam.PCollection):  # matched in the pipeline: the ids and the delta are side inputs
         reused = reuse | "Reused" >> beam.Map(lambda e: _Pickled(dict(e, reused=True)))
         reused_ids = beam.pvalue.AsList(reused | "ReusedIds" >> beam.Map(lambda e: e.value["shard"]))
         decided = beam.pvalue.AsSingleton(delta) if delta is not None else None
 
-        def check(bs, listed, ids, d):
+        def check(_, bs, listed, ids, d):
             if _up_to_date(d):
                 return False  # nothing to publish; nothing is written (no publishing flag)
             return commit.check_results(bs, listed, manifest_base, run_id, planned_inputs, ids)
 
-        verdict = briefs | "Check" >> beam.Map(check, beam.pvalue.AsList(shards), reused_ids, decided)
+        verdict = once | "Check" >> beam.Map(check, briefs, beam.pvalue.AsList(shards), reused_ids, decided)
     else:
-        verdict = briefs | "Check" >> beam.Map(commit.check_results, beam.pvalue.AsList(shards), manifest_base, run_id, planned_inputs, [e["shard"] for e in reuse])
-        reused = results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])
+        ids = [e["shard"] for e in reuse]
+        verdict = once | "Check" >> beam.Map(
+            lambda _, bs, listed: commit.check_results(bs, listed, manifest_base, run_id, planned_inputs, ids), briefs, beam.pvalue.AsList(shards)
+        )
+        # no shard reused (a full run): no branch for them
+        reused = (results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])) if reuse else None
         decided = None
     lost = (
         (
             dicts | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb)),
-            reused | "ReusedKeyBuckets" >> beam.FlatMap(lambda e: commit.key_parts(layout(), e.value, nb)),
+            *([reused | "ReusedKeyBuckets" >> beam.FlatMap(lambda e: commit.key_parts(layout(), e.value, nb))] if reused is not None else []),
         )
         | "AllKeyBuckets" >> beam.Flatten()
         | "ByBucket" >> beam.GroupByKey()
@@ -241,54 +251,49 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
     # each file's committed name, where the format names files over the whole output (TFDS
     # names for TFRecord): given at publishing, so finalize renames nothing
     fmt = manifest_base["config"]["output"]["format"]
-    names = (
+    file_lists = (
         (
             dicts
             | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]})),
             # reused shards' files count in the new version's names (TFDS's file count)
-            reused | "ReusedFileLists" >> beam.Map(lambda e: _Pickled({"shard": e.value["shard"], "files": [{"path": f["path"]} for f in e.value["files"]]})),
+            *([reused | "ReusedFileLists" >> beam.Map(lambda e: _Pickled({"shard": e.value["shard"], "files": [{"path": f["path"]} for f in e.value["files"]]}))]
+              if reused is not None else []),
         )
         | "FileListsFlat" >> beam.Flatten()
-        | "AllFileLists" >> beam.combiners.ToList()
-        | "FinalNames" >> beam.Map(lambda rs: commit.final_names([x.value for x in rs], fmt, run_id))
     )
+    names = once | "FinalNames" >> beam.Map(lambda _, rs: commit.final_names([x.value for x in rs], fmt, run_id), beam.pvalue.AsList(file_lists))
 
     def publish(kv, go, names):
         shard, grouped = kv
         if not go:  # this run's output is committed already
             return
         lost_rows = [x for part in grouped["lost"] for x in part]
-        if grouped["reused"]:
+        if grouped.get("reused"):
             (e,) = grouped["reused"]
             yield _Pickled(commit.reuse_shard(layout(), e.value, lost_rows, fmt))
             return
         (r,) = grouped["result"]
         yield _Pickled(commit.publish_shard(layout(), r, lost_rows, names=names.get(shard)))
 
-    reused_keyed = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
+    joined = {"result": keyed, "lost": lost}
+    if reused is not None:
+        joined["reused"] = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
     summaries = (
-        {"result": keyed, "reused": reused_keyed, "lost": lost}
+        joined
         | "Join" >> beam.CoGroupByKey()
         | "Publish" >> beam.FlatMap(publish, beam.pvalue.AsSingleton(verdict), beam.pvalue.AsSingleton(names))
     )
 
-    def finalize(s, d):
+    def finalize(_, s, d):
         if _up_to_date(d):  # the output stays at its version: no manifest, no `_SUCCESS`
             return commit.committed_counts(layout()) or {}
         base = manifest_base if d is None else dict(manifest_base, delta={k: v for k, v in d.items() if k != "up_to_date"})
         return commit.finalize(layout(), [x.value for x in s], base)
 
-    counts = (
-        summaries
-        | "AllSummaries" >> beam.combiners.ToList()
-        | "Finalize" >> beam.Map(finalize, decided)
-    )
-    cleaned = (
-        keyed
-        | "CleanShard" >> beam.Map(lambda kv, _: commit.cleanup_shard(layout(), kv[0]), beam.pvalue.AsSingleton(counts))
-        | "Cleaned" >> beam.combiners.Count.Globally()
-    )
-    return counts | "CleanRun" >> beam.Map(lambda c, _: (commit.cleanup_run(layout()), c)[1], beam.pvalue.AsSingleton(cleaned))
+    counts = once | "Finalize" >> beam.Map(finalize, beam.pvalue.AsList(summaries), decided)
+    # each shard's staging removed in parallel once `_SUCCESS` is there, then the run's folder
+    cleaned = keyed | "CleanShard" >> beam.Map(lambda kv, _: commit.cleanup_shard(layout(), kv[0]), beam.pvalue.AsSingleton(counts))
+    return counts | "CleanRun" >> beam.Map(lambda c, _: (commit.cleanup_run(layout()), c)[1], beam.pvalue.AsList(cleaned))
 
 
 def _up_to_date(delta) -> bool:
@@ -957,8 +962,7 @@ class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteBucketDoFn(spec, run_id), signatures)  # ShardResult
         )
-        return (
-            results
-            | "CollectResults" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit_written, signatures, spec, run_id)
+        # once, over every shard's result (a side input; see `CommitShards`)
+        return pcoll.pipeline | "Once" >> beam.Impulse() | "Commit" >> beam.Map(
+            lambda _, rs, sigs: _commit_written(rs, sigs, spec, run_id), beam.pvalue.AsList(results), signatures
         )
