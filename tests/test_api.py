@@ -440,6 +440,24 @@ def test_write_layers_of_nothing_commits_an_empty_output(tmp_path):
     assert back.num_rows == 0 and back.column_names == ["key"]
 
 
+def test_write_layers_refuses_a_windowed_input_instead_of_publishing_nothing(tmp_path):
+    """Its commit runs once in the global window: a windowed input is refused when the graph
+    is built (one line, the fix named), and nothing is written."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    import layerbeam
+
+    with pytest.raises(layerbeam.ConfigError, match=r"windowed by FixedWindows.*GlobalWindows\(\)\) before WriteLayers"):
+        with TestPipeline() as p:
+            _ = (
+                p
+                | beam.Create([("a", {"x": np.zeros(2, np.float32)})])
+                | beam.WindowInto(beam.window.FixedWindows(10))
+                | layerbeam.WriteLayers(str(tmp_path / "out"))
+            )
+    assert not (tmp_path / "out").exists()
+
 def test_extract_layers_then_write_layers_equals_extract(tiny_model, images, tmp_path):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline

@@ -444,15 +444,18 @@ def test_run_imports_with_the_collector_paused_and_frozen_after(job, tmp_path):
         "    pass\n"
         "after_error = gc.isenabled()\n"
         "gc.unfreeze()\n"
-        "full = []\n"
+        "full, at_prepare = [], []\n"
         "gc.callbacks.append(lambda what, info: full.append(1) if what == 'stop' and info['generation'] == 2 else None)\n"
+        "import layerbeam.plan as plan\n"
+        "prepare = plan.prepare\n"
+        "plan.prepare = lambda *a, **k: (at_prepare.append(len(full)), prepare(*a, **k))[1]\n"
         "rc = cli.main(sys.argv[1:])\n"
-        "print(json.dumps({'rc': rc, 'after_error': after_error, 'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count(), 'full': len(full)}))\n"
+        "print(json.dumps({'rc': rc, 'after_error': after_error, 'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count(), 'full_before_prepare': at_prepare}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code, "run", str(cfg(tmp_path / "gc-out", "gc.yaml")), "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["rc"] == 0 and got["after_error"] and got["enabled"], got
     assert got["frozen"] > 100_000, got  # TensorFlow's, Keras's and Beam's objects, never scanned again
-    assert got["full"] <= 2, got  # 7 during the imports alone without the pause
+    assert got["full_before_prepare"] == [0], got  # from the start to the model's load: 7 without the pause
     assert len(pq.read_table(tmp_path / "gc-out").column("key")) == 10

@@ -952,7 +952,16 @@ class WriteLayers(beam.PTransform[beam.PCollection[tuple[Any, Mapping[str, Any]]
         refuse_existing(OutputLayout(path, self._run_id), overwrite)
 
     def expand(self, pcoll):
+        from apache_beam.transforms.window import GlobalWindows
+
         spec, run_id, n = self._spec, self._run_id, self._num_shards
+        if not isinstance(pcoll.windowing.windowfn, GlobalWindows):
+            # The commit runs once, in the global window, over every shard written: elements
+            # of other windows would reach it as nothing, and an empty output be published.
+            raise ConfigError(
+                f"WriteLayers: the input is windowed by {type(pcoll.windowing.windowfn).__name__}, but one output is written for a whole "
+                "bounded PCollection; apply beam.WindowInto(beam.window.GlobalWindows()) before WriteLayers"
+            )
         signatures = beam.pvalue.AsList(
             pcoll | "Signature" >> beam.Map(_signature) | "CountSignatures" >> beam.combiners.Count.PerElement()
         )  # [(signature, elements)]
