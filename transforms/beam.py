@@ -238,30 +238,32 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         # no shard reused (a full run): no branch for them
         reused = (results.pipeline | "Reused" >> beam.Create([_Pickled(dict(e, reused=True)) for e in reuse])) if reuse else None
         decided = None
-    lost = (
-        (
-            dicts | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb)),
-            *([reused | "ReusedKeyBuckets" >> beam.FlatMap(lambda e: commit.key_parts(layout(), e.value, nb))] if reused is not None else []),
-        )
+    # What the dedupe, the final names and publishing take of each shard: this run's, and in
+    # an incremental run the reused ones' too.
+    key_parts = [dicts | "KeyBuckets" >> beam.FlatMap(lambda r: commit.key_parts(layout(), r, nb))]
+    file_lists = [
+        dicts
+        | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]}))
+    ]
+    keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
+    joined = {"result": keyed}
+    if reused is not None:
+        key_parts.append(reused | "ReusedKeyBuckets" >> beam.FlatMap(lambda e: commit.key_parts(layout(), e.value, nb)))
+        # reused shards' files count in the new version's names (TFDS's file count)
+        file_lists.append(reused | "ReusedFileLists" >> beam.Map(lambda e: _Pickled({"shard": e.value["shard"], "files": [{"path": f["path"]} for f in e.value["files"]]})))
+        joined["reused"] = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
+    joined["lost"] = (
+        tuple(key_parts)
         | "AllKeyBuckets" >> beam.Flatten()
         | "ByBucket" >> beam.GroupByKey()
         | "FindRepeats" >> beam.FlatMap(lambda kv: commit.find_repeats(kv[1]))
     )
-    keyed = dicts | "ByShard" >> beam.Map(lambda r: (r.shard if hasattr(r, "shard") else r["shard"], r))
     # each file's committed name, where the format names files over the whole output (TFDS
     # names for TFRecord): given at publishing, so finalize renames nothing
     fmt = manifest_base["config"]["output"]["format"]
-    file_lists = (
-        (
-            dicts
-            | "FileLists" >> beam.Map(lambda r: _Pickled({"shard": r.shard if hasattr(r, "shard") else r["shard"], "files": [{"path": f["path"]} for f in (r.files if hasattr(r, "files") else r["files"])]})),
-            # reused shards' files count in the new version's names (TFDS's file count)
-            *([reused | "ReusedFileLists" >> beam.Map(lambda e: _Pickled({"shard": e.value["shard"], "files": [{"path": f["path"]} for f in e.value["files"]]}))]
-              if reused is not None else []),
-        )
-        | "FileListsFlat" >> beam.Flatten()
+    names = once | "FinalNames" >> beam.Map(
+        lambda _, rs: commit.final_names([x.value for x in rs], fmt, run_id), beam.pvalue.AsList(tuple(file_lists) | "FileListsFlat" >> beam.Flatten())
     )
-    names = once | "FinalNames" >> beam.Map(lambda _, rs: commit.final_names([x.value for x in rs], fmt, run_id), beam.pvalue.AsList(file_lists))
 
     def publish(kv, go, names):
         shard, grouped = kv
@@ -275,9 +277,6 @@ def CommitShards(results: beam.PCollection, shards, manifest_base: dict, run_id:
         (r,) = grouped["result"]
         yield _Pickled(commit.publish_shard(layout(), r, lost_rows, names=names.get(shard)))
 
-    joined = {"result": keyed, "lost": lost}
-    if reused is not None:
-        joined["reused"] = reused | "ReusedByShard" >> beam.Map(lambda e: (e.value["shard"], e))
     summaries = (
         joined
         | "Join" >> beam.CoGroupByKey()
