@@ -12,8 +12,7 @@ over 8 shards of 8 images, so the part that does not grow with the data dominate
 * `build`, `proto` — building the job's graph and turning it into its runner proto, once
   more in the same process after the run (warm), and `transforms`, its leaf transforms.
 
-    python scripts/bench.py --n 64 --kinds limit_noat --rounds 1   # makes data/bench-64-8
-    python scripts/bench_fixed.py [--rounds 6] [--variant NAME=PYTHON]
+    python scripts/bench_fixed.py [--rounds 6] [--variant NAME=PYTHON]   # makes data/bench-64-8 first
 
 2026-11-28, 6 rounds against aae3574 (the commit's steps over a whole collection as
 `ToList`/`Count.Globally`): `outside` median 1.02 s (0.76–1.20) against 1.46 s
@@ -25,6 +24,7 @@ within the noise of the model's first call, which dominates a job this small.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,7 +34,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MNV2_LAYERS = ["block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "out_relu"]
+N, SHARDS = 64, 8
+
+
+def _bench():
+    """scripts/bench.py, for its dataset and scenario (a)'s config (as bench_reader.py does)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def _child(data: str, out: str) -> dict:
@@ -46,14 +54,7 @@ def _child(data: str, out: str) -> dict:
     from layerbeam.plan import prepare
 
     run_mod = sys.modules["layerbeam.run"]  # the module (`layerbeam.run` is also the function)
-    raw = {
-        "input": {"pattern": f"{data}/*.tfrecord", "key_feature": "image/key", "image_size": [224, 224]},
-        "model": {"source": "keras.applications.MobileNetV2", "weights": None, "seed": 0},
-        "layers": {"select": MNV2_LAYERS, "reduce": "mean"},
-        "batching": {"batch_size": 32},
-        "output": {"path": out, "overwrite": True},
-    }
-    cfg = load_config(raw=raw)
+    cfg = load_config(raw=_bench()._config(argparse.Namespace(scenario="a", data=data, batch_size=32), out))
     plan = prepare(cfg)
     manifest = run_mod.run_job(cfg, [], plan)
     timing = {k: sum(i["timing"][k] for i in manifest["inputs"]) for k in ("input_wait", "model", "write_and_other")}
@@ -73,7 +74,7 @@ def _child(data: str, out: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT / "data" / "bench-64-8"), help="TFRecord shards made by scripts/make_demo_data.py")
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=PYTHON", help="also run another checkout's layerbeam with this interpreter")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -81,9 +82,7 @@ def main(argv=None) -> int:
     if a.child:
         print(json.dumps(_child(a.data, a.child)))
         return 0
-    if not Path(a.data).exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", a.data, "--images", "64", "--shards", "8", "--size", "256"],
-                       check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    a.data = _bench()._dataset(N, SHARDS)
     kinds = [("layerbeam", sys.executable)] + [tuple(v.split("=", 1)) for v in a.variant]
     runs: dict[str, list[dict]] = {k: [] for k, _ in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as tmp:
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
                 res = json.loads(lines[0])
                 runs[name].append(res)
                 print(f"round {r + 1}: {name:<16} outside {res['outside']:.2f}s of {res['seconds']:.2f}s", file=sys.stderr, flush=True)
-    print(f"{a.rounds} rounds alternating, 8 shards of 8 images, medians (min–max)")
+    print(f"{a.rounds} rounds alternating, {SHARDS} shards of {N // SHARDS} images, medians (min–max)")
     print(f"  {'run':<16} {'outside s':>18} {'seconds':>18} {'build s':>8} {'proto s':>8} {'transforms':>11}")
     for name, rs in runs.items():
         def m(k):
