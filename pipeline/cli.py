@@ -219,14 +219,16 @@ def _import_tensorflow_quietly() -> None:
 @contextlib.contextmanager
 def _collector_paused():
     """Python's cyclic garbage collector paused while TensorFlow, Keras and Beam import, and
-    what they built frozen after (`gc.freeze`). Their ~500,000 objects live as long as the
+    what they built frozen after (`gc.freeze`). Their ~750,000 objects live as long as the
     process, but as the heap grows the collector runs full collections that scan all of
-    them: 7 of them, 0.9 s in all, during these imports (counted with `gc.callbacks`,
+    them: 7 of them, 0.7-0.9 s in all, during these imports (counted with `gc.callbacks`,
     2026-11-28), each a pause of the CLI before any work. Frozen, they are never scanned
-    again. The imports' own cyclic garbage is frozen with them: about 5,000 objects of
-    760,000, which one full collection (0.5 s) would have freed. The CLI owns its process; the library never touches the collector. Only a fresh
-    process is paused and frozen: where any of them is imported already (`main` called in a
-    process that has done other work), its garbage would be frozen with them."""
+    again. The imports' own cyclic garbage is frozen with them: about 5,000 objects, which
+    one full collection (0.5 s) would have freed.
+
+    The CLI owns its process; the library never touches the collector. Only a fresh process
+    is paused and frozen: where any of them is imported already (`main` called in a process
+    that has done other work), its garbage would be frozen with them."""
     if any(m in sys.modules for m in ("tensorflow", "keras", "apache_beam")):
         yield
         return
